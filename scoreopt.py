@@ -1,0 +1,823 @@
+"""Score-optimal diffusion schedules.
+
+Reference implementation of C. Williams, A. Campbell, A. Doucet, S. Syed,
+*Score-Optimal Diffusion Schedules*, NeurIPS 2024 (arXiv:2412.07877): the cost of
+moving samples between noise levels, the path length it induces, and the schedule
+that spends equal cost on every step.
+
+Conventions (stated once): time ``t`` runs over ``[t_min, t_max]``; ``t = 0`` is
+the data end and ``t = 1`` the Gaussian end. A *schedule* ``ts`` is a 1-D float64
+array of ``T + 1`` strictly increasing times with ``ts[0] == t_min`` and
+``ts[-1] == t_max`` exactly; sampling walks it backwards. Marginals are
+``x_t = s(t) x_0 + sigma(t) eps``. A score is any callable ``score(x, t)`` with
+``x`` of shape ``(n, d)`` and scalar ``t`` returning ``(n, d)``.
+
+Symbols (code name: meaning):
+
+    s, sigma          signal scale and noise std of the marginal
+    drift, diffusion_sq   f = s'/s and g^2 = 2 sigma sigma' - 2 f sigma^2
+    nsr               nu = sigma / s, the noise-to-signal ratio (EDM's "sigma")
+    velocity          v(t), corrector speed, default v = sigma
+    cost              L(t, t'), incremental cost of one step
+    local_cost        delta(t), L(t, t + h) = delta(t) h^2 + O(h^3)
+    Lambda, length    cumulative length Lambda(t) = int sqrt(delta), total length
+    energy            E = int delta(phi) phi'^2 du of a schedule generator phi
+    gamma             blend rate of the online update
+
+Which parts follow the paper and which are derived here is said in each
+docstring ("derived" marks the latter; see the README).
+"""
+
+import warnings
+from typing import Callable, NamedTuple
+
+import autograd.numpy as anp
+import numpy as np
+from autograd import elementwise_grad, make_jvp
+from scipy.interpolate import PchipInterpolator
+
+__all__ = [
+    "Process", "ve", "vp_linear", "vp_cosine", "nsr", "time_from_nsr", "to_sigmas",
+    "uniform_schedule", "edm_schedule", "loglinear_schedule", "cosine_schedule",
+    "arctan_schedule", "corrector_cost", "predictor_cost", "interval_costs",
+    "local_cost", "gaussian_local_cost", "gaussian_corrector_cost", "cumulative_cost", "optimal_schedule",
+    "update_schedule", "blend", "path_length", "path_energy", "ScheduleMap",
+    "estimate_schedule_map", "EqualCostResult", "equal_cost_schedule",
+    "as_rng",
+]
+
+# Relative floor on the length increments of a step (Algorithm 1): a zero-cost
+# interval would make the cumulative length flat and its inverse undefined, so each
+# increment is raised to at least this fraction of the largest one.
+INCREMENT_FLOOR = 1e-8
+
+
+# --------------------------------------------------------------------------------
+# Processes (SPEC section 2)
+# --------------------------------------------------------------------------------
+
+class Process(NamedTuple):
+    """A forward noising process with marginals ``x_t = s(t) x_0 + sigma(t) eps``.
+
+    ``s`` and ``sigma`` are functions of ``t`` (scalar or array) written with
+    ``autograd.numpy`` so that everything below can be differentiated in ``t``.
+    The forward SDE ``dX = f X dt + g dW`` with ``f = s'/s`` and
+    ``g^2 = 2 sigma sigma' - 2 f sigma^2`` has exactly these marginals.
+    """
+    s: Callable
+    sigma: Callable
+    t_min: float
+    t_max: float
+    name: str = "process"
+
+    def nsr(self, t):
+        """Noise-to-signal ratio ``nu(t) = sigma(t) / s(t)``."""
+        return self.sigma(t) / self.s(t)
+
+    def drift(self, t):
+        """``f(t) = s'(t) / s(t)`` (autograd-differentiable in ``t``)."""
+        return elementwise_grad(self.s)(t) / self.s(t)
+
+    def diffusion_sq(self, t):
+        """``g(t)^2 = 2 sigma sigma' - 2 f sigma^2`` (autograd-differentiable)."""
+        sigma = self.sigma(t)
+        return 2.0 * sigma * elementwise_grad(self.sigma)(t) - 2.0 * self.drift(t) * sigma ** 2
+
+
+def ve(sigma_min=0.002, sigma_max=80.0):
+    """Variance-exploding process: ``s = 1``, ``sigma = sigma_min (sigma_max/sigma_min)^t``.
+
+    Geometric in ``t`` so that uniform ``t`` is uniform in ``log sigma``; a choice of
+    coordinates only (nothing optimal depends on it). Range ``t`` in ``[0, 1]``.
+    """
+    _check_positive(sigma_min, "sigma_min")
+    _check_positive(sigma_max, "sigma_max")
+    if not sigma_min < sigma_max:
+        raise ValueError("`sigma_min` must be smaller than `sigma_max`")
+    log_ratio = np.log(sigma_max / sigma_min)
+    return Process(s=lambda t: 1.0 + 0.0 * t,
+                   sigma=lambda t: sigma_min * anp.exp(log_ratio * t),
+                   t_min=0.0, t_max=1.0, name=f"ve({sigma_min:g}, {sigma_max:g})")
+
+
+def vp_linear(beta_min=0.1, beta_max=20.0, t_min=1e-3):
+    """Variance-preserving process with linear ``beta(t) = beta_min + t (beta_max - beta_min)``.
+
+    ``s(t) = exp(-1/2 int_0^t beta)`` and ``sigma = sqrt(1 - s^2)`` (Song et al. 2021,
+    the "linear" schedule of the paper's 1-D experiments). Range ``[t_min, 1]``.
+    """
+    _check_positive(beta_min, "beta_min")
+    _check_positive(beta_max, "beta_max")
+    _check_positive(t_min, "t_min")
+    if not t_min < 1.0:
+        raise ValueError("`t_min` must be smaller than 1")
+
+    def log_s(t):
+        return -0.5 * (beta_min * t + 0.5 * (beta_max - beta_min) * t ** 2)
+
+    return Process(s=lambda t: anp.exp(log_s(t)),
+                   sigma=lambda t: anp.sqrt(-anp.expm1(2.0 * log_s(t))),
+                   t_min=float(t_min), t_max=1.0,
+                   name=f"vp_linear({beta_min:g}, {beta_max:g})")
+
+
+def vp_cosine(offset=0.008, t_min=1e-3, t_max=0.99):
+    """Variance-preserving cosine process of iDDPM (Nichol & Dhariwal 2021).
+
+    ``s = sqrt(alpha_bar)``, ``alpha_bar(t) = cos^2(((t + offset)/(1 + offset)) pi/2)
+    / cos^2((offset/(1 + offset)) pi/2)``, ``sigma = sqrt(1 - s^2)``. ``t_max`` is kept
+    away from 1, where ``s = 0``; the default 0.99 gives ``nu_max`` of about 64.
+    """
+    _check_positive(offset, "offset")
+    if not 0.0 < t_min < t_max < 1.0:
+        raise ValueError("need 0 < `t_min` < `t_max` < 1 for vp_cosine")
+    cos0 = np.cos(offset / (1.0 + offset) * np.pi / 2.0)
+
+    def s(t):
+        return anp.cos((t + offset) / (1.0 + offset) * np.pi / 2.0) / cos0
+
+    return Process(s=s, sigma=lambda t: anp.sqrt(1.0 - s(t) ** 2),
+                   t_min=float(t_min), t_max=float(t_max),
+                   name=f"vp_cosine({offset:g})")
+
+
+def nsr(process, ts):
+    """Noise-to-signal ratio ``nu = sigma / s`` at the times ``ts`` (array out)."""
+    _check_process(process)
+    return np.asarray(process.nsr(_as_float_array(ts, "ts")), dtype=float)
+
+
+def time_from_nsr(process, nu):
+    """Invert ``nu(t)``: the times at which the process has noise-to-signal ratio ``nu``.
+
+    Vectorised bisection on ``log nu`` (``nu`` is strictly increasing in ``t``), to
+    full float64 resolution. Monotone, and exact at the endpoints: ``nu`` equal to
+    ``nu(t_min)`` or ``nu(t_max)`` (to 1e-9 relative) maps to ``t_min``/``t_max``.
+    """
+    _check_process(process)
+    nu = _as_float_array(nu, "nu")
+    if np.any(nu <= 0):
+        raise ValueError("`nu` must be positive")
+    nu_lo, nu_hi = nsr(process, np.array([process.t_min, process.t_max]))
+    if np.any(nu < nu_lo * (1 - 1e-9)) or np.any(nu > nu_hi * (1 + 1e-9)):
+        raise ValueError(f"`nu` must lie in the process range [{nu_lo:.6g}, {nu_hi:.6g}]")
+    target = np.log(nu)
+    lo = np.full(nu.shape, float(process.t_min))
+    hi = np.full(nu.shape, float(process.t_max))
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        below = np.log(nsr(process, mid)) < target
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        if np.all(hi - lo <= 2 * np.spacing(np.maximum(abs(hi), 1.0))):
+            break
+    t = 0.5 * (lo + hi)
+    t = np.where(nu <= nu_lo * (1 + 1e-9), process.t_min, t)
+    return np.where(nu >= nu_hi * (1 - 1e-9), process.t_max, t)
+
+
+def to_sigmas(process, ts):
+    """Descending ``nu`` levels with a trailing 0 (k-diffusion / diffusers ``sigmas=``)."""
+    ts = check_schedule(ts, process)
+    return np.append(nsr(process, ts)[::-1], 0.0)
+
+
+# --------------------------------------------------------------------------------
+# Baseline schedules (SPEC section 3)
+# --------------------------------------------------------------------------------
+
+def uniform_schedule(process, T):
+    """Uniform in ``t`` (the paper's "linear" schedule for a VP process)."""
+    _check_process(process)
+    return _pin(np.linspace(process.t_min, process.t_max, _check_steps(T) + 1), process)
+
+
+def edm_schedule(process, T, rho=7.0):
+    """EDM schedule, the paper's Eq. (22) (Karras et al. 2022).
+
+    ``nu_i = (nu_max^(1/rho) + (i/T)(nu_min^(1/rho) - nu_max^(1/rho)))^rho``, mapped to
+    ``t`` through ``nu(t)``; the paper compares rho = 3, 7 and 100.
+    """
+    T = _check_steps(T)
+    _check_positive(rho, "rho")
+    nu_min, nu_max = _nsr_range(process)
+    u = np.arange(T + 1) / T
+    nu = (nu_max ** (1 / rho) + u * (nu_min ** (1 / rho) - nu_max ** (1 / rho))) ** rho
+    return _schedule_from_nsr(process, nu)
+
+
+def loglinear_schedule(process, T):
+    """Uniform in ``log nu`` ("LogLinear", Lu et al. 2022)."""
+    T = _check_steps(T)
+    nu_min, nu_max = _nsr_range(process)
+    return _schedule_from_nsr(process, np.geomspace(nu_min, nu_max, T + 1))
+
+
+def cosine_schedule(process, T, offset=0.008):
+    """iDDPM cosine noise levels at uniform index, mapped to ``t`` (Nichol & Dhariwal 2021).
+
+    The cosine law ``alpha_bar(u) = cos^2(((u + offset)/(1 + offset)) pi/2) / alpha_bar(0)``
+    gives ``nu(u) = sqrt(1/alpha_bar - 1)``; ``u`` is uniform between the values at
+    which it meets the process's ``nu_min`` and ``nu_max``. The paper's initial schedule
+    for online training. For ``vp_cosine`` with the same offset it is uniform in ``t``.
+    """
+    T = _check_steps(T)
+    nu_min, nu_max = _nsr_range(process)
+    cos0 = np.cos(offset / (1.0 + offset) * np.pi / 2.0)
+    # alpha_bar = 1 / (1 + nu^2)  <=>  cos(theta) = cos0 / sqrt(1 + nu^2)
+    theta_lo, theta_hi = np.arccos(cos0 / np.sqrt(1.0 + np.array([nu_min, nu_max]) ** 2))
+    theta = np.linspace(theta_lo, theta_hi, T + 1)
+    nu = np.sqrt(np.maximum(cos0 ** 2 / np.cos(theta) ** 2 - 1.0, 0.0))
+    nu[0], nu[-1] = nu_min, nu_max
+    return _schedule_from_nsr(process, nu)
+
+
+def arctan_schedule(process, T, c):
+    """``arctan(nu_i / c)`` uniform in ``i``: the Gaussian optimum of Align Your Steps.
+
+    Sabour et al. (2024) show this is optimal for an Euler solver on data
+    ``N(0, c^2 I)``; ``c`` is the data standard deviation.
+    """
+    T = _check_steps(T)
+    _check_positive(c, "c")
+    nu_min, nu_max = _nsr_range(process)
+    theta = np.linspace(np.arctan(nu_min / c), np.arctan(nu_max / c), T + 1)
+    return _schedule_from_nsr(process, c * np.tan(theta))
+
+
+# --------------------------------------------------------------------------------
+# Costs (SPEC section 4)
+# --------------------------------------------------------------------------------
+
+def corrector_cost(score, process, t_from, t_to, x0, rng, velocity=None):
+    """Corrector-optimised incremental cost ``L_c(t, t')`` by Monte Carlo (paper, Sec. 3).
+
+    ``L_c(t, t') = v(t')^2 E_{x ~ p_t} ||S(x, t') - S(x, t)||^2`` with ``t = t_from``
+    (noisier) and ``t' = t_to``: the predictor is the identity and a Langevin
+    corrector at speed ``v(t')`` must carry ``p_t`` to ``p_t'``. Both scores are
+    evaluated at the same ``x = s(t) x0 + sigma(t) eps``.
+
+    Parameters
+    ----------
+    score : callable ``score(x, t) -> (n, d)``
+    process : Process
+    t_from, t_to : float, times in ``[t_min, t_max]``
+    x0 : array (n, d), data samples, n >= 2
+    rng : numpy Generator or int seed
+    velocity : callable ``v(t)``, default ``process.sigma``
+
+    Returns
+    -------
+    (L, stderr) : floats, the Monte-Carlo mean and its standard error.
+    """
+    x0, rng, v = _check_cost_inputs(score, process, x0, rng, velocity)
+    t_from, t_to = _check_time(t_from, process, "t_from"), _check_time(t_to, process, "t_to")
+    x = _noised(process, x0, t_from, rng)
+    diff = _eval_score(score, x, t_to) - _eval_score(score, x, t_from)
+    return _mean_stderr(v(t_to) ** 2 * np.sum(diff ** 2, axis=1))
+
+
+def predictor_cost(score, process, t_from, t_to, x0, rng, velocity=None):
+    """Predictor-optimised cost ``L_p(t, t')`` for the Euler (DDIM) predictor (derived).
+
+    ``F(x) = x + h u_t(x)``, ``h = t' - t``, ``u_t = f x - g^2 S / 2``. By the change of
+    variables, with ``J = dF/dx = (1 + h f) I - h g^2 H / 2`` and ``H = dS/dx``,
+    ``grad log(F#p_t)(F(x)) = J^{-T} [S(x, t) - grad_x log|det J(x)|]`` and
+
+        L_p = v(t')^2 E_{x ~ p_t} || S(F(x), t') - J^{-T}[S(x, t) - grad log|det J|] ||^2.
+
+    This reading of ``v^2 D(p_t' || F#p_t)`` is derived here (SPEC 4.3, 13); with exact
+    scores it is ``O(h^4)``. ``H`` and ``grad log|det J|`` come from autograd, so the
+    score must be autograd-differentiable in ``x`` and act on rows independently.
+    The cost is ``O(d)`` reverse passes per sample batch: for small ``d``.
+    Arguments and returns as :func:`corrector_cost`.
+    """
+    x0, rng, v = _check_cost_inputs(score, process, x0, rng, velocity)
+    t_from, t_to = _check_time(t_from, process, "t_from"), _check_time(t_to, process, "t_to")
+    x = _noised(process, x0, t_from, rng)
+    h = t_to - t_from
+    f, g2 = float(process.drift(t_from)), float(process.diffusion_sq(t_from))
+    d = x.shape[1]
+
+    def jacobian_F(x):  # (n, d, d), J[i, k, j] = dF_k / dx_j at row i
+        H = anp.stack([elementwise_grad(lambda y, k=k: score(y, t_from)[:, k])(x)
+                       for k in range(d)], axis=1)
+        return (1.0 + h * f) * anp.eye(d) - 0.5 * h * g2 * H
+
+    def log_abs_det(x):
+        return anp.sum(anp.linalg.slogdet(jacobian_F(x))[1])
+
+    S = _eval_score(score, x, t_from)
+    J = jacobian_F(x)
+    grad_log_det = elementwise_grad(log_abs_det)(x)
+    pushed = np.linalg.solve(np.swapaxes(J, 1, 2), (S - grad_log_det)[:, :, None])[:, :, 0]
+    x_next = x + h * (f * x - 0.5 * g2 * S)
+    diff = _eval_score(score, x_next, t_to) - pushed
+    return _mean_stderr(v(t_to) ** 2 * np.sum(diff ** 2, axis=1))
+
+
+def interval_costs(score, process, ts, x0, rng, kind="corrector", velocity=None):
+    """Costs ``L_i = L(t_{i+1}, t_i)`` of every step of a schedule (Algorithm 1's input).
+
+    ``kind`` is ``"corrector"`` (:func:`corrector_cost`) or ``"predictor"``
+    (:func:`predictor_cost`). Returns ``(costs, stderr)``, each of shape ``(T,)``.
+    """
+    ts = check_schedule(ts, process, endpoints=False)
+    cost = _cost_function(kind)
+    rng = as_rng(rng)
+    out = np.array([cost(score, process, ts[i + 1], ts[i], x0, rng, velocity)
+                    for i in range(len(ts) - 1)])
+    return out[:, 0], out[:, 1]
+
+
+def local_cost(score, process, ts, x0, rng, velocity=None, method="fd", rel_step=1e-3):
+    """Local cost ``delta_c(t) = v(t)^2 E_{x ~ p_t} ||d/dt S(x, t)||^2`` on a grid (paper, Sec. 3).
+
+    ``L_c(t, t + h) = delta_c(t) h^2 + O(h^3)``. The time derivative of the score is
+    taken at fixed ``x`` either by a central finite difference whose step is
+    ``rel_step`` in ``log nu`` (one-sided second order at the ends of the range), or
+    by forward-mode autograd through ``t`` (``method="autograd"``, for scores that
+    autograd can differentiate in ``t``). A fresh ``eps`` is drawn at every level.
+
+    Returns
+    -------
+    (delta, stderr) : arrays of shape ``ts.shape``.
+    """
+    values = _local_cost_values(score, process, ts, x0, rng, velocity, method, rel_step)
+    n = values.shape[1]
+    return values.mean(axis=1), values.std(axis=1, ddof=1) / np.sqrt(n)
+
+
+def gaussian_local_cost(process, ts, variances, mean=None):
+    """Exact ``delta_c(t)`` for data ``N(mean, diag(variances))`` with ``v = sigma`` (derived).
+
+    ``p_t = N(s mean, diag(a))`` with ``a_k = s^2 lambda_k + sigma^2``, and
+
+        delta_c(t) = sigma^2 [ sum_k a_k'^2 / a_k^3 + sum_k s'^2 mean_k^2 / a_k^2 ],
+        a_k' = 2 s s' lambda_k + 2 sigma sigma'.
+
+    (SPEC 4.4; a closed form derived here, not taken from the paper.)
+    """
+    _check_process(process)
+    ts = _as_float_array(ts, "ts")
+    lam = _as_float_array(variances, "variances").reshape(-1)
+    if np.any(lam < 0):
+        raise ValueError("`variances` must be non-negative")
+    mu = np.zeros_like(lam) if mean is None else _as_float_array(mean, "mean").reshape(-1)
+    if mu.shape != lam.shape:
+        raise ValueError("`mean` and `variances` must have the same length")
+    s, sigma = process.s(ts), process.sigma(ts)
+    ds, dsigma = elementwise_grad(process.s)(ts), elementwise_grad(process.sigma)(ts)
+    s, sigma, ds, dsigma = (np.asarray(a, dtype=float)[..., None] for a in (s, sigma, ds, dsigma))
+    a = s ** 2 * lam + sigma ** 2
+    da = 2 * s * ds * lam + 2 * sigma * dsigma
+    inner = np.sum(da ** 2 / a ** 3, axis=-1) + np.sum(ds ** 2 * mu ** 2 / a ** 2, axis=-1)
+    return sigma[..., 0] ** 2 * inner
+
+
+def gaussian_corrector_cost(process, t_from, t_to, variances, mean=None):
+    """Exact finite-step ``L_c(t, t')`` for data ``N(mean, diag(variances))``, ``v = sigma`` (derived).
+
+    With ``p_t = N(m, diag(a))`` and ``p_t' = N(m', diag(a'))`` (``m = s mean``,
+    ``a = s^2 lambda + sigma^2``), the score difference at ``x ~ p_t`` is Gaussian and
+
+        L_c = sigma(t')^2 sum_k [ (m'_k - m_k)^2 / a'_k^2 + a_k (1/a_k - 1/a'_k)^2 ].
+
+    ``t_from`` and ``t_to`` may be arrays of the same shape (one cost per pair).
+    """
+    _check_process(process)
+    lam = _as_float_array(variances, "variances").reshape(-1)
+    mu = np.zeros_like(lam) if mean is None else _as_float_array(mean, "mean").reshape(-1)
+    if mu.shape != lam.shape:
+        raise ValueError("`mean` and `variances` must have the same length")
+    t, t2 = (_as_float_array(a, name)[..., None] for a, name in ((t_from, "t_from"), (t_to, "t_to")))
+    s, s2 = process.s(t), process.s(t2)
+    a, a2 = s ** 2 * lam + process.sigma(t) ** 2, s2 ** 2 * lam + process.sigma(t2) ** 2
+    inner = (s2 - s) ** 2 * mu ** 2 / a2 ** 2 + a * (1 / a - 1 / a2) ** 2
+    return process.sigma(t2[..., 0]) ** 2 * np.sum(inner, axis=-1)
+
+
+# --------------------------------------------------------------------------------
+# Length, energy and the optimal schedule (SPEC sections 5 and 6)
+# --------------------------------------------------------------------------------
+
+def cumulative_cost(ts, delta, order=2):
+    """Cumulative length ``Lambda(t) = int_{t_0}^t delta(r)^(1/order) dr`` (paper, Sec. 3).
+
+    Trapezoid rule on ``delta^(1/order)`` over the grid ``ts`` (any strictly increasing
+    times); ``Lambda[0] = 0`` and ``Lambda[-1]`` is the path length. ``order = 2`` is
+    the paper's; ``order = n`` is the length for a cost ``L = delta h^n`` (derived,
+    SPEC 5.3).
+    """
+    return np.concatenate([[0.0], np.cumsum(_trapezoid_increments(ts, delta, order))])
+
+
+def optimal_schedule(ts, delta, T, order=2):
+    """Optimal ``T``-step schedule from a local cost on a dense grid (paper, Sec. 3).
+
+    ``t*_i = Lambda^{-1}(i Lambda / T)``: constant speed in the metric ``delta``, so that
+    every step costs ``(Lambda/T)^2`` to leading order (the minimiser of the path
+    energy by Cauchy-Schwarz). The inverse is a monotone cubic (PCHIP) through
+    ``(Lambda(t_j), t_j)``. Output endpoints are ``ts[0]`` and ``ts[-1]`` exactly.
+    If ``delta`` vanishes on the whole grid every schedule is free: a warning is
+    issued and the uniform schedule returned.
+    """
+    return _invert_cumulative(ts, _trapezoid_increments(ts, delta, order), _check_steps(T))
+
+
+def update_schedule(ts, costs, order=2):
+    """Algorithm 1 (UpdateSchedule) of the paper: equalise the cost of every step.
+
+    ``Lambda_0 = 0``, ``Lambda_{i+1} = Lambda_i + L_i^(1/order)`` with
+    ``L_i = L(t_{i+1}, t_i)``; then ``t*_i = Lambda^{-1}(i Lambda_T / T)`` through a
+    monotone cubic interpolant (PCHIP). ``order`` generalises the square root to a
+    cost of order ``h^n`` (derived, SPEC 5.3). Increments below ``INCREMENT_FLOOR``
+    times the largest are raised to it, so zero-cost steps keep a well-defined inverse.
+
+    Returns a schedule with the same endpoints (exactly) and number of steps.
+    Equal costs are a fixed point; multiplying all costs by a constant changes nothing.
+    """
+    ts = check_schedule(ts, endpoints=False)
+    costs = _check_costs(costs, len(ts) - 1)
+    _check_positive(order, "order")
+    return _invert_cumulative(ts, costs ** (1.0 / order), len(ts) - 1)
+
+
+def blend(ts, ts_star, gamma):
+    """Algorithm 2, step 4: ``gamma ts_star + (1 - gamma) ts`` for ``gamma`` in ``(0, 1]``.
+
+    A convex combination of two strictly increasing schedules with the same
+    endpoints is one too; the endpoints are kept exactly.
+    """
+    ts = check_schedule(ts, endpoints=False)
+    ts_star = check_schedule(ts_star, endpoints=False, name="ts_star")
+    if ts.shape != ts_star.shape or ts[0] != ts_star[0] or ts[-1] != ts_star[-1]:
+        raise ValueError("`ts` and `ts_star` must have the same length and endpoints")
+    gamma = _check_real(gamma, "gamma")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"`gamma` must lie in (0, 1], got {gamma}")
+    out = gamma * ts_star + (1.0 - gamma) * ts
+    out[0], out[-1] = ts[0], ts[-1]
+    return out
+
+
+def path_length(costs, order=2):
+    """Discrete path length ``sum_i L_i^(1/order)`` of a schedule's step costs (paper, Sec. 3).
+
+    For a fine schedule it approximates ``Lambda``; it does not depend on the schedule
+    to leading order, which is why ``(path_length / T)^2`` is the per-step cost that an
+    optimal ``T``-step schedule reaches.
+    """
+    costs = _check_costs(costs)
+    _check_positive(order, "order")
+    return float(np.sum(costs ** (1.0 / order)))
+
+
+def path_energy(costs):
+    """Discrete path energy ``T sum_i L_i`` of a schedule (paper, Sec. 3).
+
+    ``sum_i L_i ~ E(phi) / T``, so this approximates ``E(phi)``. Cauchy-Schwarz gives
+    ``path_length(costs)^2 <= path_energy(costs)`` with equality iff all costs are equal.
+    """
+    costs = _check_costs(costs)
+    return float(len(costs) * np.sum(costs))
+
+
+class ScheduleMap(NamedTuple):
+    """A continuous schedule: the cumulative length on a dense grid (SPEC 6.1).
+
+    Fields: ``ts`` grid, ``delta`` and ``delta_stderr`` local cost, ``Lambda``
+    cumulative length, ``length`` and ``length_stderr`` (batch means over
+    ``Lambda_groups``, the cumulative lengths of independent sample groups), ``order``.
+    Call :meth:`schedule` for any number of steps.
+    """
+    ts: np.ndarray
+    delta: np.ndarray
+    delta_stderr: np.ndarray
+    Lambda: np.ndarray
+    length: float
+    length_stderr: float
+    Lambda_groups: np.ndarray
+    order: int = 2
+
+    def schedule(self, T):
+        """The optimal ``T``-step schedule ``Lambda^{-1}(i Lambda / T)``."""
+        return optimal_schedule(self.ts, self.delta, T, self.order)
+
+    def step_cost(self, T):
+        """Leading-order cost of every step of the optimal ``T``-step schedule, ``(Lambda/T)^order``."""
+        return (self.length / _check_steps(T)) ** self.order
+
+    def schedule_stderr(self, T):
+        """Standard error of each time of :meth:`schedule` (batch means over the groups)."""
+        T = _check_steps(T)
+        groups = np.array([_invert_cumulative(self.ts, np.diff(L), T) for L in self.Lambda_groups])
+        return groups.std(axis=0, ddof=1) / np.sqrt(len(groups))
+
+
+def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
+                          method="fd", n_groups=10):
+    """Dense-grid estimate of the corrector-optimised schedule map (SPEC 6.1).
+
+    ``delta_c`` is estimated by :func:`local_cost` at ``n_grid`` times uniform in
+    ``log nu``; ``Lambda`` is its trapezoid integral. The samples are split into
+    ``n_groups`` groups whose cumulative lengths give batch-means error bars for
+    ``Lambda`` and the schedule (SPEC 5.4).
+    """
+    _check_process(process)
+    n_grid = _check_int(n_grid, "n_grid", minimum=2)
+    n_groups = _check_int(n_groups, "n_groups", minimum=2)
+    nu_min, nu_max = _nsr_range(process)
+    ts = _schedule_from_nsr(process, np.geomspace(nu_min, nu_max, n_grid))
+    values = _local_cost_values(score, process, ts, x0, rng, velocity, method, 1e-3)
+    if values.shape[1] < 2 * n_groups:
+        raise ValueError(f"`x0` needs at least {2 * n_groups} samples for {n_groups} groups")
+    delta = values.mean(axis=1)
+    groups = np.array([cumulative_cost(ts, g.mean(axis=1))
+                       for g in np.array_split(values, n_groups, axis=1)])
+    Lambda = cumulative_cost(ts, delta)
+    return ScheduleMap(ts, delta, values.std(axis=1, ddof=1) / np.sqrt(values.shape[1]),
+                       Lambda, float(Lambda[-1]),
+                       float(groups[:, -1].std(ddof=1) / np.sqrt(n_groups)), groups)
+
+
+class EqualCostResult(NamedTuple):
+    """Outcome of :func:`equal_cost_schedule`."""
+    ts: np.ndarray          # final schedule
+    costs: np.ndarray       # its interval costs L_i
+    stderr: np.ndarray      # their standard errors
+    converged: bool         # the last update moved no time by more than tol local steps
+    n_iter: int             # updates performed
+    history: list           # (ts, costs) before each update
+
+
+def equal_cost_schedule(score, process, ts, x0, rng, kind="predictor", gamma=0.5,
+                        order=None, max_iter=100, tol=1e-4, velocity=None):
+    """Damped Algorithm 1 iterated to its equal-cost fixed point for a fixed score.
+
+    Repeats ``ts <- blend(ts, update_schedule(ts, L(ts)), gamma)`` (Algorithm 2 with
+    the model held fixed). Its fixed points have equal interval costs whatever the
+    order of the cost, which is how predictor-optimised schedules are found (derived,
+    SPEC 5.3 and 6.3). Costs are estimated with common random numbers (the same
+    seed at every iteration), so the map iterated is deterministic. ``order``
+    defaults to 4 for the predictor cost (``O(h^4)`` with accurate scores) and 2 for
+    the corrector cost. Converged when the update moves no time by more than ``tol``
+    times the shorter of its two adjacent steps.
+
+    Limitation (derived, SPEC 6.3): with the corrector cost, smooth data and few
+    steps, ``v(t_min)^2 = sigma_min^2`` makes the last step look free and the iteration
+    drifts towards one huge last step; prefer :func:`estimate_schedule_map` for the
+    corrector cost.
+    """
+    ts = check_schedule(ts, process)
+    _cost_function(kind)
+    order = (4 if kind == "predictor" else 2) if order is None else order
+    max_iter = _check_int(max_iter, "max_iter", minimum=1)
+    seed = int(as_rng(rng).integers(2 ** 63))
+    history = []
+    for it in range(1, max_iter + 1):
+        costs, stderr = interval_costs(score, process, ts, x0, seed, kind, velocity)
+        history.append((ts, costs))
+        ts_new = blend(ts, update_schedule(ts, costs, order), gamma)
+        moved = _relative_motion(ts, ts_new)
+        ts = ts_new
+        if moved <= tol:
+            break
+    costs, stderr = interval_costs(score, process, ts, x0, seed, kind, velocity)
+    return EqualCostResult(ts, costs, stderr, bool(moved <= tol), it, history)
+
+
+# --------------------------------------------------------------------------------
+# Helpers: numerics
+# --------------------------------------------------------------------------------
+
+def _trapezoid_increments(ts, delta, order):
+    ts = check_schedule(ts, endpoints=False)
+    delta = _check_costs(delta, len(ts), name="delta")
+    _check_positive(order, "order")
+    root = delta ** (1.0 / order)
+    return 0.5 * (root[1:] + root[:-1]) * np.diff(ts)
+
+
+def _invert_cumulative(ts, increments, T):
+    """``Lambda^{-1}(i Lambda / T)`` for the cumulative sum of ``increments`` over ``ts``."""
+    top = np.max(increments)
+    if top == 0.0:
+        warnings.warn("the cost is zero on the whole range: every schedule is free; "
+                      "returning the uniform schedule", RuntimeWarning, stacklevel=3)
+        return _pin(np.linspace(ts[0], ts[-1], T + 1), ts)
+    # Flat stretches (zero cost) would make Lambda non-invertible: floor them.
+    increments = np.maximum(increments, INCREMENT_FLOOR * top)
+    Lambda = np.concatenate([[0.0], np.cumsum(increments)])
+    out = PchipInterpolator(Lambda, ts)(Lambda[-1] * np.arange(T + 1) / T)
+    out = _pin(out, ts)
+    if not np.all(np.diff(out) > 0):
+        raise ValueError(f"`T` = {T} is too large for the resolution of the grid: "
+                         "two schedule times coincide in float64")
+    return out
+
+
+def _relative_motion(ts, ts_new):
+    """Largest move of a time in units of the shorter of its two adjacent steps."""
+    steps = np.diff(ts)
+    local = np.minimum(np.append(steps, np.inf), np.insert(steps, 0, np.inf))
+    return float(np.max(np.abs(ts_new - ts) / local))
+
+
+def _local_cost_values(score, process, ts, x0, rng, velocity, method, rel_step):
+    """Per-sample values ``v(t)^2 ||d/dt S(x_j, t)||^2``, shape ``(len(ts), n)``."""
+    x0, rng, v = _check_cost_inputs(score, process, x0, rng, velocity)
+    ts = check_schedule(ts, process, endpoints=False, min_len=1)
+    if method not in ("fd", "autograd"):
+        raise ValueError(f"`method` must be 'fd' or 'autograd', got {method!r}")
+    _check_positive(rel_step, "rel_step")
+    # Time step with a relative step rel_step in log nu: h = rel_step / (d log nu / dt).
+    steps = rel_step / np.abs(elementwise_grad(lambda t: anp.log(process.nsr(t)))(ts))
+    out = np.empty((len(ts), len(x0)))
+    for j, (t, h) in enumerate(zip(ts, steps)):
+        x = _noised(process, x0, t, rng)
+        if method == "autograd":
+            dS = _check_finite(make_jvp(lambda tt: score(x, tt))(t)(1.0)[1], t, x.shape)
+        elif t - h < process.t_min:   # one-sided, second order, at the clean end
+            dS = (-3 * _eval_score(score, x, t) + 4 * _eval_score(score, x, t + h)
+                  - _eval_score(score, x, t + 2 * h)) / (2 * h)
+        elif t + h > process.t_max:   # one-sided, second order, at the noisy end
+            dS = (3 * _eval_score(score, x, t) - 4 * _eval_score(score, x, t - h)
+                  + _eval_score(score, x, t - 2 * h)) / (2 * h)
+        else:
+            dS = (_eval_score(score, x, t + h) - _eval_score(score, x, t - h)) / (2 * h)
+        out[j] = v(t) ** 2 * np.sum(dS ** 2, axis=1)
+    return out
+
+
+def _noised(process, x0, t, rng):
+    """A draw of ``x_t = s(t) x0 + sigma(t) eps`` with fresh ``eps``."""
+    return float(process.s(t)) * x0 + float(process.sigma(t)) * rng.standard_normal(x0.shape)
+
+
+def _eval_score(score, x, t):
+    return _check_finite(score(x, t), t, x.shape)
+
+
+def _check_finite(value, t, shape):
+    value = np.asarray(value, dtype=float)
+    if value.shape != shape:
+        raise ValueError(f"`score` returned shape {value.shape} at t = {float(t):.6g}; "
+                         f"expected {shape}")
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"`score` returned non-finite values at t = {float(t):.6g}")
+    return value
+
+
+def _mean_stderr(values):
+    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
+def _cost_function(kind):
+    if kind == "corrector":
+        return corrector_cost
+    if kind == "predictor":
+        return predictor_cost
+    raise ValueError(f"`kind` must be 'corrector' or 'predictor', got {kind!r}")
+
+
+def _nsr_range(process):
+    _check_process(process)
+    nu_min, nu_max = nsr(process, np.array([process.t_min, process.t_max]))
+    return float(nu_min), float(nu_max)
+
+
+def _schedule_from_nsr(process, nu):
+    """Map noise levels (any order) to an increasing schedule with exact endpoints."""
+    ts = _pin(time_from_nsr(process, np.sort(nu)), process)
+    if not np.all(np.diff(ts) > 0):
+        raise ValueError("the noise levels map to coinciding times; use fewer steps")
+    return ts
+
+
+def _pin(ts, ref):
+    """Set the endpoints exactly: ``ref`` is a Process or a reference schedule."""
+    ts = np.array(ts, dtype=float)
+    lo, hi = (ref.t_min, ref.t_max) if isinstance(ref, Process) else (ref[0], ref[-1])
+    ts[0], ts[-1] = lo, hi
+    return ts
+
+
+# --------------------------------------------------------------------------------
+# Helpers: validation at the public boundary
+# --------------------------------------------------------------------------------
+
+def as_rng(rng):
+    """A ``numpy.random.Generator`` from a Generator or an int seed."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return np.random.default_rng(int(rng))
+    raise TypeError(f"`rng` must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
+
+
+def check_schedule(ts, process=None, endpoints=True, name="ts", min_len=2):
+    """Validate a schedule and return it as a float64 array.
+
+    Rules: 1-D, at least ``min_len`` finite times, strictly increasing; with a ``process``,
+    inside ``[t_min, t_max]`` and (if ``endpoints``) starting at ``t_min`` and ending
+    at ``t_max`` exactly.
+    """
+    ts = _as_float_array(ts, name)
+    if ts.ndim != 1 or len(ts) < min_len:
+        raise ValueError(f"`{name}` must be a 1-D array of at least {min_len} times")
+    if not np.all(np.isfinite(ts)):
+        raise ValueError(f"`{name}` must be finite")
+    bad = np.flatnonzero(np.diff(ts) <= 0)
+    if len(bad):
+        raise ValueError(f"`{name}` must be strictly increasing (index {bad[0]} to {bad[0] + 1})")
+    if process is not None:
+        _check_process(process)
+        if endpoints and (ts[0] != process.t_min or ts[-1] != process.t_max):
+            raise ValueError(f"`{name}` must start at t_min = {process.t_min} and end at "
+                             f"t_max = {process.t_max} exactly")
+        if ts[0] < process.t_min or ts[-1] > process.t_max:
+            raise ValueError(f"`{name}` must lie in [{process.t_min}, {process.t_max}]")
+    return ts
+
+
+def _check_costs(costs, length=None, name="costs"):
+    costs = _as_float_array(costs, name)
+    if costs.ndim != 1 or (length is not None and len(costs) != length):
+        want = "a 1-D array" if length is None else f"a 1-D array of length {length}"
+        raise ValueError(f"`{name}` must be {want}, got shape {costs.shape}")
+    bad = np.flatnonzero(~np.isfinite(costs) | (costs < 0))
+    if len(bad):
+        raise ValueError(f"`{name}` must be finite and non-negative; entry {bad[0]} "
+                         f"(interval {bad[0]}) is {costs[bad[0]]}")
+    return costs
+
+
+def _check_cost_inputs(score, process, x0, rng, velocity):
+    _check_process(process)
+    if not callable(score):
+        raise TypeError("`score` must be callable as score(x, t)")
+    x0 = check_data(x0)
+    if len(x0) < 2:
+        raise ValueError("`x0` needs at least 2 samples for a standard error")
+    if velocity is not None and not callable(velocity):
+        raise TypeError("`velocity` must be a callable v(t) or None")
+    return x0, as_rng(rng), (process.sigma if velocity is None else velocity)
+
+
+def check_data(x, name="x0"):
+    """Validate a batch of samples: finite float array of shape ``(n, d)``."""
+    x = _as_float_array(x, name)
+    if x.ndim != 2:
+        raise ValueError(f"`{name}` must have shape (n, d), got {x.shape} "
+                         "(1-D data: pass x[:, None])")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"`{name}` must be finite")
+    return x
+
+
+def _check_time(t, process, name):
+    t = _check_real(t, name)
+    if not process.t_min <= t <= process.t_max:
+        raise ValueError(f"`{name}` = {t} must lie in [{process.t_min}, {process.t_max}]")
+    return t
+
+
+def _check_process(process):
+    if not isinstance(process, Process):
+        raise TypeError(f"`process` must be a scoreopt.Process, got {type(process).__name__}")
+
+
+def _check_steps(T):
+    return _check_int(T, "T", minimum=1)
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_real(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        if not (isinstance(value, np.ndarray) and value.ndim == 0):
+            raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"`{name}` must be finite")
+    return value
+
+
+def _check_positive(value, name):
+    value = _check_real(value, name)
+    if value <= 0:
+        raise ValueError(f"`{name}` must be positive, got {value}")
+    return value
+
+
+def _as_float_array(x, name):
+    try:
+        return np.array(x, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be an array of real numbers") from None
