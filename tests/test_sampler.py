@@ -1,0 +1,208 @@
+"""Predictor-corrector sampler and the exact evaluations (SPEC 7, 10)."""
+import numpy as np
+import pytest
+
+import models
+import sampler as sm
+import scoreopt as so
+
+VE, VP = so.ve(), so.vp_linear()
+GAUSS = models.Gaussian([0.3, -1.0], [0.2, 2.0])
+COMBINATIONS = [("euler", 0), ("heun", 0), ("ancestral", 0), ("none", 2), ("euler", 1),
+                ("heun", 1), ("ancestral", 2)]
+
+
+def exact(target, process):
+    return lambda x, t: target.score(x, t, process)
+
+
+@pytest.mark.parametrize("process", [VE, VP], ids=["ve", "vp_linear"])
+@pytest.mark.parametrize("predictor, m", COMBINATIONS)
+def test_samples_match_exact_gaussian_output_law(process, predictor, m):
+    ts = so.edm_schedule(process, 8)
+    mean, var = sm.gaussian_output_law(GAUSS, process, ts, predictor, m, corrector_ratio=0.05)
+    n = 100_000
+    x_T = sm.prior_sample(process, n, GAUSS.variance(), 1)
+    x, _ = sm.sample(exact(GAUSS, process), process, ts, x_T, 2, predictor, m, corrector_ratio=0.05)
+    # Mean: standard error sqrt(var/n). Variance of a Gaussian sample: sqrt(2/n) var.
+    assert np.all(np.abs(x.mean(0) - mean) < 4.5 * np.sqrt(var / n))
+    assert np.all(np.abs(x.var(0) - var) < 4.5 * np.sqrt(2 / n) * var)
+
+
+def test_exact_law_converges_to_the_marginal_first_and_second_order():
+    # Started from the exact p_{t_max} (mean-zero data), the only error is the
+    # discretisation: the state error is O(1/T) for Euler and O(1/T^2) for Heun, so the
+    # KL (quadratic in it) falls by ~4 and ~16 when T doubles.
+    target = models.Gaussian([0.0], [0.25])
+    goal = target.marginal(VE, VE.t_min)
+    kl = {p: [sm.gaussian_kl(*sm.gaussian_output_law(target, VE, so.uniform_schedule(VE, T), p),
+                             goal.mean(), goal.var) for T in (20, 40, 80, 160)]
+          for p in ("euler", "heun")}
+    for p, rate in (("euler", 4.0), ("heun", 16.0)):
+        ratios = np.array(kl[p][:-1]) / np.array(kl[p][1:])
+        assert np.all(np.diff(kl[p]) < 0)
+        assert ratios[-1] == pytest.approx(rate, rel=0.25)
+    assert kl["heun"][-1] < kl["euler"][-1] / 100
+
+
+def test_ancestral_and_annealed_langevin_converge_too():
+    target = models.Gaussian([0.5], [0.1])
+    goal = target.marginal(VP, VP.t_min)
+    for predictor, m in (("ancestral", 0), ("none", 3)):
+        kl = [sm.gaussian_kl(*sm.gaussian_output_law(target, VP, so.uniform_schedule(VP, T), predictor, m,
+                                                     corrector_ratio=0.05), goal.mean(), goal.var)
+              for T in (25, 100, 400)]
+        # Annealed Langevin keeps an O(r) bias from the unadjusted corrector.
+        assert kl[0] > kl[1] > kl[2] and kl[2] < 0.2 * kl[0]
+
+
+def test_corrector_leaves_the_marginal_nearly_invariant():
+    # Unadjusted Langevin on N(m, a) with step eps has stationary variance a / (1 - eps/(2a)):
+    # a 1e-2 relative bias at r = 0.02. A wrong sign or a wrong sqrt(2) changes the
+    # variance by O(1), which these bounds exclude.
+    t, r, n = 0.3, 0.02, 200_000
+    marginal = models.mollified_cantor().marginal(VP, t)
+    x = marginal.sample(n, 0)
+    eps = r * VP.sigma(t) ** 2
+    rng = np.random.default_rng(1)
+    score = exact(models.mollified_cantor(), VP)
+    for _ in range(30):
+        x = sm.langevin_step(score, x, t, eps, rng)
+    var = marginal.variance()[0]
+    assert abs(x.mean() - marginal.mean()[0]) < 4.5 * np.sqrt(var / n)
+    assert abs(x.var() / var - 1) < 0.02
+    assert sm.wasserstein1(x, marginal.cdf) < 0.01 * np.sqrt(var)
+
+
+@pytest.mark.parametrize("predictor", ["euler", "heun"])
+def test_flow_density_integrates_to_one_and_matches_histogram(predictor):
+    target = models.bimodal()
+    prior = models.Gaussian([0.0], sm.prior_variance(VP, target.variance()))
+    score = exact(target, VP)
+    # On a grid of starting points: the output spacing comes from the map itself, not
+    # from the tracked Jacobian, so both checks below test the Jacobian.
+    ts = so.loglinear_schedule(VP, 12)
+    grid = np.linspace(-6, 6, 100_001)[:, None] * np.sqrt(prior.var)
+    x_out, log_p = sm.flow_log_density(score, VP, ts, grid, prior.log_prob, predictor)
+    assert np.trapezoid(np.exp(log_p), x_out[:, 0]) == pytest.approx(1.0, abs=1e-3)
+    slope = np.exp(prior.log_prob(grid) - log_p)             # tracked dx_out / dx_T
+    mass = log_p > log_p.max() + np.log(1e-2)                # where the output has mass
+    np.testing.assert_allclose(np.gradient(x_out[:, 0], grid[:, 0])[mass], slope[mass], rtol=1e-2)
+    # Against a histogram of the sampler's own output: expected counts from the output CDF.
+    x, _ = sm.sample(score, VP, ts, prior.sample(200_000, 3), 4, predictor)
+    cdf = np.concatenate([[0], np.cumsum(0.5 * (np.exp(log_p[1:]) + np.exp(log_p[:-1])) * np.diff(x_out[:, 0]))])
+    edges = np.linspace(-1.5, 1.5, 61)
+    expected = len(x) * np.diff(np.interp(edges, x_out[:, 0], cdf))
+    hist, _ = np.histogram(x[:, 0], edges)
+    big = expected > 50
+    assert big.sum() > 20
+    assert np.max(np.abs(hist[big] - expected[big]) / np.sqrt(expected[big])) < 5
+
+
+def test_flow_density_refuses_a_folding_step():
+    target = models.bimodal()
+    prior = models.Gaussian([0.0], sm.prior_variance(VP, target.variance()))
+    grid = np.linspace(-6, 6, 100_001)[:, None] * np.sqrt(prior.var)   # the fold is narrow
+    with pytest.raises(ValueError, match="folds the line"):
+        sm.flow_log_density(exact(target, VP), VP, so.loglinear_schedule(VP, 8), grid, prior.log_prob, "heun")
+
+
+def test_flow_kl_is_small_for_a_fine_schedule_and_larger_for_a_coarse_one():
+    target = models.bimodal()
+    prior = models.Gaussian([0.0], sm.prior_variance(VP, target.variance()))
+    x_T = prior.sample(5000, 5)
+    kls = []
+    for T in (10, 100):
+        x, log_p = sm.flow_log_density(exact(target, VP), VP, so.uniform_schedule(VP, T), x_T, prior.log_prob, "heun")
+        kls.append(np.mean(log_p - target.log_prob(x)))
+    assert kls[1] < 0.05 < kls[0]
+
+
+def test_cantor_ancestral_twenty_steps_optimised_fills_all_modes_uniform_does_not():
+    # The paper's Figure 1 with exact scores.
+    cantor = models.mollified_cantor()
+    score = exact(cantor, VP)
+    smap = so.estimate_schedule_map(score, VP, cantor.sample(4000, 0), 1)
+    x_T = sm.prior_sample(VP, 20_000, cantor.variance(), 2)
+    optimised, _ = sm.sample(score, VP, smap.schedule(20), x_T, 3, "ancestral")
+    uniform, _ = sm.sample(score, VP, so.uniform_schedule(VP, 20), x_T, 3, "ancestral")
+    assert sm.mode_coverage(optimised, cantor.atoms).covered == 8
+    assert sm.mode_coverage(uniform, cantor.atoms).covered <= 2
+    assert sm.wasserstein1(optimised, cantor.cdf) < 0.5 * sm.wasserstein1(uniform, cantor.cdf)
+    assert sm.mean_log_density(optimised, cantor) > sm.mean_log_density(uniform, cantor) + 1
+
+
+@pytest.mark.parametrize("predictor, m", COMBINATIONS)
+@pytest.mark.parametrize("denoise", [False, True])
+def test_nfe_is_exact_and_seed_determines_samples(predictor, m, denoise):
+    calls = []
+
+    def counting(x, t):
+        calls.append(t)
+        return GAUSS.score(x, t, VP)
+
+    ts = so.uniform_schedule(VP, 7)
+    x_T = sm.prior_sample(VP, 10, GAUSS.variance(), 0)
+    x1, nfe = sm.sample(counting, VP, ts, x_T, 5, predictor, m, denoise=denoise)
+    per_step = {"none": 0, "euler": 1, "heun": 2, "ancestral": 1}[predictor]
+    assert nfe == len(calls) == 7 * (per_step + m) + denoise
+    x2, _ = sm.sample(counting, VP, ts, x_T, np.random.default_rng(5), predictor, m, denoise=denoise)
+    np.testing.assert_array_equal(x1, x2)
+
+
+def test_heun_has_no_second_stage_on_a_step_to_sigma_zero():
+    p = so.Process(s=lambda t: 1.0 + 0.0 * t, sigma=lambda t: 2.0 * t, t_min=0.0, t_max=1.0)
+    x, nfe = sm.sample(exact(models.Gaussian([0.0], [1.0]), p), p, np.array([0.0, 0.5, 1.0]),
+                       np.ones((3, 1)), 0, "heun")
+    assert nfe == 3
+
+
+def test_tweedie_denoising_is_the_posterior_mean():
+    # Gaussian data: E[x0 | x_t] = mu + s lambda (x_t - s mu) / (s^2 lambda + sigma^2).
+    t = 0.4
+    x = GAUSS.marginal(VP, t).sample(5, 0)
+    s, sig = VP.s(t), VP.sigma(t)
+    expect = GAUSS.means[0] + s * GAUSS.var * (x - s * GAUSS.means[0]) / (s ** 2 * GAUSS.var + sig ** 2)
+    np.testing.assert_allclose(sm.tweedie_denoise(exact(GAUSS, VP), VP, x, t), expect, rtol=1e-12)
+
+
+def test_metrics():
+    target = models.Gaussian([0.0], [1.0])
+    x = target.sample(100_000, 0)
+    assert sm.wasserstein1(x, target.cdf) < 0.01
+    assert sm.wasserstein1(x + 0.5, target.cdf) == pytest.approx(0.5, abs=0.01)   # a shift costs its size
+    cov = sm.mode_coverage(np.array([0.0, 0.01, 1.0, 5.0]), [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(cov.masses, [0.5, 0.25, 0.0])
+    assert cov.covered == 2 and cov.radius == 0.25
+    assert sm.mean_log_density(x, target) == pytest.approx(-0.5 * np.log(2 * np.pi) - 0.5, abs=0.01)
+    grid = np.linspace(-3, 3, 7)
+    np.testing.assert_allclose(sm.density_estimate(x, grid), np.exp(target.log_prob(grid[:, None])), atol=0.01)
+    err, se = sm.score_error(exact(target, VP), exact(target, VP), VP, so.uniform_schedule(VP, 4), x[:100], 0)
+    assert err == 0.0 and se == 0.0
+    biased = lambda y, t: target.score(y, t, VP) + 1.0 / VP.sigma(t)
+    err, se = sm.score_error(biased, exact(target, VP), VP, so.uniform_schedule(VP, 4), x[:100], 0)
+    assert err == pytest.approx(1.0)
+
+
+def test_sampler_bad_input():
+    score, ts = exact(GAUSS, VP), so.uniform_schedule(VP, 5)
+    x_T = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="`predictor` must be one of"):
+        sm.sample(score, VP, ts, x_T, 0, predictor="rk4")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        sm.sample(score, VP, ts[::-1], x_T, 0)
+    with pytest.raises(ValueError, match="start at t_min"):
+        sm.sample(score, VP, ts[1:], x_T, 0)
+    with pytest.raises(ValueError, match=r"`x_T` must have shape \(n, d\)"):
+        sm.sample(score, VP, ts, np.zeros(4), 0)
+    with pytest.raises(ValueError, match=r"returned shape \(4, 2\) at t = 1; expected \(4, 1\)"):
+        sm.sample(score, VP, ts, np.zeros((4, 1)), 0)
+    with pytest.raises(ValueError, match="`corrector_steps` must be >= 0"):
+        sm.sample(score, VP, ts, x_T, 0, corrector_steps=-1)
+    with pytest.raises(ValueError, match="`corrector_ratio` must be positive"):
+        sm.sample(score, VP, ts, x_T, 0, corrector_ratio=0.0)
+    nan_late = lambda x, t: score(x, t) * (np.nan if t < 0.5 else 1.0)
+    with pytest.raises(ValueError, match=r"non-finite values at t = 0\.4"):
+        sm.sample(nan_late, VP, ts, x_T, 0, "euler")
+    with pytest.raises(ValueError, match="Gaussian"):
+        sm.gaussian_output_law(models.bimodal(), VP, ts)
