@@ -40,7 +40,8 @@ __all__ = [
     "Process", "ve", "vp_linear", "vp_cosine", "nsr", "time_from_nsr", "to_sigmas",
     "uniform_schedule", "edm_schedule", "loglinear_schedule", "cosine_schedule",
     "arctan_schedule", "corrector_cost", "predictor_cost", "interval_costs",
-    "local_cost", "gaussian_local_cost", "gaussian_corrector_cost", "cumulative_cost", "optimal_schedule",
+    "local_cost", "gaussian_local_cost", "gaussian_corrector_cost",
+    "gaussian_predictor_cost", "iterate_schedule", "cumulative_cost", "optimal_schedule",
     "update_schedule", "blend", "path_length", "path_energy", "ScheduleMap",
     "estimate_schedule_map", "EqualCostResult", "equal_cost_schedule",
     "as_rng",
@@ -396,6 +397,33 @@ def gaussian_corrector_cost(process, t_from, t_to, variances, mean=None):
     return process.sigma(t2[..., 0]) ** 2 * np.sum(inner, axis=-1)
 
 
+def gaussian_predictor_cost(process, t_from, t_to, variances, mean=None):
+    """Exact Euler-predictor cost ``L_p(t, t')`` for data ``N(mean, diag(variances))``, ``v = sigma`` (derived).
+
+    The Euler map is affine per coordinate, ``F(x) = alpha x + beta`` with
+    ``alpha = 1 + h f + h g^2 / (2 a)`` and ``beta = -h g^2 m / (2 a)`` (``h = t' - t``), so
+    ``F#p_t = N(alpha m + beta, alpha^2 a)`` and, with the Fisher divergence between
+    Gaussians ``D(N(m1, v1) || N(m2, v2)) = (m1 - m2)^2 / v1^2 + v2 (1/v2 - 1/v1)^2``,
+
+        L_p = sigma(t')^2 sum_k D(N(m'_k, a'_k) || N(alpha_k m_k + beta_k, alpha_k^2 a_k)).
+
+    ``t_from`` and ``t_to`` may be arrays of the same shape.
+    """
+    _check_process(process)
+    lam = _as_float_array(variances, "variances").reshape(-1)
+    mu = np.zeros_like(lam) if mean is None else _as_float_array(mean, "mean").reshape(-1)
+    if mu.shape != lam.shape:
+        raise ValueError("`mean` and `variances` must have the same length")
+    t, t2 = (_as_float_array(a, name)[..., None] for a, name in ((t_from, "t_from"), (t_to, "t_to")))
+    h, f, g2 = t2 - t, process.drift(t), process.diffusion_sq(t)
+    s, s2 = process.s(t), process.s(t2)
+    a, a2 = s ** 2 * lam + process.sigma(t) ** 2, s2 ** 2 * lam + process.sigma(t2) ** 2
+    alpha = 1 + h * f + 0.5 * h * g2 / a
+    m_push, a_push = alpha * s * mu - 0.5 * h * g2 * s * mu / a, alpha ** 2 * a
+    inner = (s2 * mu - m_push) ** 2 / a2 ** 2 + a_push * (1 / a_push - 1 / a2) ** 2
+    return process.sigma(t2[..., 0]) ** 2 * np.sum(inner, axis=-1)
+
+
 # --------------------------------------------------------------------------------
 # Length, energy and the optimal schedule (SPEC sections 5 and 6)
 # --------------------------------------------------------------------------------
@@ -557,11 +585,10 @@ def equal_cost_schedule(score, process, ts, x0, rng, kind="predictor", gamma=0.5
     Repeats ``ts <- blend(ts, update_schedule(ts, L(ts)), gamma)`` (Algorithm 2 with
     the model held fixed). Its fixed points have equal interval costs whatever the
     order of the cost, which is how predictor-optimised schedules are found (derived,
-    SPEC 5.3 and 6.3). Costs are estimated with common random numbers (the same
-    seed at every iteration), so the map iterated is deterministic. ``order``
-    defaults to 4 for the predictor cost (``O(h^4)`` with accurate scores) and 2 for
-    the corrector cost. Converged when the update moves no time by more than ``tol``
-    times the shorter of its two adjacent steps.
+    SPEC 5.3 and 6.3). Costs are estimated by :func:`interval_costs` with common
+    random numbers (the same seed at every iteration), so the map iterated is
+    deterministic. ``order`` defaults to 4 for the predictor cost (``O(h^4)`` with
+    accurate scores) and 2 for the corrector cost. See :func:`iterate_schedule`.
 
     Limitation (derived, SPEC 6.3): with the corrector cost, smooth data and few
     steps, ``v(t_min)^2 = sigma_min^2`` makes the last step look free and the iteration
@@ -570,20 +597,38 @@ def equal_cost_schedule(score, process, ts, x0, rng, kind="predictor", gamma=0.5
     """
     ts = check_schedule(ts, process)
     _cost_function(kind)
-    order = (4 if kind == "predictor" else 2) if order is None else order
-    max_iter = _check_int(max_iter, "max_iter", minimum=1)
     seed = int(as_rng(rng).integers(2 ** 63))
+    costs = lambda ts: interval_costs(score, process, ts, x0, seed, kind, velocity)
+    order = (4 if kind == "predictor" else 2) if order is None else order
+    return iterate_schedule(costs, ts, gamma, order, max_iter, tol)
+
+
+def iterate_schedule(costs, ts, gamma=0.5, order=2, max_iter=100, tol=1e-4):
+    """Iterate ``ts <- blend(ts, update_schedule(ts, costs(ts)), gamma)`` to a fixed point.
+
+    ``costs(ts)`` returns the interval costs, or ``(costs, stderr)``. Converged when an
+    update moves no time by more than ``tol`` times the shorter of its two adjacent
+    steps. Returns an :class:`EqualCostResult`.
+    """
+    ts = check_schedule(ts, endpoints=False)
+    max_iter = _check_int(max_iter, "max_iter", minimum=1)
+    _check_positive(tol, "tol")
+
+    def evaluate(ts):
+        out = costs(ts)
+        return out if isinstance(out, tuple) else (out, np.full(len(ts) - 1, np.nan))
+
     history = []
     for it in range(1, max_iter + 1):
-        costs, stderr = interval_costs(score, process, ts, x0, seed, kind, velocity)
-        history.append((ts, costs))
-        ts_new = blend(ts, update_schedule(ts, costs, order), gamma)
+        L, _ = evaluate(ts)
+        history.append((ts, L))
+        ts_new = blend(ts, update_schedule(ts, L, order), gamma)
         moved = _relative_motion(ts, ts_new)
         ts = ts_new
         if moved <= tol:
             break
-    costs, stderr = interval_costs(score, process, ts, x0, seed, kind, velocity)
-    return EqualCostResult(ts, costs, stderr, bool(moved <= tol), it, history)
+    L, stderr = evaluate(ts)
+    return EqualCostResult(ts, L, stderr, bool(moved <= tol), it, history)
 
 
 # --------------------------------------------------------------------------------

@@ -91,6 +91,7 @@ def test_predictor_cost_matches_gaussian_fisher_divergence(process):
     m2, a2 = GAUSS.marginal(process, t2).means[0], GAUSS.marginal(process, t2).var
     alpha, beta = 1 + h * f + 0.5 * h * g2 / a, -0.5 * h * g2 * m / a
     closed = process.sigma(t2) ** 2 * fisher_gaussian(m2, a2, alpha * m + beta, alpha ** 2 * a)
+    assert so.gaussian_predictor_cost(process, t, t2, GAUSS.var, GAUSS.means[0]) == pytest.approx(closed, rel=1e-12)
     L, se = so.predictor_cost(exact(GAUSS, process), process, t, t2, GAUSS.sample(40_000, 5), 6)
     assert abs(L - closed) < 4.5 * se and se < 0.05 * closed
 

@@ -207,6 +207,15 @@ def test_predictor_equal_cost_iteration_converges_to_equal_costs():
     assert res.history[0][1].max() / res.history[0][1].min() > 100
 
 
+def test_iterate_schedule_with_closed_form_predictor_costs():
+    # 64-dimensional power-law spectrum: exact L_p, no Monte Carlo, so equal to 1e-3.
+    lam = np.arange(1, 65) ** -1.0
+    costs = lambda ts: so.gaussian_predictor_cost(VE, ts[1:], ts[:-1], lam)
+    res = so.iterate_schedule(costs, so.uniform_schedule(VE, 15), gamma=0.5, order=4, tol=1e-6, max_iter=300)
+    assert res.converged and res.costs.max() / res.costs.min() < 1.001
+    assert np.all(np.isnan(res.stderr))
+
+
 def test_corrector_iteration_pitfall_one_huge_last_step():
     # SPEC 6.3: smooth data, few points, v = sigma at the clean end: v(t_min)^2 = sigma_min^2
     # makes the last step look free, and the iteration puts one huge step there.
