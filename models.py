@@ -9,15 +9,24 @@ differentiated in ``x`` and ``t``. The log-sum-exp form keeps it finite far from
 the modes and at tiny ``sigma``.
 """
 
+import json
+import os
+import tempfile
+import time
+from typing import NamedTuple
+
 import autograd.numpy as anp
 import numpy as np
-from autograd.scipy.special import logsumexp
 from autograd.tracer import Box
 from scipy.special import ndtr
 
-from scoreopt import as_rng, check_data, _check_int, _check_positive, _check_process
+from scoreopt import (as_rng, blend, check_data, check_schedule, interval_costs, path_length,
+                      update_schedule, _check_int, _check_positive, _check_process)
 
-__all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal"]
+__all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
+           "init_mlp", "mlp_score", "score_model", "noise_features", "dsm_loss", "draw_levels",
+           "AdamState", "adam_init", "adam_step", "OnlineSchedule", "Checkpoint",
+           "TrainingDiverged", "train", "progress_printer", "save_checkpoint", "load_checkpoint"]
 
 LOG_2PI = np.log(2.0 * np.pi)
 
@@ -204,13 +213,16 @@ def _component_log_probs(x, log_w, means, var):
 
 
 def _mixture_log_prob(x, log_w, means, var):
-    return logsumexp(_component_log_probs(x, log_w, means, var), axis=1)
+    logp = _component_log_probs(x, log_w, means, var)
+    top = anp.max(logp, axis=1, keepdims=True)   # log-sum-exp, shifted by the largest term
+    return (top + anp.log(anp.sum(anp.exp(logp - top), axis=1, keepdims=True)))[:, 0]
 
 
 def _mixture_score(x, log_w, means, var):
-    """``sum_k r_k(x) (means_k - x) / var_k`` with responsibilities from log-sum-exp."""
+    """``sum_k r_k(x) (means_k - x) / var_k``; responsibilities by a max-shifted softmax."""
     logp = _component_log_probs(x, log_w, means, var)
-    resp = anp.exp(logp - logsumexp(logp, axis=1, keepdims=True))
+    p = anp.exp(logp - anp.max(logp, axis=1, keepdims=True))
+    resp = p / anp.sum(p, axis=1, keepdims=True)
     return anp.sum(resp[:, :, None] * (means[None, :, :] - x[:, None, :]) / var, axis=1)
 
 
@@ -220,3 +232,373 @@ def _scale_noise(process, t):
     if not process.t_min <= t <= process.t_max:
         raise ValueError(f"`t` = {t} must lie in [{process.t_min}, {process.t_max}]")
     return float(process.s(t)), float(process.sigma(t))
+
+
+# --------------------------------------------------------------------------------
+# MLP score model (SPEC 9)
+# --------------------------------------------------------------------------------
+
+def init_mlp(rng, dim=1, width=64, depth=3, n_fourier=4):
+    """Parameters of an MLP score model: a plain list of ``(W, b)`` pairs.
+
+    Input: ``dim`` data coordinates plus ``1 + 2 n_fourier`` noise-level features;
+    ``depth`` hidden layers of ``width`` units; output ``dim`` (the predicted noise).
+    Weights are ``N(0, 1/fan_in)``; the output layer starts at zero, so the initial
+    model predicts ``eps_hat = 0`` (score 0, loss ``dim``).
+    """
+    rng = as_rng(rng)
+    dim = _check_int(dim, "dim", minimum=1)
+    width = _check_int(width, "width", minimum=1)
+    depth = _check_int(depth, "depth", minimum=1)
+    n_fourier = _check_int(n_fourier, "n_fourier", minimum=0)
+    sizes = [dim + 1 + 2 * n_fourier] + [width] * depth
+    params = [(rng.standard_normal((m, n)) / np.sqrt(m), np.zeros(n))
+              for m, n in zip(sizes[:-1], sizes[1:])]
+    return params + [(np.zeros((width, dim)), np.zeros(dim))]
+
+
+def noise_features(process, t, n_fourier):
+    """``u = log nu(t)`` rescaled to ``[-1, 1]`` over the process range, with
+    ``sin(k pi u / 2)``, ``cos(k pi u / 2)`` for ``k = 1..n_fourier``; shape (n, 1 + 2 n_fourier).
+
+    ``t`` is a scalar or an array of shape (n,) or (n, 1).
+    """
+    lo, hi = np.log(process.nsr(process.t_min)), np.log(process.nsr(process.t_max))
+    u = 2.0 * (anp.log(process.nsr(t)) - lo) / (hi - lo) - 1.0
+    u = anp.reshape(u, (-1, 1))
+    k = 0.5 * np.pi * np.arange(1, n_fourier + 1)
+    return anp.concatenate([u, anp.sin(k * u), anp.cos(k * u)], axis=1)
+
+
+def mlp_score(params, x, t, process, data_var=1.0):
+    """Score ``S_theta(x, t) = -eps_hat(x, t) / sigma(t)`` of an MLP; shape (n, d).
+
+    Noise prediction keeps the output well scaled at every level: the loss
+    ``||sigma S_theta + eps||^2 = ||eps_hat - eps||^2`` is O(1) everywhere. The input is
+    ``x / sqrt(s^2 data_var + sigma^2)`` (scaled by the marginal's standard deviation,
+    as EDM's ``c_in``) and the features of :func:`noise_features`. Activation ``tanh``:
+    smooth, as the predictor cost needs second derivatives, and the fastest smooth
+    activation in float64 NumPy measured here (README). ``t`` is a scalar or one time
+    per row, shape (n,). Differentiable by autograd in ``params``, ``x`` and ``t``.
+    """
+    scale, features, sigma = _mlp_inputs(params, x.shape[0], t, process, data_var)
+    return -_mlp_eps(params, x * scale, features) / sigma
+
+
+def _mlp_inputs(params, n, t, process, data_var):
+    """Input scale, noise features (n, F) and sigma for times ``t`` (scalar or (n,))."""
+    dim = params[-1][0].shape[1]
+    n_fourier = (params[0][0].shape[0] - dim - 1) // 2
+    t_col = anp.reshape(t, (-1, 1)) if anp.ndim(t) else t
+    s, sigma = process.s(t_col), process.sigma(t_col)
+    features = noise_features(process, t_col, n_fourier)
+    if anp.ndim(t) == 0:
+        features = anp.broadcast_to(features, (n, features.shape[1]))
+    return 1.0 / anp.sqrt(s ** 2 * data_var + sigma ** 2), features, sigma
+
+
+def _mlp_eps(params, x_in, features):
+    """The network proper: predicted noise from scaled data and noise features."""
+    h = anp.concatenate([x_in, features], axis=1)
+    for W, b in params[:-1]:
+        h = anp.tanh(anp.dot(h, W) + b)
+    W, b = params[-1]
+    return anp.dot(h, W) + b
+
+
+def score_model(params, process, data_var=1.0):
+    """The MLP as a plain score callable ``score(x, t)`` for scoreopt and the sampler."""
+    return lambda x, t: mlp_score(params, x, t, process, data_var)
+
+
+def draw_levels(ts, n, rng, uniform=False):
+    """Training times: uniform over the levels of ``ts`` or, if ``uniform``, over ``[ts[0], ts[-1]]``."""
+    rng = as_rng(rng)
+    return rng.uniform(ts[0], ts[-1], n) if uniform else ts[rng.integers(0, len(ts), n)]
+
+
+def dsm_loss(params, x0, process, ts, rng, uniform=False, data_var=1.0):
+    """Denoising score matching ``E ||sigma S_theta(s x0 + sigma eps, t) + eps||^2`` (Vincent 2011).
+
+    ``t`` is drawn per sample from the levels of the schedule ``ts`` (uniformly over
+    the ``T + 1`` levels) or, with ``uniform=True``, uniformly on ``[t_min, t_max]``.
+    """
+    rng = as_rng(rng)
+    x0 = check_data(x0)
+    t = draw_levels(check_schedule(ts, process), len(x0), rng, uniform)
+    eps = rng.standard_normal(x0.shape)
+    return _dsm(params, x0, t, eps, process, data_var)
+
+
+def _dsm(params, x0, t, eps, process, data_var):
+    return _dsm_prepared(params, *_dsm_inputs(params, x0, t, eps, process, data_var))
+
+
+def _dsm_inputs(params, x0, t, eps, process, data_var):
+    """Everything of the loss that does not depend on ``params`` (kept out of the trace)."""
+    s = process.s(t)[:, None]
+    scale, features, sigma = _mlp_inputs(params, len(x0), t, process, data_var)
+    return (s * x0 + sigma * eps) * scale, features, eps
+
+
+def _dsm_prepared(params, x_in, features, eps):
+    # sigma S_theta + eps = eps - eps_hat with S_theta = -eps_hat / sigma
+    return anp.mean(anp.sum((eps - _mlp_eps(params, x_in, features)) ** 2, axis=1))
+
+
+# --------------------------------------------------------------------------------
+# Adam (Kingma & Ba 2015) on a flat parameter vector
+# --------------------------------------------------------------------------------
+
+class AdamState(NamedTuple):
+    m: np.ndarray      # first-moment estimate
+    v: np.ndarray      # second-moment estimate
+    step: int          # updates taken
+
+
+def adam_init(theta):
+    """Zero moments for a flat parameter vector ``theta``."""
+    return AdamState(np.zeros_like(theta), np.zeros_like(theta), 0)
+
+
+def adam_step(theta, grad, state, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """One Adam update; returns ``(theta, state)`` and changes nothing in place."""
+    step = state.step + 1
+    m = b1 * state.m + (1 - b1) * grad
+    v = b2 * state.v + (1 - b2) * grad ** 2
+    m_hat, v_hat = m / (1 - b1 ** step), v / (1 - b2 ** step)
+    return theta - lr * m_hat / (np.sqrt(v_hat) + eps), AdamState(m, v, step)
+
+
+# --------------------------------------------------------------------------------
+# Training with an optional online schedule (SPEC 6.3, 9)
+# --------------------------------------------------------------------------------
+
+class OnlineSchedule(NamedTuple):
+    """Settings of the online schedule update (the paper's Algorithm 2).
+
+    After ``burn_in`` steps on the initial schedule, every ``every`` steps: estimate
+    the interval costs (``kind``: ``"corrector"`` or ``"predictor"``) of the current
+    schedule with the current model on ``n_samples`` fresh data samples, apply
+    ``update_schedule`` (Algorithm 1) and blend with rate ``gamma``.
+    """
+    every: int = 50
+    burn_in: int = 1000
+    gamma: float = 0.05
+    kind: str = "corrector"
+    n_samples: int = 1000
+    order: int = 2
+
+
+class Checkpoint(NamedTuple):
+    params: list            # list of (W, b)
+    ts: np.ndarray          # current schedule
+    adam: "AdamState"
+    step: int               # optimiser steps taken
+    rng: np.random.Generator
+    history: dict           # see `train`
+
+
+class TrainingDiverged(FloatingPointError):
+    """Raised by `train` when the loss or the parameters stop being finite or explode."""
+
+
+def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_decay="cosine",
+          uniform_levels=False, online=None, callback="default", data_var=None,
+          checkpoint=None, checkpoint_every=1000, resume=False, max_loss_ratio=1e3):
+    """Train an MLP score model by denoising score matching, optionally adapting the schedule.
+
+    Parameters
+    ----------
+    params : list of (W, b), from :func:`init_mlp`
+    data : a target (anything with ``sample(n, rng)``) or an array (N, d) of samples
+    process : scoreopt.Process
+    ts : schedule whose levels the training times are drawn from
+    rng : numpy Generator or int seed; the only source of randomness
+    n_steps : total optimiser steps (a resumed run counts the steps already taken)
+    lr, lr_decay : Adam step size, constant (``None``) or cosine-decayed to 0 (``"cosine"``)
+    uniform_levels : draw ``t`` uniformly on ``[t_min, t_max]`` instead (schedule-free baseline)
+    online : :class:`OnlineSchedule` or None for a fixed schedule
+    callback : ``callback(step, loss, info)`` after every step; ``"default"`` prints a
+        progress line ten times per run; None for silence
+    data_var : per-coordinate data variance for the input scaling (default: from ``data``)
+    checkpoint, checkpoint_every : path of an ``.npz`` checkpoint written atomically every
+        ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it
+    max_loss_ratio : stop when the loss exceeds this multiple of the first loss
+
+    Returns
+    -------
+    Checkpoint : the final parameters, schedule, optimiser state, step, generator and
+        history ``{"loss": (n_steps,), "update_step", "Lambda": (U,),
+        "schedules": (U, T+1), "costs": (U, T)}`` (schedule and costs before each update).
+
+    Raises :class:`TrainingDiverged` naming the step if the loss or the parameters stop
+    being finite or the loss explodes; the last checkpoint on disk is kept as it was.
+    """
+    from autograd import value_and_grad
+    from autograd.misc import flatten
+
+    _check_process(process)
+    ts = check_schedule(ts, process)
+    n_steps = _check_int(n_steps, "n_steps", minimum=1)
+    batch_size = _check_int(batch_size, "batch_size", minimum=1)
+    _check_positive(lr, "lr")
+    if lr_decay not in (None, "cosine"):
+        raise ValueError(f"`lr_decay` must be None or 'cosine', got {lr_decay!r}")
+    if online is not None and not isinstance(online, OnlineSchedule):
+        raise TypeError("`online` must be an OnlineSchedule or None")
+    draw = _data_sampler(data)
+    data_var = float(np.mean(_data_variance(data))) if data_var is None else data_var
+    theta, unflatten = flatten(params)
+    rng = as_rng(rng)
+    adam, step = adam_init(theta), 0
+    history = {"loss": np.zeros(0), "update_step": np.zeros(0, int), "Lambda": np.zeros(0),
+               "schedules": np.zeros((0, len(ts))), "costs": np.zeros((0, len(ts) - 1))}
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        saved = load_checkpoint(checkpoint)
+        theta_saved, _ = flatten(saved.params)
+        if theta_saved.shape != theta.shape:
+            raise ValueError("the checkpoint's parameters do not match the shape of `params`")
+        theta, ts, adam, step, rng, history = theta_saved, saved.ts, saved.adam, saved.step, saved.rng, saved.history
+    if callback == "default":
+        callback = progress_printer(n_steps)
+
+    loss_and_grad = value_and_grad(_dsm_prepared)
+    losses = list(history["loss"])
+    first_loss = losses[0] if losses else None
+    start = time.perf_counter()
+    while step < n_steps:
+        # 1. optimiser step on the score model, levels drawn from the current schedule
+        x0 = draw(batch_size, rng)
+        t = draw_levels(ts, batch_size, rng, uniform_levels)
+        params = unflatten(theta)
+        loss, grad = loss_and_grad(params, *_dsm_inputs(params, x0, t, rng.standard_normal(x0.shape),
+                                                        process, data_var))
+        grad, _ = flatten(grad)
+        first_loss = loss if first_loss is None else first_loss
+        rate = lr * (0.5 * (1 + np.cos(np.pi * step / n_steps)) if lr_decay == "cosine" else 1.0)
+        theta_new, adam_new = adam_step(theta, grad, adam, rate)
+        if not (np.isfinite(loss) and loss <= max_loss_ratio * first_loss and np.all(np.isfinite(theta_new))):
+            where = f"; the last checkpoint ({checkpoint}) is kept" if checkpoint else ""
+            raise TrainingDiverged(f"training diverged at step {step + 1}: loss = {loss:.6g} "
+                                   f"(first loss {first_loss:.6g}){where}")
+        theta, adam, step = theta_new, adam_new, step + 1
+        losses.append(float(loss))
+        # 2-4. online schedule update (Algorithm 2) after the burn-in
+        if online is not None and step >= online.burn_in and (step - online.burn_in) % online.every == 0:
+            model = score_model(unflatten(theta), process, data_var)
+            costs, _ = interval_costs(model, process, ts, draw(online.n_samples, rng), rng, online.kind)
+            history = _record_update(history, step, ts, costs, online.order)
+            ts = blend(ts, update_schedule(ts, costs, online.order), online.gamma)
+        if checkpoint is not None and (step % checkpoint_every == 0 or step == n_steps):
+            history["loss"] = np.array(losses)
+            save_checkpoint(checkpoint, unflatten(theta), ts, adam, step, rng, history)
+        if callback is not None:
+            callback(step, float(loss), {"ts": ts, "elapsed": time.perf_counter() - start,
+                                         "Lambda": history["Lambda"][-1] if len(history["Lambda"]) else None})
+    history["loss"] = np.array(losses)
+    return Checkpoint(unflatten(theta), ts, adam, step, rng, history)
+
+
+def _record_update(history, step, ts, costs, order):
+    return dict(history, update_step=np.append(history["update_step"], step),
+                Lambda=np.append(history["Lambda"], path_length(costs, order)),
+                schedules=np.vstack([history["schedules"], ts]),
+                costs=np.vstack([history["costs"], costs]))
+
+
+def progress_printer(n_steps, lines=10):
+    """A callback printing ``step, loss, Lambda, elapsed, steps/s`` about ``lines`` times a run."""
+    every = max(1, n_steps // lines)
+
+    def callback(step, loss, info):
+        if step % every == 0 or step == n_steps:
+            lam = "" if info["Lambda"] is None else f"  Lambda {info['Lambda']:.3f}"
+            print(f"step {step:>7d}/{n_steps}  loss {loss:.4f}{lam}  {info['elapsed']:.1f} s  "
+                  f"{step / max(info['elapsed'], 1e-9):.0f} steps/s", flush=True)
+    return callback
+
+
+def _data_sampler(data):
+    if hasattr(data, "sample"):
+        return lambda n, rng: data.sample(n, rng)
+    data = check_data(data, "data")
+    return lambda n, rng: data[rng.integers(0, len(data), n)]
+
+
+def _data_variance(data):
+    return data.variance() if hasattr(data, "variance") else np.var(check_data(data, "data"), axis=0)
+
+
+# --------------------------------------------------------------------------------
+# Checkpoints: .npz without pickle, written atomically
+# --------------------------------------------------------------------------------
+
+CHECKPOINT_VERSION = 1
+_CHECKPOINT_KEYS = ("version", "layer_shapes", "theta", "ts", "adam_m", "adam_v", "adam_step",
+                    "step", "rng_state", "loss", "update_step", "Lambda", "schedules", "costs")
+
+
+def save_checkpoint(path, params, ts, adam, step, rng, history=None):
+    """Save parameters, schedule, Adam state, step, RNG state and history to ``path`` (.npz).
+
+    Written to a temporary file in the same folder, flushed to disk, then renamed over
+    ``path``: an interrupted save never corrupts the previous checkpoint. No pickle.
+    """
+    from autograd.misc import flatten
+    theta, _ = flatten(params)
+    history = history or {}
+    arrays = {
+        "version": np.array(CHECKPOINT_VERSION),
+        "layer_shapes": np.array([W.shape for W, _ in params]),
+        "theta": theta, "ts": np.asarray(ts, dtype=float),
+        "adam_m": adam.m, "adam_v": adam.v, "adam_step": np.array(adam.step), "step": np.array(step),
+        "rng_state": np.array(json.dumps(as_rng(rng).bit_generator.state)),
+        "loss": np.asarray(history.get("loss", np.zeros(0)), dtype=float),
+        "update_step": np.asarray(history.get("update_step", np.zeros(0)), dtype=int),
+        "Lambda": np.asarray(history.get("Lambda", np.zeros(0)), dtype=float),
+        "schedules": np.asarray(history.get("schedules", np.zeros((0, len(ts)))), dtype=float),
+        "costs": np.asarray(history.get("costs", np.zeros((0, len(ts) - 1))), dtype=float),
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by :func:`save_checkpoint`; returns a :class:`Checkpoint`.
+
+    A missing, truncated or corrupted file raises ``ValueError`` naming the path.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"no checkpoint at `{path}`")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in _CHECKPOINT_KEYS}
+        state = json.loads(str(data["rng_state"]))
+        rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
+        rng.bit_generator.state = state
+    except Exception as exc:   # zipfile.BadZipFile, EOFError, KeyError, ValueError, ...
+        raise ValueError(f"`{path}` is not a readable checkpoint (truncated or corrupted): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if int(data["version"]) != CHECKPOINT_VERSION:
+        raise ValueError(f"`{path}` has checkpoint version {int(data['version'])}, expected {CHECKPOINT_VERSION}")
+    theta, shapes = data["theta"], data["layer_shapes"]
+    sizes = [m * n + n for m, n in shapes]
+    if theta.shape != (sum(sizes),) or not np.all(np.isfinite(theta)):
+        raise ValueError(f"`{path}` is corrupted: parameters do not match their recorded shapes")
+    params, i = [], 0
+    for (m, n), size in zip(shapes, sizes):
+        params.append((theta[i:i + m * n].reshape(m, n), theta[i + m * n:i + size].copy()))
+        i += size
+    history = {k: data[k] for k in ("loss", "update_step", "Lambda", "schedules", "costs")}
+    return Checkpoint(params, data["ts"], AdamState(data["adam_m"], data["adam_v"], int(data["adam_step"])),
+                      int(data["step"]), rng, history)

@@ -1,0 +1,213 @@
+"""MLP score models, DSM training with the online schedule, checkpoints (SPEC 6.3, 9)."""
+import os
+
+import autograd.numpy as anp
+import numpy as np
+import pytest
+from autograd.test_util import check_grads
+
+import models
+import sampler as sm
+import scoreopt as so
+
+VP = so.vp_linear()
+BIMODAL = models.bimodal()
+TS = so.uniform_schedule(VP, 30)
+
+
+def small_params(seed=0, width=16, depth=2, dim=1):
+    params = models.init_mlp(seed, dim=dim, width=width, depth=depth, n_fourier=2)
+    rng = np.random.default_rng(seed + 1)      # a non-zero output layer, so gradients are generic
+    W, b = params[-1]
+    return params[:-1] + [(0.1 * rng.standard_normal(W.shape), 0.1 * rng.standard_normal(b.shape))]
+
+
+def score_error(params, target, data_var):
+    exact = lambda x, t: target.score(x, t, VP)
+    return sm.score_error(models.score_model(params, VP, data_var), exact, VP, TS, target.sample(2000, 9), 10)[0]
+
+
+def test_loss_gradient_matches_finite_differences():
+    params = small_params()
+    x0, rng = BIMODAL.sample(64, 0), np.random.default_rng(1)
+    t, eps = models.draw_levels(TS, 64, rng), rng.standard_normal((64, 1))
+    check_grads(lambda p: models._dsm(p, x0, t, eps, VP, 0.5), modes=["rev"], order=1)(params)
+
+
+def test_score_is_differentiable_in_x_and_t_to_second_order():
+    params = small_params(dim=2)
+    x = np.random.default_rng(0).standard_normal((5, 2))
+    check_grads(lambda y: models.mlp_score(params, y, 0.3, VP), modes=["rev"], order=2)(x)
+    check_grads(lambda t: models.mlp_score(params, x, t, VP), modes=["fwd", "rev"], order=1)(0.3)
+
+
+def test_dsm_loss_at_initialisation_and_per_row_times():
+    params = models.init_mlp(0, dim=2)           # zero output layer: eps_hat = 0, loss = E|eps|^2 = 2
+    x0 = models.Gaussian([0.0, 1.0], [1.0, 2.0]).sample(20_000, 0)
+    assert models.dsm_loss(params, x0, VP, TS, 1) == pytest.approx(2.0, rel=0.03)
+    p = small_params(dim=2)
+    x, t = x0[:4], np.full(4, 0.37)
+    np.testing.assert_allclose(models.mlp_score(p, x, t, VP), models.mlp_score(p, x, 0.37, VP), rtol=1e-14)
+
+
+@pytest.mark.parametrize("target", [models.Gaussian([0.5], [0.3]), BIMODAL], ids=["gaussian", "bimodal"])
+def test_training_reduces_score_error(target):
+    data_var = float(target.variance()[0])
+    params = models.init_mlp(0, dim=1, width=32, depth=2)
+    before = score_error(params, target, data_var)
+    out = models.train(params, target, VP, TS, 1, n_steps=1500, batch_size=128, lr=3e-3, callback=None)
+    after = score_error(out.params, target, data_var)
+    assert after < 0.05 * before
+    assert out.step == 1500 and len(out.history["loss"]) == 1500
+
+
+def test_same_seed_same_parameters():
+    runs = [models.train(small_params(), BIMODAL, VP, TS, 4, n_steps=50, batch_size=32, callback=None)
+            for _ in range(2)]
+    for (W1, b1), (W2, b2) in zip(runs[0].params, runs[1].params):
+        np.testing.assert_array_equal(W1, W2)
+        np.testing.assert_array_equal(b1, b2)
+
+
+def test_online_update_equalises_costs_and_keeps_schedules_valid():
+    seen = []
+    online = models.OnlineSchedule(every=25, burn_in=600, gamma=0.2, kind="corrector", n_samples=500)
+    out = models.train(models.init_mlp(0, width=32, depth=2), BIMODAL, VP, so.uniform_schedule(VP, 10), 2,
+                       n_steps=1600, batch_size=128, lr=3e-3, online=online,
+                       callback=lambda step, loss, info: seen.append(info["ts"]))
+    for ts in seen:
+        so.check_schedule(ts, VP)
+    costs = out.history["costs"]
+    assert len(costs) == 41 and out.history["schedules"].shape == (41, 11)
+    spread = costs.max(axis=1) / costs.min(axis=1)
+    assert spread[0] > 100 and spread[-5:].max() < 0.05 * spread[0]
+    np.testing.assert_allclose(out.history["Lambda"], np.sqrt(costs).sum(axis=1))
+
+
+def test_small_gamma_moves_the_schedule_little():
+    online = models.OnlineSchedule(every=10, burn_in=20, gamma=0.01, n_samples=200)
+    out = models.train(small_params(), BIMODAL, VP, so.uniform_schedule(VP, 8), 3, n_steps=60,
+                       batch_size=32, online=online, callback=None)
+    sched = np.vstack([out.history["schedules"], out.ts])
+    assert np.max(np.abs(np.diff(sched, axis=0))) <= 0.01 * (VP.t_max - VP.t_min)
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    path = str(tmp_path / "ck.npz")
+    out = models.train(small_params(), BIMODAL, VP, TS, 5, n_steps=30, batch_size=16, callback=None,
+                       online=models.OnlineSchedule(every=10, burn_in=10, n_samples=100))
+    models.save_checkpoint(path, out.params, out.ts, out.adam, out.step, out.rng, out.history)
+    back = models.load_checkpoint(path)
+    for (W1, b1), (W2, b2) in zip(out.params, back.params):
+        np.testing.assert_array_equal(W1, W2)
+        np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_array_equal(back.ts, out.ts)
+    np.testing.assert_array_equal(back.adam.m, out.adam.m)
+    assert back.adam.step == out.adam.step == back.step == 30
+    assert back.rng.bit_generator.state == out.rng.bit_generator.state
+    for key in out.history:
+        np.testing.assert_array_equal(back.history[key], out.history[key])
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    path = str(tmp_path / "run.npz")
+    kwargs = dict(n_steps=90, batch_size=32, lr=1e-2, online=models.OnlineSchedule(every=15, burn_in=30, n_samples=100))
+    whole = models.train(small_params(), BIMODAL, VP, TS, 6, callback=None, **kwargs)
+
+    def interrupt(step, loss, info):
+        if step == 50:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        models.train(small_params(), BIMODAL, VP, TS, 6, callback=interrupt, checkpoint=path,
+                     checkpoint_every=40, **kwargs)
+    assert models.load_checkpoint(path).step == 40
+    resumed = models.train(small_params(), BIMODAL, VP, TS, 6, callback=None, checkpoint=path,
+                           checkpoint_every=40, resume=True, **kwargs)
+    for (W1, b1), (W2, b2) in zip(whole.params, resumed.params):
+        np.testing.assert_array_equal(W1, W2)
+        np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_array_equal(whole.ts, resumed.ts)
+    np.testing.assert_array_equal(whole.history["loss"], resumed.history["loss"])
+
+
+def test_corrupted_or_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "ck.npz")
+    out = models.train(small_params(), BIMODAL, VP, TS, 5, n_steps=5, batch_size=8, callback=None)
+    models.save_checkpoint(path, out.params, out.ts, out.adam, out.step, out.rng)
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        models.load_checkpoint(path)
+    open(path, "wb").write(raw[:100] + bytes(200) + raw[300:])
+    with pytest.raises(ValueError, match="checkpoint"):
+        models.load_checkpoint(path)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        models.load_checkpoint(str(tmp_path / "missing.npz"))
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ck.npz")
+    out = models.train(small_params(), BIMODAL, VP, TS, 5, n_steps=5, batch_size=8, callback=None)
+    models.save_checkpoint(path, out.params, out.ts, out.adam, 5, out.rng)
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(models.np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_checkpoint(path, out.params, out.ts, out.adam, 6, out.rng)
+    monkeypatch.undo()
+    assert models.load_checkpoint(path).step == 5
+    assert os.listdir(tmp_path) == ["ck.npz"]      # no temporary file left behind
+
+
+def test_divergence_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    path = str(tmp_path / "ck.npz")
+
+    class Poisoned:
+        calls = 0
+
+        def sample(self, n, rng):
+            Poisoned.calls += 1
+            x = BIMODAL.sample(n, rng)
+            return x * np.nan if Poisoned.calls == 23 else x
+
+        def variance(self):
+            return BIMODAL.variance()
+    with pytest.raises(models.TrainingDiverged, match="diverged at step 23"):
+        models.train(small_params(), Poisoned(), VP, TS, 0, n_steps=40, batch_size=8, callback=None,
+                     checkpoint=path, checkpoint_every=10)
+    assert models.load_checkpoint(path).step == 20
+
+
+def test_trained_model_plugs_into_costs_and_sampler():
+    out = models.train(models.init_mlp(0, width=32, depth=2), BIMODAL, VP, TS, 1, n_steps=800,
+                       batch_size=128, lr=3e-3, callback=None)
+    score = models.score_model(out.params, VP, 0.5)
+    exact = lambda x, t: BIMODAL.score(x, t, VP)
+    x0 = BIMODAL.sample(2000, 0)
+    Lp_model, se = so.predictor_cost(score, VP, 0.3, 0.25, x0, 1)
+    Lp_exact, se2 = so.predictor_cost(exact, VP, 0.3, 0.25, x0, 1)
+    assert np.isfinite(Lp_model) and Lp_model == pytest.approx(Lp_exact, rel=0.5)
+    delta, _ = so.local_cost(score, VP, TS[::6], x0, 2, method="autograd")
+    assert np.all(np.isfinite(delta) & (delta > 0))
+    x, nfe = sm.sample(score, VP, TS, sm.prior_sample(VP, 500, 0.5, 3), 4, "heun")
+    assert nfe == 60 and np.all(np.isfinite(x))
+
+
+def test_training_bad_input():
+    p = small_params()
+    with pytest.raises(ValueError, match="`n_steps` must be >= 1"):
+        models.train(p, BIMODAL, VP, TS, 0, n_steps=0)
+    with pytest.raises(ValueError, match="`lr` must be positive"):
+        models.train(p, BIMODAL, VP, TS, 0, n_steps=1, lr=-1.0)
+    with pytest.raises(ValueError, match="`lr_decay`"):
+        models.train(p, BIMODAL, VP, TS, 0, n_steps=1, lr_decay="step")
+    with pytest.raises(TypeError, match="`online`"):
+        models.train(p, BIMODAL, VP, TS, 0, n_steps=1, online={"every": 3})
+    with pytest.raises(ValueError, match="strictly increasing"):
+        models.train(p, BIMODAL, VP, TS[::-1], 0, n_steps=1)
+    with pytest.raises(ValueError, match=r"`data` must have shape \(n, d\)"):
+        models.train(p, np.zeros(5), VP, TS, 0, n_steps=1)
+    with pytest.raises(ValueError, match="`width` must be >= 1"):
+        models.init_mlp(0, width=0)
