@@ -15,7 +15,7 @@ from autograd import elementwise_grad
 from scipy.stats import gaussian_kde
 
 from scoreopt import (_check_finite, _check_int, _check_positive, _check_process, as_rng,
-                      check_data, check_schedule)
+                      check_data, check_schedule, ddim_coefficients)
 
 __all__ = ["sample", "prior_sample", "euler_step", "heun_step", "ancestral_step",
            "identity_step", "langevin_step", "tweedie_denoise", "PREDICTORS",
@@ -28,40 +28,45 @@ __all__ = ["sample", "prior_sample", "euler_step", "heun_step", "ancestral_step"
 # Single steps. ``t_cur`` is the noisier time, ``t_next < t_cur`` the next one.
 # --------------------------------------------------------------------------------
 
-def _velocity_field(score, process, x, t):
-    """PF-ODE velocity ``u_t(x) = f x - g^2 S(x, t) / 2`` (SPEC 2)."""
-    return process.drift(t) * x - 0.5 * process.diffusion_sq(t) * score(x, t)
-
-
 def identity_step(score, process, x, t_cur, t_next, rng):
     """Predictor ``none``: ``x`` unchanged (with a corrector: annealed Langevin). 0 NFE."""
     return x, 0
 
 
 def euler_step(score, process, x, t_cur, t_next, rng):
-    """Euler step of the probability-flow ODE (DDIM for VP): ``x + h u_t(x)``, ``h = t_next - t_cur``. 1 NFE."""
-    return x + (t_next - t_cur) * _velocity_field(score, process, x, t_cur), 1
+    """Euler step of the PF-ODE in ``(nu, x/s)``: DDIM (Song et al. 2021). 1 NFE.
+
+    ``x' = a x + b S(x, t_cur)`` with ``a = s'/s``, ``b = s' s nu (nu - nu')``
+    (:func:`scoreopt.ddim_coefficients`); depends on the noise levels only.
+    """
+    a, b = ddim_coefficients(process, t_cur, t_next)
+    return a * x + b * score(x, t_cur), 1
 
 
 def heun_step(score, process, x, t_cur, t_next, rng):
-    """Heun's second-order step of the PF-ODE (EDM's deterministic sampler, Karras et al. 2022).
+    """Heun's second-order step of the PF-ODE in ``(nu, x/s)``: EDM's sampler (Karras et al. 2022, Alg. 1).
 
-    Euler predictor, then the trapezoid correction with ``u`` at ``t_next``; no second
-    stage on a step that ends at ``sigma = 0``. 2 NFE (1 on such a step).
+    With ``d(x/s)/d nu = -nu s S(x, t)``: an Euler stage to ``t_next``, then the
+    trapezoid correction with the slope there; no second stage on a step that ends
+    at ``nu = 0``. 2 NFE (1 on such a step).
     """
-    h = t_next - t_cur
-    d_cur = _velocity_field(score, process, x, t_cur)
-    x_next = x + h * d_cur
-    if process.sigma(t_next) == 0:
-        return x_next, 1
-    d_next = _velocity_field(score, process, x_next, t_next)   # second-order correction
-    return x + 0.5 * h * (d_cur + d_next), 2
+    s_cur, s_next = process.s(t_cur), process.s(t_next)
+    nu_cur, nu_next = process.nsr(t_cur), process.nsr(t_next)
+    d_cur = -nu_cur * s_cur * score(x, t_cur)                      # slope of x/s in nu
+    x_bar = x / s_cur + (nu_next - nu_cur) * d_cur                 # Euler stage
+    if nu_next == 0:
+        return s_next * x_bar, 1
+    d_next = -nu_next * s_next * score(s_next * x_bar, t_next)     # second-order correction
+    return s_next * (x / s_cur + 0.5 * (nu_next - nu_cur) * (d_cur + d_next)), 2
 
 
 def ancestral_step(score, process, x, t_cur, t_next, rng):
     """Euler-Maruyama step of the backward SDE ``dX = [f X - g^2 S] dt + g dW``. 1 NFE.
 
-    ``x - h [f x - g^2 S(x, t_cur)] + g sqrt(h) xi`` with ``h = t_cur - t_next > 0``.
+    ``x - h [f x - g^2 S(x, t_cur)] + g sqrt(h) xi`` with ``h = t_cur - t_next > 0``
+    (SPEC 7). Unlike the two ODE steps this works in ``t`` with coefficients frozen at
+    ``t_cur``, so it depends on the time parametrisation, and a large step where
+    ``sigma`` changes fast in ``t`` (``ve``'s geometric sigma) overshoots (README).
     """
     h = t_cur - t_next
     f, g2 = process.drift(t_cur), process.diffusion_sq(t_cur)

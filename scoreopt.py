@@ -41,7 +41,7 @@ __all__ = [
     "uniform_schedule", "edm_schedule", "loglinear_schedule", "cosine_schedule",
     "arctan_schedule", "corrector_cost", "predictor_cost", "interval_costs",
     "local_cost", "gaussian_local_cost", "gaussian_corrector_cost",
-    "gaussian_predictor_cost", "iterate_schedule", "cumulative_cost", "optimal_schedule",
+    "gaussian_predictor_cost", "iterate_schedule", "ddim_coefficients", "cumulative_cost", "optimal_schedule",
     "update_schedule", "blend", "path_length", "path_energy", "ScheduleMap",
     "estimate_schedule_map", "EqualCostResult", "equal_cost_schedule",
     "as_rng",
@@ -277,32 +277,48 @@ def corrector_cost(score, process, t_from, t_to, x0, rng, velocity=None):
     return _mean_stderr(v(t_to) ** 2 * np.sum(diff ** 2, axis=1))
 
 
-def predictor_cost(score, process, t_from, t_to, x0, rng, velocity=None):
-    """Predictor-optimised cost ``L_p(t, t')`` for the Euler (DDIM) predictor (derived).
+def ddim_coefficients(process, t_cur, t_next):
+    """Coefficients ``(a, b)`` of the DDIM / Euler predictor ``F(x) = a x + b S(x, t_cur)``.
 
-    ``F(x) = x + h u_t(x)``, ``h = t' - t``, ``u_t = f x - g^2 S / 2``. By the change of
-    variables, with ``J = dF/dx = (1 + h f) I - h g^2 H / 2`` and ``H = dS/dx``,
+    Euler's method for the probability-flow ODE in the coordinates ``(nu, x / s)``, in
+    which it reads ``d(x/s)/d nu = -nu s S(x, t)``. This is DDIM for VP processes (Song
+    et al. 2021) and the Euler stage of EDM's sampler (Karras et al. 2022):
+    ``a = s(t') / s(t)``, ``b = s(t') s(t) nu(t) (nu(t) - nu(t'))``. It depends on the
+    noise levels only, not on how ``t`` parametrises them.
+    """
+    s, s_next = process.s(t_cur), process.s(t_next)
+    nu, nu_next = process.nsr(t_cur), process.nsr(t_next)
+    return s_next / s, s_next * s * nu * (nu - nu_next)
+
+
+def predictor_cost(score, process, t_from, t_to, x0, rng, velocity=None):
+    """Predictor-optimised cost ``L_p(t, t')`` for the DDIM / Euler predictor (derived).
+
+    ``F(x) = a x + b S(x, t)`` (:func:`ddim_coefficients`). By the change of variables,
+    with ``J = dF/dx = a I + b H`` and ``H = dS/dx``,
     ``grad log(F#p_t)(F(x)) = J^{-T} [S(x, t) - grad_x log|det J(x)|]`` and
 
         L_p = v(t')^2 E_{x ~ p_t} || S(F(x), t') - J^{-T}[S(x, t) - grad log|det J|] ||^2.
 
     This reading of ``v^2 D(p_t' || F#p_t)`` is derived here (SPEC 4.3, 13); with exact
-    scores it is ``O(h^4)``. ``H`` and ``grad log|det J|`` come from autograd, so the
-    score must be autograd-differentiable in ``x`` and act on rows independently.
-    The cost is ``O(d)`` reverse passes per sample batch: for small ``d``.
-    Arguments and returns as :func:`corrector_cost`.
+    scores it is ``O(h^4)``. SPEC 4.3 writes the predictor as an Euler step in ``t``;
+    this uses the same Euler method in ``(nu, x/s)``, which is what DDIM is and what
+    :func:`sampler.euler_step` does, so the cost is that of the predictor actually
+    used and does not depend on the time parametrisation (README). ``H`` and
+    ``grad log|det J|`` come from autograd, so the score must be autograd-differentiable
+    in ``x`` and act on rows independently. Cost: ``O(d)`` reverse passes per batch,
+    for small ``d``. Arguments and returns as :func:`corrector_cost`.
     """
     x0, rng, v = _check_cost_inputs(score, process, x0, rng, velocity)
     t_from, t_to = _check_time(t_from, process, "t_from"), _check_time(t_to, process, "t_to")
     x = _noised(process, x0, t_from, rng)
-    h = t_to - t_from
-    f, g2 = float(process.drift(t_from)), float(process.diffusion_sq(t_from))
+    a, b = (float(c) for c in ddim_coefficients(process, t_from, t_to))
     d = x.shape[1]
 
     def jacobian_F(x):  # (n, d, d), J[i, k, j] = dF_k / dx_j at row i
         H = anp.stack([elementwise_grad(lambda y, k=k: score(y, t_from)[:, k])(x)
                        for k in range(d)], axis=1)
-        return (1.0 + h * f) * anp.eye(d) - 0.5 * h * g2 * H
+        return a * anp.eye(d) + b * H
 
     def log_abs_det(x):
         return anp.sum(anp.linalg.slogdet(jacobian_F(x))[1])
@@ -311,8 +327,7 @@ def predictor_cost(score, process, t_from, t_to, x0, rng, velocity=None):
     J = jacobian_F(x)
     grad_log_det = elementwise_grad(log_abs_det)(x)
     pushed = np.linalg.solve(np.swapaxes(J, 1, 2), (S - grad_log_det)[:, :, None])[:, :, 0]
-    x_next = x + h * (f * x - 0.5 * g2 * S)
-    diff = _eval_score(score, x_next, t_to) - pushed
+    diff = _eval_score(score, a * x + b * S, t_to) - pushed
     return _mean_stderr(v(t_to) ** 2 * np.sum(diff ** 2, axis=1))
 
 
@@ -398,11 +413,12 @@ def gaussian_corrector_cost(process, t_from, t_to, variances, mean=None):
 
 
 def gaussian_predictor_cost(process, t_from, t_to, variances, mean=None):
-    """Exact Euler-predictor cost ``L_p(t, t')`` for data ``N(mean, diag(variances))``, ``v = sigma`` (derived).
+    """Exact DDIM-predictor cost ``L_p(t, t')`` for data ``N(mean, diag(variances))``, ``v = sigma`` (derived).
 
-    The Euler map is affine per coordinate, ``F(x) = alpha x + beta`` with
-    ``alpha = 1 + h f + h g^2 / (2 a)`` and ``beta = -h g^2 m / (2 a)`` (``h = t' - t``), so
-    ``F#p_t = N(alpha m + beta, alpha^2 a)`` and, with the Fisher divergence between
+    With the score ``-(x - m)/A`` of ``p_t = N(m, A)``, the predictor
+    ``F(x) = a x + b S(x, t)`` (:func:`ddim_coefficients`) is affine per coordinate,
+    ``F(x) = alpha x + beta`` with ``alpha = a - b / A`` and ``beta = b m / A``, so
+    ``F#p_t = N(alpha m + beta, alpha^2 A)`` and, with the Fisher divergence between
     Gaussians ``D(N(m1, v1) || N(m2, v2)) = (m1 - m2)^2 / v1^2 + v2 (1/v2 - 1/v1)^2``,
 
         L_p = sigma(t')^2 sum_k D(N(m'_k, a'_k) || N(alpha_k m_k + beta_k, alpha_k^2 a_k)).
@@ -415,11 +431,11 @@ def gaussian_predictor_cost(process, t_from, t_to, variances, mean=None):
     if mu.shape != lam.shape:
         raise ValueError("`mean` and `variances` must have the same length")
     t, t2 = (_as_float_array(a, name)[..., None] for a, name in ((t_from, "t_from"), (t_to, "t_to")))
-    h, f, g2 = t2 - t, process.drift(t), process.diffusion_sq(t)
+    ca, cb = ddim_coefficients(process, t, t2)
     s, s2 = process.s(t), process.s(t2)
     a, a2 = s ** 2 * lam + process.sigma(t) ** 2, s2 ** 2 * lam + process.sigma(t2) ** 2
-    alpha = 1 + h * f + 0.5 * h * g2 / a
-    m_push, a_push = alpha * s * mu - 0.5 * h * g2 * s * mu / a, alpha ** 2 * a
+    alpha = ca - cb / a
+    m_push, a_push = alpha * s * mu + cb * s * mu / a, alpha ** 2 * a
     inner = (s2 * mu - m_push) ** 2 / a2 ** 2 + a_push * (1 / a_push - 1 / a2) ** 2
     return process.sigma(t2[..., 0]) ** 2 * np.sum(inner, axis=-1)
 

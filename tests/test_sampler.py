@@ -206,3 +206,18 @@ def test_sampler_bad_input():
         sm.sample(nan_late, VP, ts, x_T, 0, "euler")
     with pytest.raises(ValueError, match="Gaussian"):
         sm.gaussian_output_law(models.bimodal(), VP, ts)
+
+
+@pytest.mark.parametrize("predictor", ["euler", "heun"])
+def test_ode_samplers_depend_on_noise_levels_only(predictor):
+    # The same sigma levels reached through a geometric or a linear VE time coordinate
+    # give the same samples: the steps work in (nu, x/s).
+    lin = so.Process(s=lambda t: 1.0 + 0.0 * t, sigma=lambda t: 0.002 + (80 - 0.002) * t,
+                     t_min=0.0, t_max=1.0)
+    sigmas = VE.sigma(so.edm_schedule(VE, 12))
+    ts_lin = so.time_from_nsr(lin, sigmas)
+    ts_lin[0], ts_lin[-1] = 0.0, 1.0
+    x_T = sm.prior_sample(VE, 50, GAUSS.variance(), 0)
+    a, _ = sm.sample(exact(GAUSS, VE), VE, so.edm_schedule(VE, 12), x_T, 1, predictor)
+    b, _ = sm.sample(exact(GAUSS, lin), lin, ts_lin, x_T, 1, predictor)
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
