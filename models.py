@@ -9,6 +9,7 @@ differentiated in ``x`` and ``t``. The log-sum-exp form keeps it finite far from
 the modes and at tiny ``sigma``.
 """
 
+import ctypes
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 import autograd.numpy as anp
 import numpy as np
+from autograd.extend import defjvp, defvjp, primitive
 from autograd.tracer import Box
 from scipy.special import ndtr
 
@@ -26,7 +28,7 @@ from scoreopt import (as_rng, blend, check_data, check_schedule, interval_costs,
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "mlp_score", "score_model", "silu", "noise_features", "dsm_loss", "draw_levels",
            "AdamState", "adam_init", "adam_step", "OnlineSchedule", "Checkpoint",
-           "TrainingDiverged", "train", "progress_printer", "save_checkpoint", "load_checkpoint"]
+           "TrainingDiverged", "train", "progress_printer", "retain_freed_memory", "save_checkpoint", "load_checkpoint"]
 
 LOG_2PI = np.log(2.0 * np.pi)
 
@@ -279,10 +281,27 @@ def noise_features(process, t, n_fourier):
     return anp.concatenate([u, anp.sin(k * u), anp.cos(k * u)], axis=1)
 
 
+@primitive
 def silu(z):
-    """SiLU ``z sigmoid(z)``, written ``z (1 + tanh(z/2)) / 2``: no overflow, and ``tanh`` is
-    the fastest smooth elementwise function in float64 NumPy measured here (README)."""
-    return 0.5 * z * (1.0 + anp.tanh(0.5 * z))
+    """SiLU ``z sigmoid(z)`` (Elfwing et al. 2018), one autograd primitive.
+
+    Fused, so that autograd records one operation instead of five; its derivative
+    ``sigmoid(z) (1 + z (1 - sigmoid(z)))`` is itself written in ``autograd.numpy``, so
+    higher derivatives (the predictor cost's) and forward mode work. ``exp(-z)``
+    overflows to ``inf`` for ``z < -709``, where the result is the correct ``-0``.
+    """
+    with np.errstate(over="ignore"):
+        return z / (1.0 + np.exp(-z))
+
+
+def _silu_slope(z):
+    with np.errstate(over="ignore"):
+        sig = 1.0 / (1.0 + anp.exp(-z))
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+defvjp(silu, lambda ans, z: lambda g: g * _silu_slope(z))
+defjvp(silu, lambda g, ans, z: g * _silu_slope(z))
 
 
 def mlp_score(params, x, t, process, data_mean=0.0, data_var=1.0):
@@ -290,15 +309,22 @@ def mlp_score(params, x, t, process, data_mean=0.0, data_var=1.0):
 
     Noise prediction keeps the output well scaled at every level: the loss
     ``||sigma S_theta + eps||^2 = ||eps_hat - eps||^2`` is O(1) everywhere. The input is
-    the standardised ``(x - s data_mean) / sqrt(s^2 data_var + sigma^2)`` (the
-    marginal's mean and standard deviation, as EDM's ``c_in``) and the features of
-    :func:`noise_features`. Activation :func:`silu`: smooth, as the predictor cost
-    needs second derivatives. ``t`` is a scalar or one time per row, shape (n,).
+    the standardised ``x_in = (x - s data_mean) c_in``, ``c_in = 1/sqrt(s^2 data_var +
+    sigma^2)`` (the marginal's mean and standard deviation, as EDM's ``c_in``), with the
+    features of :func:`noise_features`. The network predicts a correction to the
+    Gaussian fit: ``eps_hat = sigma c_in x_in + net(x_in, features)``, the first term
+    being exact for Gaussian data with these moments (a skip connection, like EDM's
+    ``c_skip``). The zero-initialised output layer starts the model at that fit, and
+    far from the data the fit's pull-back dominates: without it, 6% of the ancestral
+    samples of one Cantor model escaped to x ~ 36 (README). Activation :func:`silu`: smooth, as the predictor cost
+    needs second derivatives; with it, 3x64 models fill all eight Cantor modes where
+    ``tanh`` filled at most six (README). ``t`` is a scalar or one time per row, shape (n,).
     ``data_mean``, ``data_var``: scalars or per-coordinate arrays (d,), those the model
     was trained with. Differentiable by autograd in ``params``, ``x`` and ``t``.
     """
     shift, scale, features, sigma = _mlp_inputs(params, x.shape[0], t, process, data_mean, data_var)
-    return -_mlp_eps(params, (x - shift) * scale, features) / sigma
+    x_in = (x - shift) * scale
+    return -(sigma * scale * x_in + _mlp_eps(params, x_in, features)) / sigma
 
 
 def _mlp_inputs(params, n, t, process, data_mean, data_var):
@@ -354,7 +380,8 @@ def _dsm_inputs(params, x0, t, eps, process, data_mean, data_var):
     """Everything of the loss that does not depend on ``params`` (kept out of the trace)."""
     s = process.s(t)[:, None]
     shift, scale, features, sigma = _mlp_inputs(params, len(x0), t, process, data_mean, data_var)
-    return (s * x0 + sigma * eps - shift) * scale, features, eps
+    x_in = (s * x0 + sigma * eps - shift) * scale
+    return x_in, features, eps - sigma * scale * x_in     # target of the learned correction
 
 
 def _dsm_prepared(params, x_in, features, eps):
@@ -428,7 +455,8 @@ class TrainingDiverged(FloatingPointError):
 
 def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_decay="cosine",
           uniform_levels=False, online=None, callback="default", data_mean=None, data_var=None,
-          checkpoint=None, checkpoint_every=1000, resume=False, max_loss_ratio=1e3):
+          checkpoint=None, checkpoint_every=1000, resume=False, max_loss_ratio=1e3,
+          retain_memory=True):
     """Train an MLP score model by denoising score matching, optionally adapting the schedule.
 
     Parameters
@@ -449,6 +477,8 @@ def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_d
     checkpoint, checkpoint_every : path of an ``.npz`` checkpoint written atomically every
         ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it
     max_loss_ratio : stop when the loss exceeds this multiple of the first loss
+    retain_memory : call :func:`retain_freed_memory` first (a process-wide glibc
+        setting that makes steps about 2.5x faster here); False leaves the allocator alone
 
     Returns
     -------
@@ -472,6 +502,8 @@ def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_d
         raise ValueError(f"`lr_decay` must be None or 'cosine', got {lr_decay!r}")
     if online is not None and not isinstance(online, OnlineSchedule):
         raise TypeError("`online` must be an OnlineSchedule or None")
+    if retain_memory:
+        retain_freed_memory()
     draw = _data_sampler(data)
     moments = _data_moments(data)
     data_mean = moments[0] if data_mean is None else np.broadcast_to(np.asarray(data_mean, float), moments[0].shape)
@@ -530,6 +562,24 @@ def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_d
                                          "Lambda": history["Lambda"][-1] if len(history["Lambda"]) else None})
     history["loss"] = np.array(losses)
     return Checkpoint(unflatten(theta), ts, adam, step, rng, history, data_mean, data_var)
+
+
+def retain_freed_memory():
+    """Ask glibc's allocator to keep freed memory for reuse; returns whether it applied.
+
+    By default glibc serves arrays above 128 KiB with fresh ``mmap`` pages and returns
+    freed memory to the system, so every training step's large temporaries are paged
+    in (and zeroed) again: measured here, that made a 3x128 batch-1024 step 2.5 times
+    slower (README). This raises ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD``
+    to 512 MiB for the whole process (as the environment variables
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` would). A no-op returning
+    ``False`` where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 512 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def _record_update(history, step, ts, costs, order):
@@ -627,7 +677,7 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at `{path}`")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
             data = {k: f[k] for k in _CHECKPOINT_KEYS}
         state = json.loads(str(data["rng_state"]))
         rng = np.random.Generator(getattr(np.random, state["bit_generator"])())

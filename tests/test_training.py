@@ -41,20 +41,32 @@ def test_score_is_differentiable_in_x_and_t_to_second_order():
     check_grads(lambda t: models.mlp_score(params, x, t, VP), modes=["fwd", "rev"], order=1)(0.3)
 
 
-def test_dsm_loss_at_initialisation_and_per_row_times():
-    params = models.init_mlp(0, dim=2)           # zero output layer: eps_hat = 0, loss = E|eps|^2 = 2
-    x0 = models.Gaussian([0.0, 1.0], [1.0, 2.0]).sample(20_000, 0)
-    assert models.dsm_loss(params, x0, VP, TS, 1) == pytest.approx(2.0, rel=0.03)
+def test_initial_model_is_the_gaussian_fit_and_per_row_times_agree():
+    # Zero output layer: eps_hat = sigma c_in x_in, the exact score of N(data_mean, data_var).
+    gauss = models.Gaussian([0.5, -1.0], [0.3, 2.0])
+    params = models.init_mlp(0, dim=2)
+    x = gauss.marginal(VP, 0.3).sample(6, 0)
+    np.testing.assert_allclose(models.mlp_score(params, x, 0.3, VP, gauss.mean(), gauss.variance()),
+                               gauss.score(x, 0.3, VP), rtol=1e-12)
+    # ... so its DSM loss is the Gaussian optimum, E_t sum_k s^2 lam_k / (s^2 lam_k + sigma^2).
+    x0 = gauss.sample(40_000, 1)
+    loss = models.dsm_loss(params, x0, VP, TS, 2, data_mean=gauss.mean(), data_var=gauss.variance())
+    s, sig = VP.s(TS)[:, None], VP.sigma(TS)[:, None]
+    optimum = np.mean(np.sum(s ** 2 * gauss.var / (s ** 2 * gauss.var + sig ** 2), axis=1))
+    assert loss == pytest.approx(optimum, rel=0.03)
     p = small_params(dim=2)
-    x, t = x0[:4], np.full(4, 0.37)
-    np.testing.assert_allclose(models.mlp_score(p, x, t, VP), models.mlp_score(p, x, 0.37, VP), rtol=1e-14)
+    np.testing.assert_allclose(models.mlp_score(p, x[:4], np.full(4, 0.37), VP),
+                               models.mlp_score(p, x[:4], 0.37, VP), rtol=1e-14)
 
 
 @pytest.mark.parametrize("target", [models.Gaussian([0.5], [0.3]), BIMODAL], ids=["gaussian", "bimodal"])
 def test_training_reduces_score_error(target):
+    # The initial model is the Gaussian fit of its standardisation, exact for Gaussian
+    # data: standardise with mean 0 and variance 1 instead, so that it starts wrong.
     params = models.init_mlp(0, dim=1, width=32, depth=2)
-    before = score_error(models.score_model(params, VP, target.mean(), target.variance()), target)
-    out = models.train(params, target, VP, TS, 1, n_steps=1500, batch_size=128, lr=3e-3, callback=None)
+    before = score_error(models.score_model(params, VP, 0.0, 1.0), target)
+    out = models.train(params, target, VP, TS, 1, n_steps=1500, batch_size=128, lr=3e-3, callback=None,
+                       data_mean=0.0, data_var=1.0)
     after = score_error(out.score(VP), target)
     assert after < 0.05 * before
     assert out.step == 1500 and len(out.history["loss"]) == 1500
@@ -136,11 +148,12 @@ def test_corrupted_or_truncated_checkpoint_is_a_clear_error(tmp_path):
     path = str(tmp_path / "ck.npz")
     out = models.train(small_params(), BIMODAL, VP, TS, 5, n_steps=5, batch_size=8, callback=None)
     models.save_checkpoint(path, out.params, out.ts, out.adam, out.step, out.rng)
-    raw = open(path, "rb").read()
-    open(path, "wb").write(raw[: len(raw) // 2])
+    file = tmp_path / "ck.npz"
+    raw = file.read_bytes()
+    file.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         models.load_checkpoint(path)
-    open(path, "wb").write(raw[:100] + bytes(200) + raw[300:])
+    file.write_bytes(raw[:100] + bytes(200) + raw[300:])
     with pytest.raises(ValueError, match="checkpoint"):
         models.load_checkpoint(path)
     with pytest.raises(ValueError, match="no checkpoint"):

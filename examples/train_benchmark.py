@@ -1,0 +1,157 @@
+"""Training benchmark: step time, time to a Cantor model that fills all modes, online schedule.
+
+1. Elementwise activations on a (1024, 128) float64 array (NumPy, and PyTorch if it
+   is installed): why the MLP computes SiLU through tanh.
+2. Time per training step of a 3-layer, width-128 MLP at batch 1024 on 1-D data,
+   and, if PyTorch is installed, the same network, loss and optimiser in PyTorch on
+   the CPU (float64 and float32), measured in the same run.
+3. Wall time to train, on the levels of the corrector-optimised 40-step schedule,
+   the 3x64 model of the Cantor example, and whether its samples (ancestral, T = 40)
+   fill all eight modes; two seeds.
+4. Bimodal target (SPEC 11.3): training on the uniform ("linear") schedule's levels
+   against training with the online schedule update (Algorithm 2): average
+   log-likelihood of samples, score error, and the spread of the per-interval costs.
+
+PyTorch is not a dependency: it is used only here, only if importable.
+
+    python examples/train_benchmark.py        # about 3 minutes on 2 cores
+"""
+import time
+import timeit
+
+import numpy as np
+
+import models
+import sampler as sm
+import scoreopt as so
+
+STEP_BATCH, STEP_WIDTH, STEP_DEPTH, TIMED_STEPS = 1024, 128, 3, 100
+CANTOR = dict(width=64, depth=3, n_steps=6000, batch_size=256, lr=3e-3)   # the recipe
+CANTOR_T = 40
+BIMODAL = dict(width=64, depth=3, n_steps=4000, batch_size=256, lr=3e-3)
+BIMODAL_T = 20
+ONLINE = models.OnlineSchedule(every=50, burn_in=1000, gamma=0.1, kind="corrector", n_samples=1000)
+SEED = 0
+
+try:
+    import torch
+except ImportError:       # the comparison is optional
+    torch = None
+
+
+def activations():
+    x = np.random.default_rng(SEED).standard_normal((STEP_BATCH, STEP_WIDTH))
+    funcs = {"tanh": np.tanh, "SiLU via exp": lambda z: z / (1.0 + np.exp(-z)),
+             "SiLU via tanh (used)": lambda z: 0.5 * z * (1.0 + np.tanh(0.5 * z)),
+             "softplus": lambda z: np.logaddexp(0.0, z)}
+    print(f"\n1. Activations on a ({STEP_BATCH}, {STEP_WIDTH}) float64 array, microseconds per call")
+    print("| function | NumPy | PyTorch |\n|---|---|---|")
+    tx = torch.from_numpy(x) if torch else None
+    tfuncs = {"tanh": "tanh", "SiLU via exp": "silu", "SiLU via tanh (used)": "silu", "softplus": "softplus"}
+    for name, f in funcs.items():
+        ours = _best(lambda: f(x))
+        theirs = f"{_best(lambda: getattr(torch.nn.functional, tfuncs[name])(tx)):.0f}" if torch else "not installed"
+        print(f"| {name} | {ours:.0f} | {theirs} |")
+
+
+def _best(fn, number=200):
+    return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+
+
+def step_time():
+    process, target = so.vp_linear(), models.bimodal()
+    ts = so.uniform_schedule(process, 50)
+    params = models.init_mlp(SEED, dim=1, width=STEP_WIDTH, depth=STEP_DEPTH)
+    run = lambda n: models.train(params, target, process, ts, SEED, n_steps=n, batch_size=STEP_BATCH, callback=None)
+    run(10)                                                      # warm-up
+    start = time.perf_counter()
+    run(TIMED_STEPS)
+    ours = (time.perf_counter() - start) / TIMED_STEPS * 1e3
+    print(f"\n2. Training step, {STEP_DEPTH}x{STEP_WIDTH} MLP, batch {STEP_BATCH}, 1-D: "
+          f"scoreopt (NumPy + autograd, float64) {ours:.2f} ms")
+    if torch is None:
+        print("   PyTorch not installed: no comparison")
+        return
+    for dtype in (torch.float64, torch.float32):
+        theirs = _torch_step_ms(dtype)
+        print(f"   PyTorch {torch.__version__} CPU ({torch.get_num_threads()} threads), {dtype}: "
+              f"{theirs:.2f} ms; ratio scoreopt / PyTorch = {ours / theirs:.2f}")
+
+
+def _torch_step_ms(dtype):
+    """The same network (SiLU MLP, 10 inputs), DSM loss on prepared inputs, Adam."""
+    torch.manual_seed(SEED)
+    sizes = [10] + [STEP_WIDTH] * STEP_DEPTH + [1]
+    layers = []
+    for m, n in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(m, n, dtype=dtype), torch.nn.SiLU()]
+    net = torch.nn.Sequential(*layers[:-1])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x_in = torch.randn(STEP_BATCH, 10, dtype=dtype)
+    eps = torch.randn(STEP_BATCH, 1, dtype=dtype)
+
+    def step():
+        opt.zero_grad()
+        loss = ((eps - net(x_in)) ** 2).sum(1).mean()
+        loss.backward()
+        opt.step()
+    for _ in range(10):
+        step()
+    start = time.perf_counter()
+    for _ in range(TIMED_STEPS):
+        step()
+    return (time.perf_counter() - start) / TIMED_STEPS * 1e3
+
+
+def cantor():
+    process, target = so.vp_linear(), models.mollified_cantor()
+    smap = so.estimate_schedule_map(lambda x, t: target.score(x, t, process), process,
+                                    target.sample(4000, SEED), SEED + 1)
+    ts = smap.schedule(CANTOR_T)
+    print(f"\n3. Cantor, vp_linear, trained on the optimised {CANTOR_T}-step schedule's levels "
+          f"({CANTOR['depth']}x{CANTOR['width']} SiLU, {CANTOR['n_steps']} steps, batch "
+          f"{CANTOR['batch_size']}, lr {CANTOR['lr']} cosine)")
+    print("| seed | training time | modes covered (ancestral, T = 40, optimised schedule) | W1 |\n|---|---|---|---|")
+    for seed in (SEED, SEED + 1):
+        params = models.init_mlp(seed, width=CANTOR["width"], depth=CANTOR["depth"])
+        start = time.perf_counter()
+        out = models.train(params, target, process, ts, seed, n_steps=CANTOR["n_steps"],
+                           batch_size=CANTOR["batch_size"], lr=CANTOR["lr"], callback=None)
+        seconds = time.perf_counter() - start
+        x, _ = sm.sample(out.score(process), process, ts, sm.prior_sample(process, 20_000, target.variance(), 7),
+                         8, "ancestral")
+        goal = target.marginal(process, process.t_min)
+        print(f"| {seed} | {seconds:.1f} s | {sm.mode_coverage(x, target.atoms).covered} / 8 | "
+              f"{sm.wasserstein1(x, goal.cdf):.4f} |")
+
+
+def bimodal():
+    process, target = so.vp_linear(), models.bimodal()
+    exact = lambda x, t: target.score(x, t, process)
+    uniform = so.uniform_schedule(process, BIMODAL_T)
+    print(f"\n4. Bimodal, vp_linear, {BIMODAL['depth']}x{BIMODAL['width']} SiLU, {BIMODAL['n_steps']} steps; "
+          f"T = {BIMODAL_T}; online: burn-in {ONLINE.burn_in}, every {ONLINE.every}, gamma {ONLINE.gamma}")
+    print("| training | final schedule | mean log p0 of samples (ancestral, its schedule) | "
+          "score error on the uniform levels | max/min interval cost (final) | time |")
+    print("|---|---|---|---|---|---|")
+    for name, online in (("fixed uniform schedule", None), ("online schedule (Algorithm 2)", ONLINE)):
+        params = models.init_mlp(SEED, width=BIMODAL["width"], depth=BIMODAL["depth"])
+        start = time.perf_counter()
+        out = models.train(params, target, process, uniform, SEED, n_steps=BIMODAL["n_steps"],
+                           batch_size=BIMODAL["batch_size"], lr=BIMODAL["lr"], online=online, callback=None)
+        seconds = time.perf_counter() - start
+        model = out.score(process)
+        x, _ = sm.sample(model, process, out.ts, sm.prior_sample(process, 20_000, target.variance(), 5), 6, "ancestral")
+        err, se = sm.score_error(model, exact, process, uniform, target.sample(4000, 9), 10)
+        costs, _ = so.interval_costs(model, process, out.ts, target.sample(4000, 11), 12)
+        print(f"| {name} | {np.array2string(out.ts[:4], precision=3)}... | {sm.mean_log_density(x, target):.3f} | "
+              f"{err:.5f} ± {se:.5f} | {costs.max() / costs.min():.1f} | {seconds:.1f} s |")
+
+
+if __name__ == "__main__":
+    begin = time.perf_counter()
+    activations()
+    step_time()
+    cantor()
+    bimodal()
+    print(f"\ntotal {time.perf_counter() - begin:.0f} s")
