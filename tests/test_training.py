@@ -95,6 +95,23 @@ def test_online_update_equalises_costs_and_keeps_schedules_valid():
     np.testing.assert_allclose(out.history["Lambda"], np.sqrt(costs).sum(axis=1))
 
 
+def test_online_grid_update_moves_towards_the_dense_grid_optimum():
+    online = models.OnlineSchedule(every=100, burn_in=600, gamma=0.3, method="grid", n_samples=500, n_grid=100)
+    seen = []
+    out = models.train(models.init_mlp(0, width=32, depth=2), BIMODAL, VP, so.uniform_schedule(VP, 10), 2,
+                       n_steps=1600, batch_size=128, lr=3e-3, online=online,
+                       callback=lambda step, loss, info: seen.append(info["ts"]))
+    for ts in seen:
+        so.check_schedule(ts, VP)
+    # Per-interval shares of the map's length: far from equal on the uniform schedule,
+    # close to equal at the end.
+    costs = out.history["costs"]
+    assert costs[0].max() / costs[0].min() > 100 and costs[-1].max() / costs[-1].min() < 3
+    exact_map = so.estimate_schedule_map(lambda x, t: BIMODAL.score(x, t, VP), VP, BIMODAL.sample(2000, 0), 1)
+    start = np.abs(so.uniform_schedule(VP, 10) - exact_map.schedule(10)).max()
+    assert np.abs(out.ts - exact_map.schedule(10)).max() < 0.3 * start
+
+
 def test_small_gamma_moves_the_schedule_little():
     online = models.OnlineSchedule(every=10, burn_in=20, gamma=0.01, n_samples=200)
     out = models.train(small_params(), BIMODAL, VP, so.uniform_schedule(VP, 8), 3, n_steps=60,
@@ -232,6 +249,8 @@ def test_training_bad_input():
         models.train(p, BIMODAL, VP, TS, 0, n_steps=1, lr_decay="step")
     with pytest.raises(TypeError, match="`online`"):
         models.train(p, BIMODAL, VP, TS, 0, n_steps=1, online={"every": 3})
+    with pytest.raises(ValueError, match="`online.method`"):
+        models.train(p, BIMODAL, VP, TS, 0, n_steps=1, online=models.OnlineSchedule(method="spline"))
     with pytest.raises(ValueError, match="strictly increasing"):
         models.train(p, BIMODAL, VP, TS[::-1], 0, n_steps=1)
     with pytest.raises(ValueError, match=r"`data` must have shape \(n, d\)"):
@@ -243,7 +262,7 @@ def test_training_bad_input():
 def test_exploding_parameters_are_reported():
     params = small_params()
     W, b = params[0]
-    params[0] = (W * 1e308, b)      # the first update overflows to inf
+    params[0] = (W * 1e300, b)      # the first forward pass overflows to inf
     with np.errstate(all="ignore"), pytest.raises(
             models.TrainingDiverged, match="step 1: the (parameters are not finite|loss is not finite)"):
         models.train(params, BIMODAL, VP, TS, 0, n_steps=5, batch_size=8, callback=None)
