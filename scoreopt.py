@@ -39,7 +39,7 @@ from scipy.interpolate import PchipInterpolator
 __all__ = [
     "Process", "ve", "vp_linear", "vp_cosine", "nsr", "time_from_nsr", "to_sigmas",
     "uniform_schedule", "edm_schedule", "loglinear_schedule", "cosine_schedule",
-    "arctan_schedule", "corrector_cost", "predictor_cost", "interval_costs",
+    "arctan_schedule", "baseline_schedules", "corrector_cost", "predictor_cost", "interval_costs",
     "local_cost", "gaussian_local_cost", "gaussian_corrector_cost",
     "gaussian_predictor_cost", "iterate_schedule", "ddim_coefficients", "cumulative_cost", "optimal_schedule",
     "update_schedule", "blend", "path_length", "path_energy", "ScheduleMap",
@@ -245,6 +245,16 @@ def arctan_schedule(process, T, c):
     return _schedule_from_nsr(process, c * np.tan(theta))
 
 
+def baseline_schedules(process, T, c=0.5):
+    """Every baseline of SPEC 3 for ``T`` steps, by name: ``uniform``, ``cosine``,
+    ``loglinear``, ``arctan`` (with data standard deviation ``c``) and ``edm3``,
+    ``edm7``, ``edm100`` (the rho values the paper compares)."""
+    out = {"uniform": uniform_schedule(process, T), "cosine": cosine_schedule(process, T),
+           "loglinear": loglinear_schedule(process, T), "arctan": arctan_schedule(process, T, c)}
+    out.update({f"edm{rho}": edm_schedule(process, T, float(rho)) for rho in (3, 7, 100)})
+    return out
+
+
 # --------------------------------------------------------------------------------
 # Costs (SPEC section 4)
 # --------------------------------------------------------------------------------
@@ -375,12 +385,7 @@ def gaussian_local_cost(process, ts, variances, mean=None):
     """
     _check_process(process)
     ts = _as_float_array(ts, "ts")
-    lam = _as_float_array(variances, "variances").reshape(-1)
-    if np.any(lam < 0):
-        raise ValueError("`variances` must be non-negative")
-    mu = np.zeros_like(lam) if mean is None else _as_float_array(mean, "mean").reshape(-1)
-    if mu.shape != lam.shape:
-        raise ValueError("`mean` and `variances` must have the same length")
+    lam, mu = _gaussian_moments(variances, mean)
     s, sigma = process.s(ts), process.sigma(ts)
     ds, dsigma = elementwise_grad(process.s)(ts), elementwise_grad(process.sigma)(ts)
     s, sigma, ds, dsigma = (np.asarray(a, dtype=float)[..., None] for a in (s, sigma, ds, dsigma))
@@ -400,14 +405,7 @@ def gaussian_corrector_cost(process, t_from, t_to, variances, mean=None):
 
     ``t_from`` and ``t_to`` may be arrays of the same shape (one cost per pair).
     """
-    _check_process(process)
-    lam = _as_float_array(variances, "variances").reshape(-1)
-    mu = np.zeros_like(lam) if mean is None else _as_float_array(mean, "mean").reshape(-1)
-    if mu.shape != lam.shape:
-        raise ValueError("`mean` and `variances` must have the same length")
-    t, t2 = (_as_float_array(a, name)[..., None] for a, name in ((t_from, "t_from"), (t_to, "t_to")))
-    s, s2 = process.s(t), process.s(t2)
-    a, a2 = s ** 2 * lam + process.sigma(t) ** 2, s2 ** 2 * lam + process.sigma(t2) ** 2
+    t, t2, lam, mu, s, s2, a, a2 = _gaussian_step(process, t_from, t_to, variances, mean)
     inner = (s2 - s) ** 2 * mu ** 2 / a2 ** 2 + a * (1 / a - 1 / a2) ** 2
     return process.sigma(t2[..., 0]) ** 2 * np.sum(inner, axis=-1)
 
@@ -425,19 +423,31 @@ def gaussian_predictor_cost(process, t_from, t_to, variances, mean=None):
 
     ``t_from`` and ``t_to`` may be arrays of the same shape.
     """
-    _check_process(process)
-    lam = _as_float_array(variances, "variances").reshape(-1)
-    mu = np.zeros_like(lam) if mean is None else _as_float_array(mean, "mean").reshape(-1)
-    if mu.shape != lam.shape:
-        raise ValueError("`mean` and `variances` must have the same length")
-    t, t2 = (_as_float_array(a, name)[..., None] for a, name in ((t_from, "t_from"), (t_to, "t_to")))
+    t, t2, lam, mu, s, s2, a, a2 = _gaussian_step(process, t_from, t_to, variances, mean)
     ca, cb = ddim_coefficients(process, t, t2)
-    s, s2 = process.s(t), process.s(t2)
-    a, a2 = s ** 2 * lam + process.sigma(t) ** 2, s2 ** 2 * lam + process.sigma(t2) ** 2
     alpha = ca - cb / a
     m_push, a_push = alpha * s * mu + cb * s * mu / a, alpha ** 2 * a
     inner = (s2 * mu - m_push) ** 2 / a2 ** 2 + a_push * (1 / a_push - 1 / a2) ** 2
     return process.sigma(t2[..., 0]) ** 2 * np.sum(inner, axis=-1)
+
+
+def _gaussian_moments(variances, mean):
+    lam = _as_float_array(variances, "variances").reshape(-1)
+    if np.any(lam < 0) or not np.all(np.isfinite(lam)):
+        raise ValueError("`variances` must be finite and non-negative")
+    mu = np.zeros_like(lam) if mean is None else _as_float_array(mean, "mean").reshape(-1)
+    if mu.shape != lam.shape:
+        raise ValueError("`mean` and `variances` must have the same length")
+    return lam, mu
+
+
+def _gaussian_step(process, t_from, t_to, variances, mean):
+    """Times as columns, data moments, and ``s``, ``a = s^2 lambda + sigma^2`` at both ends."""
+    _check_process(process)
+    lam, mu = _gaussian_moments(variances, mean)
+    t, t2 = (_as_float_array(a, name)[..., None] for a, name in ((t_from, "t_from"), (t_to, "t_to")))
+    s, s2 = process.s(t), process.s(t2)
+    return t, t2, lam, mu, s, s2, s ** 2 * lam + process.sigma(t) ** 2, s2 ** 2 * lam + process.sigma(t2) ** 2
 
 
 # --------------------------------------------------------------------------------

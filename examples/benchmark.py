@@ -63,14 +63,6 @@ class Counter:
         return self.score(x, t)
 
 
-def baselines(process, T, target):
-    c = float(np.sqrt(np.mean(target.variance())))
-    out = {"uniform": so.uniform_schedule(process, T), "cosine": so.cosine_schedule(process, T),
-           "loglinear": so.loglinear_schedule(process, T), "arctan": so.arctan_schedule(process, T, c)}
-    out.update({f"edm{rho}": so.edm_schedule(process, T, rho) for rho in (3, 7, 100)})
-    return out
-
-
 def corrector_map(target, process):
     """Dense-grid schedule map from score evaluations; returns the map and its cost."""
     score = Counter(lambda x, t: target.score(x, t, process))
@@ -147,8 +139,9 @@ def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, sampl
                 costs.append(f"| {tname} | {pname} | predictor fixed point, T = {T} | {p_cost['calls']} | "
                              f"{p_cost['evaluations']:,} | {p_cost['seconds']:.2f} | "
                              f"{p_cost['iterations']} iterations{'' if p_cost['converged'] else ', not converged'} |")
-                schedules[T] = dict(baselines(process, T, target), **{"opt-corrector": smap.schedule(T),
-                                                                      "opt-predictor": ts_p})
+                c = float(np.sqrt(np.mean(target.variance())))
+                schedules[T] = dict(so.baseline_schedules(process, T, c), **{"opt-corrector": smap.schedule(T),
+                                                                             "opt-predictor": ts_p})
             for sname in samplers:
                 table = {name: {T: quality(target, process, schedules[T][name], sname) for T in steps}
                          for name in schedules[steps[0]]}

@@ -15,13 +15,6 @@ STDS = (0.1, 0.5, 2.0)
 N_GRID = 20000
 
 
-def baselines(process, T, c):
-    out = {"uniform": so.uniform_schedule(process, T), "cosine": so.cosine_schedule(process, T),
-           "loglinear": so.loglinear_schedule(process, T), "arctan": so.arctan_schedule(process, T, c)}
-    out.update({f"EDM rho={rho}": so.edm_schedule(process, T, rho) for rho in (3, 7, 100)})
-    return out
-
-
 def total_cost(process, ts, c):
     return so.gaussian_corrector_cost(process, ts[1:], ts[:-1], [c ** 2]).sum()
 
@@ -37,7 +30,7 @@ def main():
             cells = []
             for T in STEPS:
                 opt = total_cost(process, so.optimal_schedule(grid, delta, T), c)
-                costs = {k: total_cost(process, v, c) for k, v in baselines(process, T, c).items()}
+                costs = {k: total_cost(process, v, c) for k, v in so.baseline_schedules(process, T, c).items()}
                 best = min(costs, key=costs.get)
                 cells.append(f"{opt / costs[best]:.2f} ({best})")
             print(f"| {name} | {c} | " + " | ".join(cells) + " |")

@@ -86,13 +86,6 @@ def test_optimal_schedule_spends_equal_length_per_step(c):
     np.testing.assert_allclose(inc, inc.mean(), rtol=1e-4)
 
 
-def baseline_schedules(process, T, c):
-    out = {"uniform": so.uniform_schedule(process, T), "cosine": so.cosine_schedule(process, T),
-           "loglinear": so.loglinear_schedule(process, T), "arctan": so.arctan_schedule(process, T, c)}
-    out.update({f"edm{rho}": so.edm_schedule(process, T, rho) for rho in (3, 7, 100)})
-    return out
-
-
 def total_cost(process, ts, c):
     return so.gaussian_corrector_cost(process, ts[1:], ts[:-1], [c ** 2]).sum()
 
@@ -103,7 +96,7 @@ def total_cost(process, ts, c):
 def test_optimal_schedule_beats_every_baseline_on_finite_step_cost(process, c, T):
     grid = dense_grid(process, 20000)
     opt = so.optimal_schedule(grid, so.gaussian_local_cost(process, grid, [c ** 2]), T)
-    best = min(total_cost(process, b, c) for b in baseline_schedules(process, T, c).values())
+    best = min(total_cost(process, b, c) for b in so.baseline_schedules(process, T, c).values())
     assert total_cost(process, opt, c) <= 0.85 * best
 
 

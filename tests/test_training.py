@@ -22,6 +22,12 @@ def small_params(seed=0, width=16, depth=2, dim=1):
     return params[:-1] + [(0.1 * rng.standard_normal(W.shape), 0.1 * rng.standard_normal(b.shape))]
 
 
+def assert_same_params(a, b):
+    for (Wa, ba), (Wb, bb) in zip(a, b):
+        np.testing.assert_array_equal(Wa, Wb)
+        np.testing.assert_array_equal(ba, bb)
+
+
 def score_error(model, target):
     exact = lambda x, t: target.score(x, t, VP)
     return sm.score_error(model, exact, VP, TS, target.sample(2000, 9), 10)[0]
@@ -75,9 +81,7 @@ def test_training_reduces_score_error(target):
 def test_same_seed_same_parameters():
     runs = [models.train(small_params(), BIMODAL, VP, TS, 4, n_steps=50, batch_size=32, callback=None)
             for _ in range(2)]
-    for (W1, b1), (W2, b2) in zip(runs[0].params, runs[1].params):
-        np.testing.assert_array_equal(W1, W2)
-        np.testing.assert_array_equal(b1, b2)
+    assert_same_params(runs[0].params, runs[1].params)
 
 
 def test_online_update_equalises_costs_and_keeps_schedules_valid():
@@ -129,9 +133,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     back = models.load_checkpoint(path)
     np.testing.assert_array_equal(back.data_mean, out.data_mean)
     np.testing.assert_array_equal(back.data_var, BIMODAL.variance())
-    for (W1, b1), (W2, b2) in zip(out.params, back.params):
-        np.testing.assert_array_equal(W1, W2)
-        np.testing.assert_array_equal(b1, b2)
+    assert_same_params(out.params, back.params)
     np.testing.assert_array_equal(back.ts, out.ts)
     np.testing.assert_array_equal(back.adam.m, out.adam.m)
     assert back.adam.step == out.adam.step == back.step == 30
@@ -154,9 +156,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert models.load_checkpoint(path).step == 40
     resumed = models.train(small_params(), BIMODAL, VP, TS, 6, callback=None, checkpoint=path,
                            checkpoint_every=40, resume=True, **kwargs)
-    for (W1, b1), (W2, b2) in zip(whole.params, resumed.params):
-        np.testing.assert_array_equal(W1, W2)
-        np.testing.assert_array_equal(b1, b2)
+    assert_same_params(whole.params, resumed.params)
     np.testing.assert_array_equal(whole.ts, resumed.ts)
     np.testing.assert_array_equal(whole.history["loss"], resumed.history["loss"])
 
