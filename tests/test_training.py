@@ -84,14 +84,17 @@ def test_same_seed_same_parameters():
     assert_same_params(runs[0].params, runs[1].params)
 
 
+def train_online(online):
+    """1,600 steps on the bimodal target from the uniform 10-step schedule, checking
+    that every schedule seen by the callback is valid."""
+    def check(step, loss, info):
+        so.check_schedule(info["ts"], VP)
+    return models.train(models.init_mlp(0, width=32, depth=2), BIMODAL, VP, so.uniform_schedule(VP, 10), 2,
+                        n_steps=1600, batch_size=128, lr=3e-3, online=online, callback=check)
+
+
 def test_online_update_equalises_costs_and_keeps_schedules_valid():
-    seen = []
-    online = models.OnlineSchedule(every=25, burn_in=600, gamma=0.2, kind="corrector", n_samples=500)
-    out = models.train(models.init_mlp(0, width=32, depth=2), BIMODAL, VP, so.uniform_schedule(VP, 10), 2,
-                       n_steps=1600, batch_size=128, lr=3e-3, online=online,
-                       callback=lambda step, loss, info: seen.append(info["ts"]))
-    for ts in seen:
-        so.check_schedule(ts, VP)
+    out = train_online(models.OnlineSchedule(every=25, burn_in=600, gamma=0.2, kind="corrector", n_samples=500))
     costs = out.history["costs"]
     assert len(costs) == 41 and out.history["schedules"].shape == (41, 11)
     spread = costs.max(axis=1) / costs.min(axis=1)
@@ -100,13 +103,8 @@ def test_online_update_equalises_costs_and_keeps_schedules_valid():
 
 
 def test_online_grid_update_moves_towards_the_dense_grid_optimum():
-    online = models.OnlineSchedule(every=100, burn_in=600, gamma=0.3, method="grid", n_samples=500, n_grid=100)
-    seen = []
-    out = models.train(models.init_mlp(0, width=32, depth=2), BIMODAL, VP, so.uniform_schedule(VP, 10), 2,
-                       n_steps=1600, batch_size=128, lr=3e-3, online=online,
-                       callback=lambda step, loss, info: seen.append(info["ts"]))
-    for ts in seen:
-        so.check_schedule(ts, VP)
+    out = train_online(models.OnlineSchedule(every=100, burn_in=600, gamma=0.3, method="grid",
+                                             n_samples=500, n_grid=100))
     # Per-interval shares of the map's length: far from equal on the uniform schedule,
     # close to equal at the end.
     costs = out.history["costs"]
