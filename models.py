@@ -7,6 +7,12 @@ mixture stays a mixture under every process: component ``k`` of ``p_0``,
 exact, and the score is written in ``autograd.numpy`` so that it can be
 differentiated in ``x`` and ``t``. The log-sum-exp form keeps it finite far from
 the modes and at tiny ``sigma``.
+
+Score models (SPEC 9) are MLPs whose parameters are a plain list of ``(W, b)``
+pairs (:func:`init_mlp`, :func:`mlp_score`), trained by denoising score matching
+(:func:`dsm_loss`) with Adam as a pure function (:func:`adam_step`) in
+:func:`train`, which can adapt the schedule online (the paper's Algorithm 2,
+:class:`OnlineSchedule`) and writes atomic ``.npz`` checkpoints.
 """
 
 import ctypes

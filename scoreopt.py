@@ -44,7 +44,7 @@ __all__ = [
     "gaussian_predictor_cost", "iterate_schedule", "ddim_coefficients", "cumulative_cost", "optimal_schedule",
     "update_schedule", "blend", "path_length", "path_energy", "ScheduleMap",
     "estimate_schedule_map", "EqualCostResult", "equal_cost_schedule",
-    "as_rng",
+    "as_rng", "check_schedule", "check_data",
 ]
 
 # Relative floor on the length increments of a step (Algorithm 1): a zero-cost

@@ -34,7 +34,7 @@ def closed_form_sigmas(c, d, lo, hi, T):
 def gaussian_table():
     process = so.ve()
     print("VE process, data N(0, c^2 I_d), schedule map from a black-box score")
-    print(f"| c   | d | Lambda (estimated)  | Lambda (closed form) | max rel. error of sigma_i, T=10 / T=50 | time |")
+    print("| c   | d | Lambda (estimated)  | Lambda (closed form) | max rel. error of sigma_i, T=10 / T=50 | time |")
     print("|-----|---|---------------------|----------------------|----------------------------------------|------|")
     for c, d in [(0.1, 1), (0.5, 1), (2.0, 1), (0.5, 8)]:
         target = models.Gaussian(np.zeros(d), np.full(d, c ** 2))

@@ -1,7 +1,5 @@
 """Length, Algorithm 1 and the optimal schedule (SPEC 5-6)."""
-import warnings
 
-import autograd.numpy as anp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st

@@ -1,7 +1,6 @@
 """MLP score models, DSM training with the online schedule, checkpoints (SPEC 6.3, 9)."""
 import os
 
-import autograd.numpy as anp
 import numpy as np
 import pytest
 from autograd.test_util import check_grads
