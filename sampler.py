@@ -124,17 +124,21 @@ def sample(score, process, ts, x_T, rng, predictor="euler", corrector_steps=0,
     ts = check_schedule(ts, process)
     x = check_data(x_T, "x_T")
     rng = as_rng(rng)
-    if predictor not in PREDICTORS:
-        raise ValueError(f"`predictor` must be one of {sorted(PREDICTORS)}, got {predictor!r}")
-    predict = PREDICTORS[predictor]
-    corrector_steps = _check_int(corrector_steps, "corrector_steps", minimum=0)
-    _check_positive(corrector_ratio, "corrector_ratio")
+    predict, v = _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity, process)
+    return _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio, denoise, v)
+
+
+def _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity, process):
+    """Validate the sampler's settings; returns the predictor step and the velocity."""
     if not callable(score):
         raise TypeError("`score` must be callable as score(x, t)")
+    if predictor not in PREDICTORS:
+        raise ValueError(f"`predictor` must be one of {sorted(PREDICTORS)}, got {predictor!r}")
+    _check_int(corrector_steps, "corrector_steps", minimum=0)
+    _check_positive(corrector_ratio, "corrector_ratio")
     if velocity is not None and not callable(velocity):
         raise TypeError("`velocity` must be a callable v(t) or None")
-    return _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio,
-                        denoise, process.sigma if velocity is None else velocity)
+    return PREDICTORS[predictor], (process.sigma if velocity is None else velocity)
 
 
 def _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio,
@@ -207,16 +211,16 @@ def gaussian_output_law(target, process, ts, predictor="euler", corrector_steps=
     if len(target.weights) != 1:
         raise ValueError("`target` must be a Gaussian (one component) for an exact law")
     ts = check_schedule(ts, process)
+    corrector_steps = _check_int(corrector_steps, "corrector_steps", minimum=0)
     d = target.dim
     mean_T, var_T = (np.zeros(d), prior_variance(process, target.variance())) if start is None else start
     n_noise = (len(ts) - 1) * (corrector_steps + (predictor == "ancestral"))
     probe = np.zeros((2 + n_noise, d))
     probe[1] = 1.0
-    sample(lambda x, t: target.score(x, t, process), process, ts, probe, 0, predictor,
-           corrector_steps, corrector_ratio, denoise, velocity)      # validates the arguments
-    out, _ = _sample_loop(lambda x, t: target.score(x, t, process), process, ts, probe,
-                          _ProbeNoise(), PREDICTORS[predictor], corrector_steps, corrector_ratio,
-                          denoise, process.sigma if velocity is None else velocity)
+    score = lambda x, t: target.score(x, t, process)
+    predict, v = _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity, process)
+    out, _ = _sample_loop(score, process, ts, probe, _ProbeNoise(), predict, corrector_steps,
+                          corrector_ratio, denoise, v)
     b, A, c = out[0], out[1] - out[0], out[2:] - out[0]
     return A * mean_T + b, A ** 2 * var_T + np.sum(c ** 2, axis=0)
 

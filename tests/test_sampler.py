@@ -206,6 +206,10 @@ def test_sampler_bad_input():
         sm.sample(nan_late, VP, ts, x_T, 0, "euler")
     with pytest.raises(ValueError, match="Gaussian"):
         sm.gaussian_output_law(models.bimodal(), VP, ts)
+    with pytest.raises(ValueError, match="`predictor` must be one of"):
+        sm.gaussian_output_law(GAUSS, VP, ts, predictor="rk4")
+    with pytest.raises(ValueError, match="`corrector_steps` must be >= 0"):
+        sm.gaussian_output_law(GAUSS, VP, ts, corrector_steps=-2)
 
 
 @pytest.mark.parametrize("predictor", ["euler", "heun"])
