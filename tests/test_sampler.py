@@ -27,6 +27,9 @@ def test_samples_match_exact_gaussian_output_law(process, predictor, m):
     # Mean: standard error sqrt(var/n). Variance of a Gaussian sample: sqrt(2/n) var.
     assert np.all(np.abs(x.mean(0) - mean) < 4.5 * np.sqrt(var / n))
     assert np.all(np.abs(x.var(0) - var) < 4.5 * np.sqrt(2 / n) * var)
+    # The exact law is diagonal: the sample covariance's off-diagonal entry has
+    # standard error sqrt(var_0 var_1 / n).
+    assert abs(np.cov(x.T)[0, 1]) < 4.5 * np.sqrt(var[0] * var[1] / n)
 
 
 def test_exact_law_converges_to_the_marginal_first_and_second_order():
