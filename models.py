@@ -24,7 +24,9 @@ from typing import NamedTuple
 
 import autograd.numpy as anp
 import numpy as np
+from autograd import value_and_grad
 from autograd.extend import defjvp, defvjp, primitive
+from autograd.misc import flatten
 from autograd.tracer import Box
 from scipy.special import ndtr
 
@@ -257,8 +259,8 @@ def init_mlp(rng, dim=1, width=64, depth=3, n_fourier=4, input_scale=10.0):
     ``(-input_scale/2, input_scale/2)``: first-layer units then bend at places spread
     over the standardised data and vary on a fraction of its standard deviation,
     which narrow, well-separated modes need (measured on the mollified Cantor target:
-    README). The output layer starts at zero, so the initial model predicts
-    ``eps_hat = 0`` (score 0, loss ``dim``).
+    README). The output layer starts at zero, so the initial model is the Gaussian fit
+    of :func:`mlp_score` (exact for Gaussian data with the standardisation's moments).
     """
     rng = as_rng(rng)
     dim = _check_int(dim, "dim", minimum=1)
@@ -323,27 +325,30 @@ def mlp_score(params, x, t, process, data_mean=0.0, data_var=1.0):
     being exact for Gaussian data with these moments (a skip connection, like EDM's
     ``c_skip``). The zero-initialised output layer starts the model at that fit, and
     far from the data the fit's pull-back dominates: without it, 6% of the ancestral
-    samples of one Cantor model escaped to x ~ 36 (README). Activation :func:`silu`: smooth, as the predictor cost
-    needs second derivatives; with it, 3x64 models fill all eight Cantor modes where
-    ``tanh`` filled at most six (README). ``t`` is a scalar or one time per row, shape (n,).
-    ``data_mean``, ``data_var``: scalars or per-coordinate arrays (d,), those the model
-    was trained with. Differentiable by autograd in ``params``, ``x`` and ``t``.
+    samples of one Cantor model escaped to x ~ 36 (README). Activation :func:`silu`:
+    smooth, as the predictor cost needs second derivatives; with it, 3x64 models fill
+    all eight Cantor modes where ``tanh`` filled at most six (README). ``t`` is a
+    scalar or one time per row, shape (n,). ``data_mean``, ``data_var``: scalars or
+    per-coordinate arrays (d,), those the model was trained with. Differentiable by
+    autograd in ``params``, ``x`` and ``t``.
     """
-    shift, scale, features, sigma = _mlp_inputs(params, x.shape[0], t, process, data_mean, data_var)
-    x_in = (x - shift) * scale
-    return -(sigma * scale * x_in + _mlp_eps(params, x_in, features)) / sigma
+    x_in, features, fit, sigma = _mlp_inputs(params, x, t, process, data_mean, data_var)
+    return -(fit + _mlp_eps(params, x_in, features)) / sigma
 
 
-def _mlp_inputs(params, n, t, process, data_mean, data_var):
-    """Input shift and scale, noise features (n, F) and sigma for times ``t`` (scalar or (n,))."""
+def _mlp_inputs(params, x, t, process, data_mean, data_var):
+    """Standardised input ``x_in``, noise features (n, F), the Gaussian fit
+    ``sigma c_in x_in`` of the noise, and ``sigma``, for times ``t`` (scalar or (n,))."""
     dim = params[-1][0].shape[1]
     n_fourier = (params[0][0].shape[0] - dim - 1) // 2
     t_col = anp.reshape(t, (-1, 1)) if anp.ndim(t) else t
     s, sigma = process.s(t_col), process.sigma(t_col)
     features = noise_features(process, t_col, n_fourier)
     if anp.ndim(t) == 0:
-        features = anp.broadcast_to(features, (n, features.shape[1]))
-    return s * data_mean, 1.0 / anp.sqrt(s ** 2 * data_var + sigma ** 2), features, sigma
+        features = anp.broadcast_to(features, (x.shape[0], features.shape[1]))
+    c_in = 1.0 / anp.sqrt(s ** 2 * data_var + sigma ** 2)
+    x_in = (x - s * data_mean) * c_in
+    return x_in, features, sigma * c_in * x_in, sigma
 
 
 def _mlp_eps(params, x_in, features):
@@ -385,10 +390,9 @@ def _dsm(params, x0, t, eps, process, data_mean, data_var):
 
 def _dsm_inputs(params, x0, t, eps, process, data_mean, data_var):
     """Everything of the loss that does not depend on ``params`` (kept out of the trace)."""
-    s = process.s(t)[:, None]
-    shift, scale, features, sigma = _mlp_inputs(params, len(x0), t, process, data_mean, data_var)
-    x_in = (s * x0 + sigma * eps - shift) * scale
-    return x_in, features, eps - sigma * scale * x_in     # target of the learned correction
+    x_t = process.s(t)[:, None] * x0 + process.sigma(t)[:, None] * eps
+    x_in, features, fit, _ = _mlp_inputs(params, x_t, t, process, data_mean, data_var)
+    return x_in, features, eps - fit     # the target of the learned correction
 
 
 def _dsm_prepared(params, x_in, features, eps):
@@ -494,7 +498,8 @@ def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_d
         ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it
     max_loss_ratio : stop when the loss exceeds this multiple of the first loss
     retain_memory : call :func:`retain_freed_memory` first (a process-wide glibc
-        setting that makes steps about 2.5x faster here); False leaves the allocator alone
+        setting that made a 3x128 batch-1024 step 2.1x faster here: 15.3 -> 7.3 ms);
+        False leaves the allocator alone
 
     Returns
     -------
@@ -506,9 +511,6 @@ def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_d
     Raises :class:`TrainingDiverged` naming the step if the loss or the parameters stop
     being finite or the loss explodes; the last checkpoint on disk is kept as it was.
     """
-    from autograd import value_and_grad
-    from autograd.misc import flatten
-
     _check_process(process)
     ts = check_schedule(ts, process)
     n_steps = _check_int(n_steps, "n_steps", minimum=1)
@@ -587,8 +589,8 @@ def retain_freed_memory():
 
     By default glibc serves arrays above 128 KiB with fresh ``mmap`` pages and returns
     freed memory to the system, so every training step's large temporaries are paged
-    in (and zeroed) again: measured here, that made a 3x128 batch-1024 step 2.5 times
-    slower (README). This raises ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD``
+    in (and zeroed) again: measured here, that made a 3x128 batch-1024 step 2.1 times
+    slower, 15.3 ms against 7.3 (README). This raises ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD``
     to 512 MiB for the whole process (as the environment variables
     ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` would). A no-op returning
     ``False`` where the C library is not glibc.
@@ -667,7 +669,6 @@ def save_checkpoint(path, params, ts, adam, step, rng, history=None, data_mean=0
     Written to a temporary file in the same folder, flushed to disk, then renamed over
     ``path``: an interrupted save never corrupts the previous checkpoint. No pickle.
     """
-    from autograd.misc import flatten
     theta, _ = flatten(params)
     history = history or {}
     arrays = {

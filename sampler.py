@@ -14,8 +14,8 @@ import numpy as np
 from autograd import elementwise_grad
 from scipy.stats import gaussian_kde
 
-from scoreopt import (_check_finite, _check_int, _check_positive, _check_process, as_rng,
-                      check_data, check_schedule, ddim_coefficients)
+from scoreopt import (_check_finite, _check_int, _check_positive, _check_process, _noised,
+                      as_rng, check_data, check_schedule, ddim_coefficients)
 
 __all__ = ["sample", "prior_sample", "euler_step", "heun_step", "ancestral_step",
            "identity_step", "langevin_step", "tweedie_denoise", "PREDICTORS",
@@ -211,14 +211,13 @@ def gaussian_output_law(target, process, ts, predictor="euler", corrector_steps=
     if len(target.weights) != 1:
         raise ValueError("`target` must be a Gaussian (one component) for an exact law")
     ts = check_schedule(ts, process)
-    corrector_steps = _check_int(corrector_steps, "corrector_steps", minimum=0)
+    score = lambda x, t: target.score(x, t, process)
+    predict, v = _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity, process)
     d = target.dim
     mean_T, var_T = (np.zeros(d), prior_variance(process, target.variance())) if start is None else start
     n_noise = (len(ts) - 1) * (corrector_steps + (predictor == "ancestral"))
     probe = np.zeros((2 + n_noise, d))
     probe[1] = 1.0
-    score = lambda x, t: target.score(x, t, process)
-    predict, v = _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity, process)
     out, _ = _sample_loop(score, process, ts, probe, _ProbeNoise(), predict, corrector_steps,
                           corrector_ratio, denoise, v)
     b, A, c = out[0], out[1] - out[0], out[2:] - out[0]
@@ -325,7 +324,7 @@ def score_error(score, exact_score, process, ts, x0, rng):
     x0, rng = check_data(x0), as_rng(rng)
     per_level = []
     for t in ts:
-        x = process.s(t) * x0 + process.sigma(t) * rng.standard_normal(x0.shape)
+        x = _noised(process, x0, t, rng)
         diff = _check_finite(score(x, t), t, x.shape) - exact_score(x, t)
         per_level.append(process.sigma(t) ** 2 * np.sum(diff ** 2, axis=1))
     per_level = np.array(per_level)

@@ -368,9 +368,7 @@ def local_cost(score, process, ts, x0, rng, velocity=None, method="fd", rel_step
     -------
     (delta, stderr) : arrays of shape ``ts.shape``.
     """
-    values = _local_cost_values(score, process, ts, x0, rng, velocity, method, rel_step)
-    n = values.shape[1]
-    return values.mean(axis=1), values.std(axis=1, ddof=1) / np.sqrt(n)
+    return _mean_stderr(_local_cost_values(score, process, ts, x0, rng, velocity, method, rel_step))
 
 
 def gaussian_local_cost(process, ts, variances, mean=None):
@@ -580,17 +578,16 @@ def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
     _check_process(process)
     n_grid = _check_int(n_grid, "n_grid", minimum=2)
     n_groups = _check_int(n_groups, "n_groups", minimum=2)
+    if len(check_data(x0)) < 2 * n_groups:
+        raise ValueError(f"`x0` needs at least {2 * n_groups} samples for {n_groups} groups")
     nu_min, nu_max = _nsr_range(process)
     ts = _schedule_from_nsr(process, np.geomspace(nu_min, nu_max, n_grid))
     values = _local_cost_values(score, process, ts, x0, rng, velocity, method, 1e-3)
-    if values.shape[1] < 2 * n_groups:
-        raise ValueError(f"`x0` needs at least {2 * n_groups} samples for {n_groups} groups")
-    delta = values.mean(axis=1)
+    delta, delta_stderr = _mean_stderr(values)
     groups = np.array([cumulative_cost(ts, g.mean(axis=1))
                        for g in np.array_split(values, n_groups, axis=1)])
     Lambda = cumulative_cost(ts, delta)
-    return ScheduleMap(ts, delta, values.std(axis=1, ddof=1) / np.sqrt(values.shape[1]),
-                       Lambda, float(Lambda[-1]),
+    return ScheduleMap(ts, delta, delta_stderr, Lambda, float(Lambda[-1]),
                        float(groups[:, -1].std(ddof=1) / np.sqrt(n_groups)), groups)
 
 
@@ -740,7 +737,10 @@ def _check_finite(value, t, shape):
 
 
 def _mean_stderr(values):
-    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
+    """Monte-Carlo mean and standard error over the last axis (floats for 1-D input)."""
+    mean = np.mean(values, axis=-1)
+    stderr = np.std(values, axis=-1, ddof=1) / np.sqrt(values.shape[-1])
+    return (float(mean), float(stderr)) if np.ndim(values) == 1 else (mean, stderr)
 
 
 def _cost_function(kind):
