@@ -12,13 +12,15 @@ from typing import NamedTuple
 import autograd.numpy as anp
 import numpy as np
 from autograd import elementwise_grad
+from scipy.integrate import trapezoid
 from scipy.stats import gaussian_kde
 
 from scoreopt import (_check_finite, _check_int, _check_positive, _check_process, _noised,
                       as_rng, check_data, check_schedule, ddim_coefficients)
 
 __all__ = ["sample", "prior_sample", "euler_step", "heun_step", "ancestral_step",
-           "identity_step", "langevin_step", "tweedie_denoise", "PREDICTORS",
+           "euler_maruyama_step", "identity_step", "langevin_step", "tweedie_denoise", "PREDICTORS",
+           "resolve_predictor",
            "gaussian_output_law", "gaussian_kl", "flow_log_density", "wasserstein1",
            "mode_coverage", "ModeCoverage", "mean_log_density", "density_estimate",
            "score_error"]
@@ -61,12 +63,32 @@ def heun_step(score, process, x, t_cur, t_next, rng):
 
 
 def ancestral_step(score, process, x, t_cur, t_next, rng):
+    """Ancestral (DDPM posterior) step: k-diffusion's ``sample_euler_ancestral``, diffusers' DDPM. 1 NFE.
+
+    In ``y = x / s`` with ``nu = sigma / s``: the denoiser ``D = y + nu^2 s S(x, t_cur)``
+    (Tweedie), ``r = (nu'/nu)^2`` and ``y' = r y + (1 - r) D + nu' sqrt(1 - r) xi``,
+    ``x' = s(t_next) y'``: a draw from the posterior of ``y'`` given ``y`` and ``x_0 = D``
+    (SPEC 7). It equals k-diffusion's ``get_ancestral_step`` with ``sigma_down =
+    nu'^2 / nu``, ``sigma_up = nu' sqrt(1 - r)``. A convex combination plus noise, so it
+    cannot overshoot, and it depends on the noise levels only.
+    """
+    s_cur, s_next = process.s(t_cur), process.s(t_next)
+    nu_cur, nu_next = process.nsr(t_cur), process.nsr(t_next)
+    y = x / s_cur
+    denoised = y + nu_cur ** 2 * s_cur * score(x, t_cur)
+    r = (nu_next / nu_cur) ** 2
+    noise = rng.standard_normal(x.shape)
+    return s_next * (r * y + (1.0 - r) * denoised + nu_next * np.sqrt(1.0 - r) * noise), 1
+
+
+def euler_maruyama_step(score, process, x, t_cur, t_next, rng):
     """Euler-Maruyama step of the backward SDE ``dX = [f X - g^2 S] dt + g dW``. 1 NFE.
 
     ``x - h [f x - g^2 S(x, t_cur)] + g sqrt(h) xi`` with ``h = t_cur - t_next > 0``
-    (SPEC 7). Unlike the two ODE steps this works in ``t`` with coefficients frozen at
-    ``t_cur``, so it depends on the time parametrisation, and a large step where
-    ``sigma`` changes fast in ``t`` (``ve``'s geometric sigma) overshoots (README).
+    (SPEC 7). It works in ``t`` with coefficients frozen at ``t_cur``, so it depends on
+    the time parametrisation, and a large step where ``sigma`` changes fast in ``t``
+    (``ve``'s geometric sigma, once sigma falls by more than about e) overshoots.
+    Kept for comparison: on some VP cases it beats :func:`ancestral_step` (README).
     """
     h = t_cur - t_next
     f, g2 = process.drift(t_cur), process.diffusion_sq(t_cur)
@@ -89,7 +111,23 @@ def tweedie_denoise(score, process, x, t):
 
 
 PREDICTORS = {"none": identity_step, "euler": euler_step, "heun": heun_step,
-              "ancestral": ancestral_step}
+              "ancestral": ancestral_step, "euler_maruyama": euler_maruyama_step}
+
+
+def resolve_predictor(predictor):
+    """The step function for a predictor name of :data:`PREDICTORS`, or a callable as it is.
+
+    A step has the contract ``step(score, process, x, t_cur, t_next, rng) -> (x, nfe)``
+    and draws its noise, if any, only as ``rng.standard_normal(x.shape)``: that is all
+    :func:`gaussian_output_law` (which counts the draws by running the step) and
+    :func:`flow_log_density` (which refuses a step that draws) need to know of it.
+    """
+    if callable(predictor):
+        return predictor
+    if isinstance(predictor, str) and predictor in PREDICTORS:
+        return PREDICTORS[predictor]
+    raise ValueError(f"`predictor` must be one of {sorted(PREDICTORS)} or a step function "
+                     f"step(score, process, x, t_cur, t_next, rng) -> (x, nfe), got {predictor!r}")
 
 
 # --------------------------------------------------------------------------------
@@ -107,7 +145,9 @@ def sample(score, process, ts, x_T, rng, predictor="euler", corrector_steps=0,
     ts : schedule, strictly increasing with ``ts[0] == t_min``, ``ts[-1] == t_max``
     x_T : array (n, d), the starting batch at ``ts[-1]`` (see :func:`prior_sample`)
     rng : numpy Generator or int seed
-    predictor : ``"none"``, ``"euler"``, ``"heun"`` or ``"ancestral"``
+    predictor : ``"none"``, ``"euler"``, ``"heun"``, ``"ancestral"``, ``"euler_maruyama"``, or
+        a step function ``step(score, process, x, t_cur, t_next, rng) -> (x, nfe)``
+        (see :func:`resolve_predictor`)
     corrector_steps : int >= 0, Langevin steps after each predictor step
     corrector_ratio : float > 0, ``r`` in the corrector step ``eps = r v(t)^2``
     denoise : bool, finish with Tweedie's formula at ``ts[0]`` (one more NFE)
@@ -132,13 +172,12 @@ def _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity,
     """Validate the sampler's settings; returns the predictor step and the velocity."""
     if not callable(score):
         raise TypeError("`score` must be callable as score(x, t)")
-    if predictor not in PREDICTORS:
-        raise ValueError(f"`predictor` must be one of {sorted(PREDICTORS)}, got {predictor!r}")
+    step = resolve_predictor(predictor)
     _check_int(corrector_steps, "corrector_steps", minimum=0)
     _check_positive(corrector_ratio, "corrector_ratio")
     if velocity is not None and not callable(velocity):
         raise TypeError("`velocity` must be a callable v(t) or None")
-    return PREDICTORS[predictor], (process.sigma if velocity is None else velocity)
+    return step, (process.sigma if velocity is None else velocity)
 
 
 def _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio,
@@ -181,6 +220,17 @@ def prior_variance(process, data_var):
 # Exact evaluation (SPEC 10)
 # --------------------------------------------------------------------------------
 
+class _CountingNoise:
+    """Stands in for ``rng``: zeros, counting the draws (to size the probe batch)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def standard_normal(self, shape):
+        self.calls += 1
+        return np.zeros(shape)
+
+
 class _ProbeNoise:
     """Stands in for ``rng``: the k-th draw is 1 on row ``2 + k`` and 0 elsewhere."""
 
@@ -194,6 +244,14 @@ class _ProbeNoise:
         return out
 
 
+class _NoNoise:
+    """Stands in for ``rng`` where a step must be deterministic."""
+
+    def standard_normal(self, shape):
+        raise ValueError("`predictor` draws noise: the change of variables needs a "
+                         "deterministic step")
+
+
 def gaussian_output_law(target, process, ts, predictor="euler", corrector_steps=0,
                         corrector_ratio=0.1, denoise=False, velocity=None, start=None):
     """Exact law of :func:`sample`'s output for Gaussian data with its exact score (derived).
@@ -201,9 +259,12 @@ def gaussian_output_law(target, process, ts, predictor="euler", corrector_steps=
     With a diagonal Gaussian target the score is affine and acts coordinate-wise, so
     every predictor and corrector step is ``x' = A x + b + c xi`` per coordinate and the
     whole sampler is ``x_out = A x_T + b + sum_k c_k xi_k``. The coefficients are read
-    off by running :func:`sample` itself once on a probe batch (rows ``x_T = 0``,
+    off by running :func:`sample` itself on a probe batch (rows ``x_T = 0``,
     ``x_T = 1``, then one row per noise draw ``xi_k = 1``), so this law is that of the
-    implemented sampler, not of a re-derivation.
+    implemented sampler, not of a re-derivation. The number of draws is counted by a
+    first run on two rows, so any step function (``predictor`` may be a callable, see
+    :func:`resolve_predictor`) that is affine in ``x`` and its noise for an affine score,
+    as every built-in step is, gets its exact law.
 
     ``start`` is ``(mean, var)`` of ``x_T`` per coordinate; the default is the law of
     :func:`prior_sample`. Returns ``(mean, var)`` of the output, each of shape (d,).
@@ -215,11 +276,13 @@ def gaussian_output_law(target, process, ts, predictor="euler", corrector_steps=
     predict, v = _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity, process)
     d = target.dim
     mean_T, var_T = (np.zeros(d), prior_variance(process, target.variance())) if start is None else start
-    n_noise = (len(ts) - 1) * (corrector_steps + (predictor == "ancestral"))
-    probe = np.zeros((2 + n_noise, d))
+    run = lambda x, noise: _sample_loop(score, process, ts, x, noise, predict, corrector_steps,
+                                        corrector_ratio, denoise, v)[0]
+    counter = _CountingNoise()
+    run(np.zeros((2, d)), counter)
+    probe = np.zeros((2 + counter.calls, d))
     probe[1] = 1.0
-    out, _ = _sample_loop(score, process, ts, probe, _ProbeNoise(), predict, corrector_steps,
-                          corrector_ratio, denoise, v)
+    out = run(probe, _ProbeNoise())
     b, A, c = out[0], out[1] - out[0], out[2:] - out[0]
     return A * mean_T + b, A ** 2 * var_T + np.sum(c ** 2, axis=0)
 
@@ -234,7 +297,8 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, predictor="euler"):
     """Exact output density of a deterministic 1-D sampler by the change of variables (derived).
 
     Tracks ``log|dx_out/dx_T|`` along the trajectory, differentiating each step map
-    (the same :func:`euler_step` / :func:`heun_step` the sampler uses) with autograd, so
+    (the same step the sampler uses: ``"euler"``, ``"heun"`` or any deterministic step
+    function, which must be written in ``autograd.numpy``) with autograd, so
     ``log p_out(x_out) = log p_T(x_T) - log|dx_out/dx_T|``. With samples ``x_T`` from
     ``p_T``, ``mean(log p_out(x_out) - log p_0(x_out))`` estimates ``KL(p_out || p_0)``
     with no density estimation. ``score`` must be autograd-differentiable in ``x``.
@@ -242,21 +306,21 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, predictor="euler"):
     giving a point several preimages): a ``ValueError`` names the first step that folds
     at one of the given samples.
 
+    A step that draws noise (``"ancestral"``, ``"euler_maruyama"``) raises ``ValueError``.
     Returns ``(x_out, log_density)`` of shapes (n, 1) and (n,).
     """
-    if predictor not in ("euler", "heun"):
-        raise ValueError(f"`predictor` must be 'euler' or 'heun' for a density, got {predictor!r}")
+    step = resolve_predictor(predictor)
     ts = check_schedule(ts, process)
     x = check_data(x_T, "x_T")
     if x.shape[1] != 1:
         raise ValueError("`x_T` must have one column: the flow density is for 1-D data")
-    step = PREDICTORS[predictor]
     log_density = np.asarray(log_prob_T(x), dtype=float).reshape(-1)
     for t_cur, t_next in zip(ts[:0:-1], ts[-2::-1]):
-        step_map = lambda y: step(score, process, y, t_cur, t_next, None)[0]
+        step_map = lambda y: step(score, process, y, t_cur, t_next, _NoNoise())[0]
         slope = elementwise_grad(lambda y: anp.sum(step_map(y)))(x)[:, 0]
         if np.any(slope <= 0):
-            raise ValueError(f"the {predictor} step from t = {t_cur:.6g} to t = {t_next:.6g} "
+            name = getattr(step, "__name__", "predictor")
+            raise ValueError(f"the {name} from t = {t_cur:.6g} to t = {t_next:.6g} "
                              "folds the line (slope <= 0 at some samples): the change of "
                              "variables does not apply; use smaller steps")
         x = _check_finite(step_map(x), t_next, x.shape)
@@ -279,7 +343,7 @@ def wasserstein1(samples, cdf, grid_size=200_001):
         hi += width
     grid = np.linspace(lo, hi, grid_size)
     empirical = np.searchsorted(x, grid, side="right") / len(x)
-    return float(np.trapezoid(np.abs(empirical - cdf(grid)), grid))
+    return float(trapezoid(np.abs(empirical - cdf(grid)), grid))
 
 
 class ModeCoverage(NamedTuple):

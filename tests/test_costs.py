@@ -2,6 +2,7 @@
 import autograd.numpy as anp
 import numpy as np
 import pytest
+from scipy.integrate import trapezoid
 
 import models
 import scoreopt as so
@@ -117,8 +118,8 @@ def test_predictor_cost_matches_change_of_variables_by_quadrature():
     grad_q_naive = target.score(x[:, None], t, VP)[:, 0] / dF   # log-det term dropped
     p_t = np.exp(target.marginal(VP, t).log_prob(x[:, None]))
     S2 = target.score(F(x)[:, None], t2, VP)[:, 0]
-    quad = VP.sigma(t2) ** 2 * np.trapezoid(p_t * (S2 - grad_q) ** 2, x)
-    quad_naive = VP.sigma(t2) ** 2 * np.trapezoid(p_t * (S2 - grad_q_naive) ** 2, x)
+    quad = VP.sigma(t2) ** 2 * trapezoid(p_t * (S2 - grad_q) ** 2, x)
+    quad_naive = VP.sigma(t2) ** 2 * trapezoid(p_t * (S2 - grad_q_naive) ** 2, x)
     L, se = so.predictor_cost(exact(target, VP), VP, t, t2, target.sample(40_000, 7), 8)
     assert abs(L - quad) < 4.5 * se
     assert abs(quad_naive - quad) > 20 * se   # the test can tell the log-det term is there

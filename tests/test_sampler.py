@@ -1,6 +1,7 @@
 """Predictor-corrector sampler and the exact evaluations (SPEC 7, 10)."""
 import numpy as np
 import pytest
+from scipy.integrate import trapezoid
 
 import models
 import sampler as sm
@@ -8,8 +9,8 @@ import scoreopt as so
 
 VE, VP = so.ve(), so.vp_linear()
 GAUSS = models.Gaussian([0.3, -1.0], [0.2, 2.0])
-COMBINATIONS = [("euler", 0), ("heun", 0), ("ancestral", 0), ("none", 2), ("euler", 1),
-                ("heun", 1), ("ancestral", 2)]
+COMBINATIONS = [("euler", 0), ("heun", 0), ("ancestral", 0), ("euler_maruyama", 0), ("none", 2),
+                ("euler", 1), ("heun", 1), ("ancestral", 2)]
 
 
 def exact(target, process):
@@ -51,7 +52,7 @@ def test_exact_law_converges_to_the_marginal_first_and_second_order():
 def test_ancestral_and_annealed_langevin_converge_too():
     target = models.Gaussian([0.5], [0.1])
     goal = target.marginal(VP, VP.t_min)
-    for predictor, m in (("ancestral", 0), ("none", 3)):
+    for predictor, m in (("ancestral", 0), ("euler_maruyama", 0), ("none", 3)):
         kl = [sm.gaussian_kl(*sm.gaussian_output_law(target, VP, so.uniform_schedule(VP, T), predictor, m,
                                                      corrector_ratio=0.05), goal.mean(), goal.var)
               for T in (25, 100, 400)]
@@ -87,7 +88,7 @@ def test_flow_density_integrates_to_one_and_matches_histogram(predictor):
     ts = so.loglinear_schedule(VP, 12)
     grid = np.linspace(-6, 6, 100_001)[:, None] * np.sqrt(prior.var)
     x_out, log_p = sm.flow_log_density(score, VP, ts, grid, prior.log_prob, predictor)
-    assert np.trapezoid(np.exp(log_p), x_out[:, 0]) == pytest.approx(1.0, abs=1e-3)
+    assert trapezoid(np.exp(log_p), x_out[:, 0]) == pytest.approx(1.0, abs=1e-3)
     slope = np.exp(prior.log_prob(grid) - log_p)             # tracked dx_out / dx_T
     mass = log_p > log_p.max() + np.log(1e-2)                # where the output has mass
     np.testing.assert_allclose(np.gradient(x_out[:, 0], grid[:, 0])[mass], slope[mass], rtol=1e-2)
@@ -147,17 +148,110 @@ def test_nfe_is_exact_and_seed_determines_samples(predictor, m, denoise):
     ts = so.uniform_schedule(VP, 7)
     x_T = sm.prior_sample(VP, 10, GAUSS.variance(), 0)
     x1, nfe = sm.sample(counting, VP, ts, x_T, 5, predictor, m, denoise=denoise)
-    per_step = {"none": 0, "euler": 1, "heun": 2, "ancestral": 1}[predictor]
+    per_step = {"none": 0, "euler": 1, "heun": 2, "ancestral": 1, "euler_maruyama": 1}[predictor]
     assert nfe == len(calls) == 7 * (per_step + m) + denoise
     x2, _ = sm.sample(counting, VP, ts, x_T, np.random.default_rng(5), predictor, m, denoise=denoise)
     np.testing.assert_array_equal(x1, x2)
 
 
 def test_heun_has_no_second_stage_on_a_step_to_sigma_zero():
+    # s = 1, sigma = 2t, data N(0, 1): S(x, t) = -x / (1 + nu^2) and the slope of x in nu
+    # is d = nu x / (1 + nu^2). From nu = 2 to 1: Euler stage x_bar = x - 0.4 x = 0.6 x,
+    # d_next = 0.3 x, trapezoid x1 = x - 0.5 (0.4 + 0.3) x = 0.65 x. From nu = 1 to 0:
+    # x_bar = x1 - x1 / 2 = 0.325 x, and no second stage (it would give 0.75 x1 = 0.4875 x).
     p = so.Process(s=lambda t: 1.0 + 0.0 * t, sigma=lambda t: 2.0 * t, t_min=0.0, t_max=1.0)
     x, nfe = sm.sample(exact(models.Gaussian([0.0], [1.0]), p), p, np.array([0.0, 0.5, 1.0]),
                        np.ones((3, 1)), 0, "heun")
     assert nfe == 3
+    np.testing.assert_allclose(x, 0.325, rtol=1e-14)
+
+
+def k_diffusion_ancestral(denoiser, y, sigmas, rng):
+    """k-diffusion's sample_euler_ancestral with get_ancestral_step (eta = 1), written out
+    independently from its formulas: sigma_up = min(sigma_to, sqrt(sigma_to^2 (sigma_from^2 -
+    sigma_to^2) / sigma_from^2)), sigma_down = sqrt(sigma_to^2 - sigma_up^2), then an Euler
+    step to sigma_down and noise of size sigma_up. `sigmas` descending, `y = x / s`."""
+    for sigma_from, sigma_to in zip(sigmas[:-1], sigmas[1:]):
+        sigma_up = min(sigma_to, np.sqrt(sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2))
+        sigma_down = np.sqrt(sigma_to ** 2 - sigma_up ** 2)
+        d = (y - denoiser(y, sigma_from)) / sigma_from
+        y = y + d * (sigma_down - sigma_from) + rng.standard_normal(y.shape) * sigma_up
+    return y
+
+
+@pytest.mark.parametrize("process", [VE, VP, so.vp_cosine()], ids=["ve", "vp_linear", "vp_cosine"])
+@pytest.mark.parametrize("make_schedule", [so.uniform_schedule, so.loglinear_schedule,
+                                           lambda p, T: so.edm_schedule(p, T, 7.0)],
+                         ids=["uniform", "loglinear", "edm7"])
+def test_ancestral_step_is_k_diffusions_euler_ancestral(process, make_schedule):
+    # Denoiser of N(m, lam) data in y = x/s with noise nu: E[x0 | y] = m + lam (y - m) / (lam + nu^2).
+    m, lam = GAUSS.means[0], GAUSS.var
+    denoiser = lambda y, nu: m + lam * (y - m) / (lam + nu ** 2)
+    ts = make_schedule(process, 9)
+    x_T = sm.prior_sample(process, 200, GAUSS.variance(), 0)
+    x, nfe = sm.sample(exact(GAUSS, process), process, ts, x_T, 7, "ancestral")
+    y = k_diffusion_ancestral(denoiser, x_T / process.s(ts[-1]), so.nsr(process, ts)[::-1],
+                              np.random.default_rng(7))
+    assert nfe == 9
+    np.testing.assert_allclose(x, process.s(ts[0]) * y, rtol=1e-11, atol=1e-13)
+
+
+def test_ancestral_step_cannot_blow_up_where_euler_maruyama_does():
+    # Issue 7: VE, 10 log-linear steps from 80 to 0.002, data N(0, 0.5^2). Euler-Maruyama
+    # multiplies x by 1 - 2 sigma^2 dlog(sigma) / (sigma^2 + c^2) per step, beyond 1 in size
+    # once sigma falls by more than e per step; the posterior step is a convex combination.
+    target = models.Gaussian([0.0], [0.25])
+    goal = target.marginal(VE, VE.t_min)
+    ts = so.loglinear_schedule(VE, 10)
+    kl = {p: sm.gaussian_kl(*sm.gaussian_output_law(target, VE, ts, p), goal.mean(), goal.var)
+          for p in ("ancestral", "euler_maruyama")}
+    assert kl["euler_maruyama"] > 1000 and kl["ancestral"] < 0.2   # measured: 1039 and 0.147
+
+
+def eta_step(eta):
+    """A user-defined DDIM(eta) step in y = x/s: eta = 0 is DDIM, eta = 1 the ancestral step."""
+    def step(score, process, x, t_cur, t_next, rng):
+        s_cur, s_next = process.s(t_cur), process.s(t_next)
+        nu, nu_next = process.nsr(t_cur), process.nsr(t_next)
+        y = x / s_cur
+        denoised = y + nu ** 2 * s_cur * score(x, t_cur)
+        c = eta * nu_next * np.sqrt(1 - (nu_next / nu) ** 2)
+        y_next = denoised + np.sqrt(nu_next ** 2 - c ** 2) * (y - denoised) / nu
+        noise = c * rng.standard_normal(x.shape) if eta > 0 else 0.0   # DDIM draws nothing
+        return s_next * (y_next + noise), 1
+    return step
+
+
+@pytest.mark.parametrize("process", [VE, VP], ids=["ve", "vp_linear"])
+def test_user_defined_steps_work_in_sample_output_law_and_flow_density(process):
+    ts, score = so.edm_schedule(process, 8), exact(GAUSS, process)
+    x_T = sm.prior_sample(process, 100_000, GAUSS.variance(), 1)
+    half = eta_step(0.5)
+    x, nfe = sm.sample(score, process, ts, x_T, 2, half, corrector_steps=1, corrector_ratio=0.05)
+    assert nfe == 16
+    # Its exact law (noise draws counted by running it) against Monte Carlo, as above.
+    mean, var = sm.gaussian_output_law(GAUSS, process, ts, half, 1, corrector_ratio=0.05)
+    n = len(x)
+    assert np.all(np.abs(x.mean(0) - mean) < 4.5 * np.sqrt(var / n))
+    assert np.all(np.abs(x.var(0) - var) < 4.5 * np.sqrt(2 / n) * var)
+    # eta = 1 is the built-in ancestral step, eta = 0 DDIM (the built-in Euler step).
+    for eta, name in ((1.0, "ancestral"), (0.0, "euler")):
+        a, _ = sm.sample(score, process, ts, x_T[:50], 3, eta_step(eta))
+        b, _ = sm.sample(score, process, ts, x_T[:50], 3, name)
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(sm.gaussian_output_law(GAUSS, process, ts, eta_step(eta)),
+                                   sm.gaussian_output_law(GAUSS, process, ts, name), rtol=1e-10)
+    # The flow density follows a deterministic user step and refuses a stochastic one.
+    one_d = models.bimodal()
+    prior = models.Gaussian([0.0], sm.prior_variance(process, one_d.variance()))
+    start = prior.sample(500, 4)
+    ddim = eta_step(0.0)
+    out_user = sm.flow_log_density(exact(one_d, process), process, ts, start, prior.log_prob, ddim)
+    out_builtin = sm.flow_log_density(exact(one_d, process), process, ts, start, prior.log_prob, "euler")
+    np.testing.assert_allclose(out_user[1], out_builtin[1], rtol=1e-9)
+    for stochastic in (half, "ancestral", "euler_maruyama"):
+        with pytest.raises(ValueError, match="draws noise"):
+            sm.flow_log_density(exact(one_d, process), process, ts, start, prior.log_prob, stochastic)
 
 
 def test_tweedie_denoising_is_the_posterior_mean():
@@ -192,6 +286,8 @@ def test_sampler_bad_input():
     x_T = np.zeros((4, 2))
     with pytest.raises(ValueError, match="`predictor` must be one of"):
         sm.sample(score, VP, ts, x_T, 0, predictor="rk4")
+    with pytest.raises(ValueError, match="`predictor` must be one of"):
+        sm.sample(score, VP, ts, x_T, 0, predictor=["euler"])
     with pytest.raises(ValueError, match="strictly increasing"):
         sm.sample(score, VP, ts[::-1], x_T, 0)
     with pytest.raises(ValueError, match="start at t_min"):

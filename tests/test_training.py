@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy.integrate import trapezoid
 from autograd.test_util import check_grads
 
 import models
@@ -227,7 +228,7 @@ def test_trained_model_plugs_into_costs_and_sampler():
     dF = lambda y: (F(y + e) - F(y - e)) / (2 * e)
     grad_q = (S(x, t) - (np.log(np.abs(dF(x + e))) - np.log(np.abs(dF(x - e)))) / (2 * e)) / dF(x)
     p_t = np.exp(BIMODAL.marginal(VP, t).log_prob(x[:, None]))
-    quad = VP.sigma(t2) ** 2 * np.trapezoid(p_t * (S(F(x), t2) - grad_q) ** 2, x)
+    quad = VP.sigma(t2) ** 2 * trapezoid(p_t * (S(F(x), t2) - grad_q) ** 2, x)
     L, se = so.predictor_cost(score, VP, t, t2, BIMODAL.sample(20_000, 0), 1)
     assert abs(L - quad) < 4.5 * se
     delta, _ = so.local_cost(score, VP, TS[::6], BIMODAL.sample(2000, 0), 2, method="autograd")
