@@ -30,13 +30,12 @@ from autograd.misc import flatten
 from autograd.tracer import Box
 from scipy.special import ndtr
 
-from scoreopt import (as_rng, blend, check_data, check_schedule, estimate_schedule_map,
-                      interval_costs, path_length, update_schedule, _check_int, _check_positive,
-                      _check_process)
+from scoreopt import (as_rng, check_data, check_schedule, online_update, _check_gamma, _check_int,
+                      _check_positive, _check_process)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "mlp_score", "score_model", "silu", "noise_features", "dsm_loss", "draw_levels",
-           "AdamState", "adam_init", "adam_step", "OnlineSchedule", "Checkpoint",
+           "AdamState", "adam_init", "adam_step", "OnlineSchedule", "TrainingState",
            "TrainingDiverged", "train", "progress_printer", "retain_freed_memory", "save_checkpoint", "load_checkpoint"]
 
 LOG_2PI = np.log(2.0 * np.pi)
@@ -115,10 +114,6 @@ class GaussianMixture:
         s, sigma = process.s(t), process.sigma(t)
         return _mixture_score(x, np.log(self.weights), s * self.means,
                               s ** 2 * self.stds ** 2 + sigma ** 2)
-
-    def score0(self, x):
-        """Score of ``p_0`` itself, shape (n, d)."""
-        return _mixture_score(self._check_x(x), np.log(self.weights), self.means, self.stds ** 2)
 
     def cdf(self, x):
         """CDF of ``p_0`` (1-D targets only) at points ``x`` of any shape."""
@@ -428,21 +423,7 @@ def adam_step(theta, grad, state, lr, b1=0.9, b2=0.999, eps=1e-8):
 # Training with an optional online schedule (SPEC 6.3, 9)
 # --------------------------------------------------------------------------------
 
-class OnlineSchedule(NamedTuple):
-    """Settings of the online schedule update (the paper's Algorithm 2).
-
-    After ``burn_in`` steps on the initial schedule, every ``every`` steps, with the
-    current model and ``n_samples`` fresh data samples, find a target schedule and
-    blend the current one towards it with rate ``gamma``. The target comes from
-
-    - ``method="intervals"`` (the paper's Algorithm 2): the interval costs of the
-      current schedule (``kind``: ``"corrector"`` or ``"predictor"``, of order
-      ``order``) through ``update_schedule`` (Algorithm 1);
-    - ``method="grid"`` (derived, SPEC 6.1): the local corrector cost on ``n_grid``
-      levels uniform in ``log nu``, through ``optimal_schedule``. It avoids the pitfall
-      of SPEC 6.3 (one huge last step) that the interval route falls into on smooth
-      data (measured on the bimodal target: README).
-    """
+class _OnlineSettings(NamedTuple):
     every: int = 50
     burn_in: int = 1000
     gamma: float = 0.05
@@ -453,8 +434,52 @@ class OnlineSchedule(NamedTuple):
     n_grid: int = 200
 
 
-class Checkpoint(NamedTuple):
-    """A training state; ``score(process)`` gives the model as a score callable."""
+class OnlineSchedule(_OnlineSettings):
+    """Settings of the online schedule update (the paper's Algorithm 2).
+
+    After ``burn_in`` steps on the initial schedule, every ``every`` steps, with the
+    current model and ``n_samples`` fresh data samples, :func:`scoreopt.online_update`
+    finds a target schedule and blends the current one towards it with rate ``gamma``.
+    The target comes from
+
+    - ``method="intervals"`` (the paper's Algorithm 2): the interval costs of the
+      current schedule (``kind``: ``"corrector"`` or ``"predictor"``, of order
+      ``order``) through ``update_schedule`` (Algorithm 1);
+    - ``method="grid"`` (derived, SPEC 6.1): the local corrector cost on ``n_grid``
+      levels uniform in ``log nu``, through ``optimal_schedule``. It avoids the pitfall
+      of SPEC 6.3 (one huge last step) that the interval route falls into on smooth
+      data (measured on the bimodal target: README).
+
+    Every setting is checked here, at construction, not at the first update.
+    """
+    __slots__ = ()
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls, *args, **kwargs)
+        _check_int(self.every, "every", minimum=1)
+        _check_int(self.burn_in, "burn_in", minimum=0)
+        _check_int(self.n_samples, "n_samples", minimum=2)
+        _check_int(self.n_grid, "n_grid", minimum=2)
+        _check_positive(self.order, "order")
+        _check_gamma(self.gamma)
+        if self.kind not in ("corrector", "predictor"):
+            raise ValueError(f"`kind` must be 'corrector' or 'predictor', got {self.kind!r}")
+        if self.method not in ("intervals", "grid"):
+            raise ValueError(f"`method` must be 'intervals' or 'grid', got {self.method!r}")
+        if self.method == "grid" and self.kind != "corrector":
+            raise ValueError("`kind` must be 'corrector' with method 'grid'")
+        return self
+
+    def due(self, step):
+        """Whether the update runs after optimiser step ``step``."""
+        return step >= self.burn_in and (step - self.burn_in) % self.every == 0
+
+
+class TrainingState(NamedTuple):
+    """The state of a training run: what :func:`train` returns and a checkpoint holds.
+
+    ``score(process)`` gives the trained model as a score callable.
+    """
     params: list            # list of (W, b)
     ts: np.ndarray          # current schedule
     adam: "AdamState"
@@ -473,10 +498,10 @@ class TrainingDiverged(FloatingPointError):
     """Raised by `train` when the loss or the parameters stop being finite or explode."""
 
 
-def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_decay="cosine",
-          uniform_levels=False, online=None, callback="default", data_mean=None, data_var=None,
-          checkpoint=None, checkpoint_every=1000, resume=False, max_loss_ratio=1e3,
-          retain_memory=True):
+def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e-3,
+          lr_decay="cosine", uniform_levels=False, online=None, callback="default",
+          data_mean=None, data_var=None, checkpoint=None, checkpoint_every=1000, resume=False,
+          max_loss_ratio=1e3):
     """Train an MLP score model by denoising score matching, optionally adapting the schedule.
 
     Parameters
@@ -484,8 +509,9 @@ def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_d
     params : list of (W, b), from :func:`init_mlp`
     data : a target (anything with ``sample(n, rng)``) or an array (N, d) of samples
     process : scoreopt.Process
-    ts : schedule whose levels the training times are drawn from
-    rng : numpy Generator or int seed; the only source of randomness
+    ts : schedule whose levels the training times are drawn from; may be None with
+        ``uniform_levels=True`` and no ``online`` update
+    rng : numpy Generator or int seed; the only source of randomness (keyword)
     n_steps : total optimiser steps (a resumed run counts the steps already taken)
     lr, lr_decay : Adam step size, constant (``None``) or cosine-decayed to 0 (``"cosine"``)
     uniform_levels : draw ``t`` uniformly on ``[t_min, t_max]`` instead (schedule-free baseline)
@@ -497,126 +523,135 @@ def train(params, data, process, ts, rng, n_steps, batch_size=256, lr=1e-3, lr_d
     checkpoint, checkpoint_every : path of an ``.npz`` checkpoint written atomically every
         ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it
     max_loss_ratio : stop when the loss exceeds this multiple of the first loss
-    retain_memory : call :func:`retain_freed_memory` first (a process-wide glibc
-        setting that made a 3x128 batch-1024 step 2.1x faster here: 15.3 -> 7.3 ms);
-        False leaves the allocator alone
 
     Returns
     -------
-    Checkpoint : the final parameters, schedule, optimiser state, step, generator,
+    TrainingState : the final parameters, schedule, optimiser state, step, generator,
         input standardisation (``result.score(process)`` is the trained score) and
         history ``{"loss": (n_steps,), "update_step", "Lambda": (U,),
         "schedules": (U, T+1), "costs": (U, T)}`` (schedule and costs before each update).
 
     Raises :class:`TrainingDiverged` naming the step if the loss or the parameters stop
     being finite or the loss explodes; the last checkpoint on disk is kept as it was.
+    The allocator setting that speeds steps up (:func:`retain_freed_memory`) is not
+    applied here: call it first if you want it.
     """
+    ts, n_steps, draw, moments = _check_training(params, data, process, ts, n_steps, batch_size, lr,
+                                                 lr_decay, uniform_levels, online, checkpoint_every,
+                                                 max_loss_ratio, data_mean, data_var)
+    state = _start_state(params, ts, as_rng(rng), moments, checkpoint if resume else None)
+    theta, unflatten = flatten(state.params)
+    _, ts, adam, step, rng, history, data_mean, data_var = state
+    callback = progress_printer(n_steps) if callback == "default" else callback
+    loss_and_grad = value_and_grad(_dsm_prepared)
+    losses, start = list(history["loss"]), time.perf_counter()
+    now = lambda: TrainingState(unflatten(theta), ts, adam, step, rng,
+                                dict(history, loss=np.array(losses)), data_mean, data_var)
+    while step < n_steps:
+        # 1. DSM step on the score model, levels drawn from the current schedule
+        x0, params = draw(batch_size, rng), unflatten(theta)
+        t = draw_levels(ts, batch_size, rng, uniform_levels)
+        loss, grad = loss_and_grad(params, *_dsm_inputs(params, x0, t, rng.standard_normal(x0.shape),
+                                                        process, data_mean, data_var))
+        rate = lr * (0.5 * (1 + np.cos(np.pi * step / n_steps)) if lr_decay == "cosine" else 1.0)
+        theta_new, adam = adam_step(theta, flatten(grad)[0], adam, rate)
+        _check_divergence(step + 1, loss, losses[0] if losses else loss, theta_new, max_loss_ratio, checkpoint)
+        theta, step = theta_new, step + 1
+        losses.append(float(loss))
+        # 2-4. Algorithm 2 after the burn-in: costs of ts with the model fixed, then blend
+        if online is not None and online.due(step):
+            model = score_model(unflatten(theta), process, data_mean, data_var)
+            update = online_update(model, process, ts, draw(online.n_samples, rng), rng, online.gamma,
+                                   online.method, online.kind, online.order, online.n_grid)
+            history, ts = _record_update(history, step, ts, update), update.ts
+        if checkpoint is not None and (step % checkpoint_every == 0 or step == n_steps):
+            save_checkpoint(checkpoint, *now())
+        if callback is not None:
+            callback(step, float(loss), {"ts": ts, "elapsed": time.perf_counter() - start,
+                                         "Lambda": history["Lambda"][-1] if len(history["Lambda"]) else None})
+    return now()
+
+
+def _check_training(params, data, process, ts, n_steps, batch_size, lr, lr_decay, uniform_levels,
+                    online, checkpoint_every, max_loss_ratio, data_mean, data_var):
+    """Validate `train`'s arguments once; returns the schedule, ``n_steps``, the data
+    sampler and the standardisation moments."""
     _check_process(process)
+    if ts is None:
+        if not uniform_levels or online is not None:
+            raise ValueError("`ts` is needed unless `uniform_levels=True` without an `online` update")
+        ts = np.array([process.t_min, process.t_max])
     ts = check_schedule(ts, process)
     n_steps = _check_int(n_steps, "n_steps", minimum=1)
-    batch_size = _check_int(batch_size, "batch_size", minimum=1)
+    _check_int(batch_size, "batch_size", minimum=1)
+    _check_int(checkpoint_every, "checkpoint_every", minimum=1)
     _check_positive(lr, "lr")
+    _check_positive(max_loss_ratio, "max_loss_ratio")
     if lr_decay not in (None, "cosine"):
         raise ValueError(f"`lr_decay` must be None or 'cosine', got {lr_decay!r}")
     if online is not None and not isinstance(online, OnlineSchedule):
         raise TypeError("`online` must be an OnlineSchedule or None")
-    if online is not None and online.method not in ("intervals", "grid"):
-        raise ValueError(f"`online.method` must be 'intervals' or 'grid', got {online.method!r}")
-    if retain_memory:
-        retain_freed_memory()
-    draw = _data_sampler(data)
     moments = _data_moments(data)
-    data_mean = moments[0] if data_mean is None else np.broadcast_to(np.asarray(data_mean, float), moments[0].shape)
-    data_var = moments[1] if data_var is None else np.broadcast_to(np.asarray(data_var, float), moments[1].shape)
-    theta, unflatten = flatten(params)
-    rng = as_rng(rng)
-    adam, step = adam_init(theta), 0
-    history = {"loss": np.zeros(0), "update_step": np.zeros(0, int), "Lambda": np.zeros(0),
-               "schedules": np.zeros((0, len(ts))), "costs": np.zeros((0, len(ts) - 1))}
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        saved = load_checkpoint(checkpoint)
-        theta_saved, _ = flatten(saved.params)
-        if theta_saved.shape != theta.shape:
-            raise ValueError("the checkpoint's parameters do not match the shape of `params`")
-        theta, ts, adam, step, rng, history = theta_saved, saved.ts, saved.adam, saved.step, saved.rng, saved.history
-        data_mean, data_var = saved.data_mean, saved.data_var
-    if callback == "default":
-        callback = progress_printer(n_steps)
+    dim = params[-1][0].shape[1]
+    if moments[0].shape != (dim,):
+        raise ValueError(f"`data` has {moments[0].shape[0]} columns but `params` model {dim}")
+    mean = moments[0] if data_mean is None else np.broadcast_to(np.asarray(data_mean, float), (dim,))
+    var = moments[1] if data_var is None else np.broadcast_to(np.asarray(data_var, float), (dim,))
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var > 0)):
+        raise ValueError("`data_mean` must be finite and `data_var` finite and positive")
+    return ts, n_steps, _data_sampler(data), (mean, var)
 
-    loss_and_grad = value_and_grad(_dsm_prepared)
-    losses = list(history["loss"])
-    first_loss = losses[0] if losses else None
-    start = time.perf_counter()
-    while step < n_steps:
-        # 1. optimiser step on the score model, levels drawn from the current schedule
-        x0 = draw(batch_size, rng)
-        t = draw_levels(ts, batch_size, rng, uniform_levels)
-        params = unflatten(theta)
-        loss, grad = loss_and_grad(params, *_dsm_inputs(params, x0, t, rng.standard_normal(x0.shape),
-                                                        process, data_mean, data_var))
-        grad, _ = flatten(grad)
-        first_loss = loss if first_loss is None else first_loss
-        rate = lr * (0.5 * (1 + np.cos(np.pi * step / n_steps)) if lr_decay == "cosine" else 1.0)
-        theta_new, adam_new = adam_step(theta, grad, adam, rate)
-        problem = ("the loss is not finite" if not np.isfinite(loss) else
-                   f"the loss exceeds {max_loss_ratio:g} x the first loss ({first_loss:.6g})"
-                   if loss > max_loss_ratio * first_loss else
-                   "the parameters are not finite" if not np.all(np.isfinite(theta_new)) else None)
-        if problem:
-            where = f"; the last checkpoint ({checkpoint}) is kept" if checkpoint else ""
-            raise TrainingDiverged(f"training diverged at step {step + 1}: {problem} "
-                                   f"(loss = {loss:.6g}){where}")
-        theta, adam, step = theta_new, adam_new, step + 1
-        losses.append(float(loss))
-        # 2-4. online schedule update (Algorithm 2) after the burn-in
-        if online is not None and step >= online.burn_in and (step - online.burn_in) % online.every == 0:
-            model = score_model(unflatten(theta), process, data_mean, data_var)
-            ts_star, costs, length = _online_target(model, process, ts, draw(online.n_samples, rng), rng, online)
-            history = _record_update(history, step, ts, costs, length)
-            ts = blend(ts, ts_star, online.gamma)
-        if checkpoint is not None and (step % checkpoint_every == 0 or step == n_steps):
-            history["loss"] = np.array(losses)
-            save_checkpoint(checkpoint, unflatten(theta), ts, adam, step, rng, history, data_mean, data_var)
-        if callback is not None:
-            callback(step, float(loss), {"ts": ts, "elapsed": time.perf_counter() - start,
-                                         "Lambda": history["Lambda"][-1] if len(history["Lambda"]) else None})
-    history["loss"] = np.array(losses)
-    return Checkpoint(unflatten(theta), ts, adam, step, rng, history, data_mean, data_var)
+
+def _start_state(params, ts, rng, moments, resume_from):
+    """A fresh training state, or the one saved at ``resume_from`` if that file exists."""
+    theta, _ = flatten(params)
+    if resume_from is None or not os.path.exists(resume_from):
+        empty = {"loss": np.zeros(0), "update_step": np.zeros(0, int), "Lambda": np.zeros(0),
+                 "schedules": np.zeros((0, len(ts))), "costs": np.zeros((0, len(ts) - 1))}
+        return TrainingState(params, ts, adam_init(theta), 0, rng, empty, *moments)
+    saved = load_checkpoint(resume_from)
+    if flatten(saved.params)[0].shape != theta.shape:
+        raise ValueError("the checkpoint's parameters do not match the shape of `params`")
+    return saved
+
+
+def _check_divergence(step, loss, first_loss, theta, max_loss_ratio, checkpoint):
+    """Raise :class:`TrainingDiverged` naming ``step`` if the run has stopped being sound."""
+    problem = ("the loss is not finite" if not np.isfinite(loss) else
+               f"the loss exceeds {max_loss_ratio:g} x the first loss ({first_loss:.6g})"
+               if loss > max_loss_ratio * first_loss else
+               "the parameters are not finite" if not np.all(np.isfinite(theta)) else None)
+    if problem:
+        where = f"; the last checkpoint ({checkpoint}) is kept" if checkpoint else ""
+        raise TrainingDiverged(f"training diverged at step {step}: {problem} (loss = {loss:.6g}){where}")
+
+
+def _record_update(history, step, ts, update):
+    """The history with one online update appended (schedule and costs before it)."""
+    return dict(history, update_step=np.append(history["update_step"], step),
+                Lambda=np.append(history["Lambda"], update.length),
+                schedules=np.vstack([history["schedules"], ts]),
+                costs=np.vstack([history["costs"], update.costs]))
 
 
 def retain_freed_memory():
     """Ask glibc's allocator to keep freed memory for reuse; returns whether it applied.
 
-    By default glibc serves arrays above 128 KiB with fresh ``mmap`` pages and returns
-    freed memory to the system, so every training step's large temporaries are paged
-    in (and zeroed) again: measured here, that made a 3x128 batch-1024 step 2.1 times
-    slower, 15.3 ms against 7.3 (README). This raises ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD``
-    to 512 MiB for the whole process (as the environment variables
-    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` would). A no-op returning
-    ``False`` where the C library is not glibc.
+    Opt-in and process-wide: nothing in this package calls it; the examples and
+    benchmarks do, and say so. By default glibc serves arrays above 128 KiB with fresh
+    ``mmap`` pages and returns freed memory to the system, so every training step's
+    large temporaries are paged in (and zeroed) again: measured here, that made a
+    3x128 batch-1024 step about 2 times slower (README). This raises
+    ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD`` to 512 MiB for the whole
+    process (as the environment variables ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` would). A no-op returning ``False`` where the C library
+    is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 512 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         return False
-
-
-def _online_target(model, process, ts, x0, rng, online):
-    """Target schedule, interval costs of ``ts`` and length for one online update."""
-    if online.method == "intervals":
-        costs, _ = interval_costs(model, process, ts, x0, rng, online.kind)
-        return update_schedule(ts, costs, online.order), costs, path_length(costs, online.order)
-    smap = estimate_schedule_map(model, process, x0, rng, n_grid=online.n_grid, n_groups=2)
-    Lambda_at_ts = np.interp(ts, smap.ts, smap.Lambda)      # the map's length of each step of ts
-    return smap.schedule(len(ts) - 1), np.diff(Lambda_at_ts) ** 2, smap.length
-
-
-def _record_update(history, step, ts, costs, length):
-    return dict(history, update_step=np.append(history["update_step"], step),
-                Lambda=np.append(history["Lambda"], length),
-                schedules=np.vstack([history["schedules"], ts]),
-                costs=np.vstack([history["costs"], costs]))
 
 
 def progress_printer(n_steps, lines=10):
@@ -699,7 +734,7 @@ def save_checkpoint(path, params, ts, adam, step, rng, history=None, data_mean=0
 
 
 def load_checkpoint(path):
-    """Load a checkpoint written by :func:`save_checkpoint`; returns a :class:`Checkpoint`.
+    """Load a checkpoint written by :func:`save_checkpoint`; returns a :class:`TrainingState`.
 
     A missing, truncated or corrupted file raises ``ValueError`` naming the path.
     """
@@ -725,5 +760,5 @@ def load_checkpoint(path):
         params.append((theta[i:i + m * n].reshape(m, n), theta[i + m * n:i + size].copy()))
         i += size
     history = {k: data[k] for k in ("loss", "update_step", "Lambda", "schedules", "costs")}
-    return Checkpoint(params, data["ts"], AdamState(data["adam_m"], data["adam_v"], int(data["adam_step"])),
+    return TrainingState(params, data["ts"], AdamState(data["adam_m"], data["adam_v"], int(data["adam_step"])),
                       int(data["step"]), rng, history, data["data_mean"], data["data_var"])

@@ -42,7 +42,7 @@ __all__ = [
     "arctan_schedule", "baseline_schedules", "corrector_cost", "predictor_cost", "interval_costs",
     "local_cost", "gaussian_local_cost", "gaussian_corrector_cost",
     "gaussian_predictor_cost", "iterate_schedule", "ddim_coefficients", "cumulative_cost", "optimal_schedule",
-    "update_schedule", "blend", "path_length", "path_energy", "ScheduleMap",
+    "update_schedule", "blend", "OnlineUpdate", "online_update", "path_length", "path_energy", "ScheduleMap",
     "estimate_schedule_map", "EqualCostResult", "equal_cost_schedule",
     "as_rng", "check_schedule", "check_data",
 ]
@@ -504,12 +504,68 @@ def blend(ts, ts_star, gamma):
     ts_star = check_schedule(ts_star, endpoints=False, name="ts_star")
     if ts.shape != ts_star.shape or ts[0] != ts_star[0] or ts[-1] != ts_star[-1]:
         raise ValueError("`ts` and `ts_star` must have the same length and endpoints")
-    gamma = _check_real(gamma, "gamma")
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"`gamma` must lie in (0, 1], got {gamma}")
+    gamma = _check_gamma(gamma)
     out = gamma * ts_star + (1.0 - gamma) * ts
     out[0], out[-1] = ts[0], ts[-1]
     return out
+
+
+class OnlineUpdate(NamedTuple):
+    """One schedule update of Algorithm 2 (:func:`online_update`)."""
+    ts: np.ndarray          # the next schedule, blend(ts, ts_star, gamma)
+    ts_star: np.ndarray     # the target schedule of this update
+    costs: np.ndarray       # interval costs of the current schedule, shape (T,)
+    length: float           # the path length measured by this update
+
+
+def online_update(score, process, ts, x0, rng, gamma, method="intervals", kind="corrector",
+                  order=2, n_grid=200, velocity=None):
+    """Algorithm 2 of the paper, steps 2-4: one schedule update with the score model fixed.
+
+    ``method="intervals"`` is the paper's route: 2. the interval costs ``L_i`` of the
+    current schedule ``ts`` (:func:`interval_costs`, ``kind`` ``"corrector"`` or
+    ``"predictor"``); 3. ``ts* = UpdateSchedule(ts, L)`` (Algorithm 1,
+    :func:`update_schedule`); 4. ``ts <- gamma ts* + (1 - gamma) ts`` (:func:`blend`).
+    Its length is :func:`path_length` of the costs.
+
+    ``method="grid"`` (derived here, SPEC 6.1) replaces steps 2-3 by the dense-grid map
+    of the local corrector cost on ``n_grid`` levels (:func:`estimate_schedule_map`),
+    ``ts* = Lambda^{-1}(i Lambda / T)``; ``costs`` are then the squared shares of the
+    map's length over the steps of ``ts``. It avoids the pitfall of SPEC 6.3 (one huge
+    last step) that the interval route falls into on smooth data.
+
+    Step 1 of Algorithm 2 (optimiser steps on the model with ``ts`` fixed) is the
+    caller's: :func:`models.train` calls this every few steps after a burn-in.
+
+    Parameters
+    ----------
+    score : callable ``score(x, t) -> (n, d)``, the current model
+    process : Process
+    ts : schedule (``T + 1`` times, endpoints ``t_min``, ``t_max``)
+    x0 : array (n, d), fresh data samples for the costs
+    rng : numpy Generator or int seed
+    gamma : float in ``(0, 1]``, the blend rate
+    method, kind, order, n_grid, velocity : as above
+
+    Returns
+    -------
+    OnlineUpdate : ``(ts, ts_star, costs, length)``.
+    """
+    ts = check_schedule(ts, process)
+    gamma = _check_gamma(gamma)
+    if method == "intervals":
+        costs, _ = interval_costs(score, process, ts, x0, rng, kind, velocity)
+        ts_star, length = update_schedule(ts, costs, order), path_length(costs, order)
+    elif method == "grid":
+        if kind != "corrector":
+            raise ValueError(f"`kind` must be 'corrector' with method 'grid', got {kind!r}")
+        smap = estimate_schedule_map(score, process, x0, rng, n_grid=n_grid, velocity=velocity,
+                                     n_groups=2)
+        costs = np.diff(np.interp(ts, smap.ts, smap.Lambda)) ** 2
+        ts_star, length = smap.schedule(len(ts) - 1), smap.length
+    else:
+        raise ValueError(f"`method` must be 'intervals' or 'grid', got {method!r}")
+    return OnlineUpdate(blend(ts, ts_star, gamma), ts_star, costs, float(length))
 
 
 def path_length(costs, order=2):
@@ -878,6 +934,13 @@ def _check_real(value, name):
     if not np.isfinite(value):
         raise ValueError(f"`{name}` must be finite")
     return value
+
+
+def _check_gamma(gamma):
+    gamma = _check_real(gamma, "gamma")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"`gamma` must lie in (0, 1], got {gamma}")
+    return gamma
 
 
 def _check_positive(value, name):

@@ -63,7 +63,7 @@ def step_time():
     process, target = so.vp_linear(), models.bimodal()
     ts = so.uniform_schedule(process, 50)
     params = models.init_mlp(SEED, dim=1, width=STEP_WIDTH, depth=STEP_DEPTH)
-    run = lambda n: models.train(params, target, process, ts, SEED, n_steps=n, batch_size=STEP_BATCH, callback=None)
+    run = lambda n: models.train(params, target, process, ts, rng=SEED, n_steps=n, batch_size=STEP_BATCH, callback=None)
     run(10)                                                      # warm-up
     start = time.perf_counter()
     run(TIMED_STEPS)
@@ -116,7 +116,7 @@ def cantor():
     for seed in (SEED, SEED + 1):
         params = models.init_mlp(seed, width=CANTOR["width"], depth=CANTOR["depth"])
         start = time.perf_counter()
-        out = models.train(params, target, process, ts, seed, n_steps=CANTOR["n_steps"],
+        out = models.train(params, target, process, ts, rng=seed, n_steps=CANTOR["n_steps"],
                            batch_size=CANTOR["batch_size"], lr=CANTOR["lr"], callback=None)
         seconds = time.perf_counter() - start
         x, _ = sm.sample(out.score(process), process, ts, sm.prior_sample(process, 20_000, target.variance(), 7),
@@ -143,7 +143,7 @@ def bimodal():
         for name, online in (("fixed uniform schedule", None), *ONLINE.items()):
             params = models.init_mlp(SEED, width=BIMODAL["width"], depth=BIMODAL["depth"])
             start = time.perf_counter()
-            out = models.train(params, target, process, uniform, SEED, n_steps=BIMODAL["n_steps"],
+            out = models.train(params, target, process, uniform, rng=SEED, n_steps=BIMODAL["n_steps"],
                                batch_size=BIMODAL["batch_size"], lr=BIMODAL["lr"], online=online, callback=None)
             seconds = time.perf_counter() - start
             model = out.score(process)

@@ -99,12 +99,14 @@ def test_optimal_schedule_beats_every_baseline_on_finite_step_cost(process, c, T
 
 
 def test_at_five_steps_a_hand_tuned_schedule_can_win():
-    # The inversion rests on L ~ delta h^2; at T = 5 it breaks down (SPEC 6.1): measured
-    # here for vp_linear and N(0, 0.5^2), EDM rho = 3 costs about 5.7x less.
+    # The inversion rests on L ~ delta h^2; at T = 5 it breaks down (SPEC 6.1): for
+    # vp_linear and N(0, 0.5^2), EDM rho = 3 has a lower finite-step cost (measured: 5.7x
+    # lower, `examples/finite_step_cost.py`), while from T = 10 on the optimum wins.
     grid = dense_grid(VP, 20000)
-    opt = so.optimal_schedule(grid, so.gaussian_local_cost(VP, grid, [0.25]), 5)
-    ratio = total_cost(VP, opt, 0.5) / total_cost(VP, so.edm_schedule(VP, 5, 3.0), 0.5)
-    assert 5.0 < ratio < 6.5
+    delta = so.gaussian_local_cost(VP, grid, [0.25])
+    ratio = {T: total_cost(VP, so.optimal_schedule(grid, delta, T), 0.5)
+             / total_cost(VP, so.edm_schedule(VP, T, 3.0), 0.5) for T in (5, 10)}
+    assert ratio[5] > 1 > ratio[10]
 
 
 def test_zero_cost_path_returns_uniform_schedule_with_warning():
@@ -159,13 +161,11 @@ def test_update_gives_equal_increments_for_piecewise_constant_metric():
     np.testing.assert_allclose(inc(ts), Lam_edges[-1] / 40, rtol=1e-6)
 
 
-@given(schedules(), st.floats(0.0, 1.0, exclude_min=True), st.integers(0, 2 ** 32))
-def test_blend_keeps_schedules_valid(ts, gamma, seed):
-    rng = np.random.default_rng(seed)
-    other = np.sort(rng.uniform(ts[0], ts[-1], len(ts)))
-    other[0], other[-1] = ts[0], ts[-1]
-    if np.any(np.diff(other) <= 0):
-        return
+@given(st.data(), st.floats(0.0, 1.0, exclude_min=True))
+def test_blend_keeps_schedules_valid(data, gamma):
+    ts = data.draw(schedules(min_steps=2))
+    n = len(ts) - 1          # a second schedule with the same steps and endpoints, built directly
+    other = data.draw(schedules(min_steps=n, max_steps=n, lo=ts[0], hi=ts[-1]))
     out = so.blend(ts, other, gamma)
     assert out[0] == ts[0] and out[-1] == ts[-1] and np.all(np.diff(out) > 0)
     np.testing.assert_array_equal(so.blend(ts, other, 1.0)[1:-1], other[1:-1])
@@ -227,14 +227,23 @@ def test_corrector_iteration_pitfall_one_huge_last_step():
 
 def test_schedule_map_error_bars_are_honest():
     # Lambda from independent seeds scatters as much as the reported standard error says.
+    # With 60 seeds the sample s.d. has a relative s.d. of about 1/sqrt(2 * 59) = 0.09,
+    # so the bands below are about 3.5 of those wide: a factor-1.5 error fails.
     g = models.Gaussian([0.0], [0.25])
     score = lambda x, t: g.score(x, t, VE)
-    maps = [so.estimate_schedule_map(score, VE, g.sample(1000, s), s + 50, n_grid=100)
-            for s in range(12)]
+    maps = [so.estimate_schedule_map(score, VE, g.sample(1000, s), s + 500, n_grid=100)
+            for s in range(60)]
     lengths = np.array([m.length for m in maps])
     se = np.mean([m.length_stderr for m in maps])
-    assert 0.4 < lengths.std(ddof=1) / se < 2.5
+    assert 0.7 < lengths.std(ddof=1) / se < 1.35
+    # The batch-means s.e. is unbiased for the mean too: the closed-form Lambda lies within
+    # 4.5 s.e. of the mean over seeds (the grid's trapezoid error is 2e-7 here).
+    c = 0.5
+    closed = 2 * (np.arcsinh(80 / c) - 80 / np.sqrt(c ** 2 + 80 ** 2)) - 2 * (
+        np.arcsinh(0.002 / c) - 0.002 / np.sqrt(c ** 2 + 0.002 ** 2))
+    assert abs(lengths.mean() - closed) < 4.5 * se / np.sqrt(len(maps))
     spread = np.std([m.schedule(8) for m in maps], axis=0, ddof=1)[1:-1]
     reported = np.mean([m.schedule_stderr(8) for m in maps], axis=0)[1:-1]
-    assert np.all((0.3 < spread / reported) & (spread / reported < 3.0))
+    ratio = spread / reported
+    assert np.all((0.6 < ratio) & (ratio < 1.6)) and 0.75 < np.mean(ratio) < 1.3
     assert maps[0].step_cost(8) == pytest.approx((maps[0].length / 8) ** 2)
