@@ -516,8 +516,9 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     lr, lr_decay : Adam step size, constant (``None``) or cosine-decayed to 0 (``"cosine"``)
     uniform_levels : draw ``t`` uniformly on ``[t_min, t_max]`` instead (schedule-free baseline)
     online : :class:`OnlineSchedule` or None for a fixed schedule
-    callback : ``callback(step, loss, info)`` after every step; ``"default"`` prints a
-        progress line ten times per run; None for silence
+    callback : ``callback(step, loss, info)`` after every step, ``info`` holding the current
+        ``ts``, ``params``, ``elapsed`` seconds and last ``Lambda`` (None before the first
+        update); ``"default"`` prints a progress line ten times per run; None for silence
     data_mean, data_var : per-coordinate data mean and variance for the input
         standardisation (default: from ``data``); kept in the result and checkpoints
     checkpoint, checkpoint_every : path of an ``.npz`` checkpoint written atomically every
@@ -567,7 +568,7 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
         if checkpoint is not None and (step % checkpoint_every == 0 or step == n_steps):
             save_checkpoint(checkpoint, *now())
         if callback is not None:
-            callback(step, float(loss), {"ts": ts, "elapsed": time.perf_counter() - start,
+            callback(step, float(loss), {"ts": ts, "params": unflatten(theta), "elapsed": time.perf_counter() - start,
                                          "Lambda": history["Lambda"][-1] if len(history["Lambda"]) else None})
     return now()
 

@@ -34,6 +34,7 @@ import scoreopt as so
 
 STEPS = (5, 10, 20, 50, 100)
 SAMPLERS = {"euler": ("euler", 0), "heun": ("heun", 0), "ancestral": ("ancestral", 0),
+            "euler_maruyama": ("euler_maruyama", 0),
             "langevin": ("none", 1)}          # annealed Langevin: one corrector step per level
 CORRECTOR_RATIO = 0.1
 N_SAMPLES = 20_000       # samples per quality estimate (mixtures)

@@ -12,14 +12,20 @@
    against training with the online schedule update (Algorithm 2): average
    log-likelihood of samples, score error, and the spread of the per-interval costs.
 
-PyTorch is not a dependency: it is used only here, only if importable.
+PyTorch is not a dependency: it is used only here, only if importable. This script
+opts in to `models.retain_freed_memory()` (a process-wide glibc setting) after
+measuring the step time without it; sections 3 and 4 run with it.
 
-    python examples/train_benchmark.py        # about 4 minutes on 2 cores
+    python examples/train_benchmark.py              # about 4 minutes on 2 cores
+    python examples/train_benchmark.py --step-time  # section 2 only
 """
+import sys
 import time
 import timeit
 
 import numpy as np
+from autograd import value_and_grad
+from autograd.misc import flatten
 
 import models
 import sampler as sm
@@ -60,23 +66,57 @@ def _best(fn, number=200):
 
 
 def step_time():
+    """Per-step time of `models.train` (the whole step: data, levels, features, loss,
+    gradient, Adam), first with the default allocator (what a library call gets), then
+    after this script opts in to `models.retain_freed_memory()` (process-wide, so it
+    cannot be undone here: the default is measured first)."""
     process, target = so.vp_linear(), models.bimodal()
     ts = so.uniform_schedule(process, 50)
     params = models.init_mlp(SEED, dim=1, width=STEP_WIDTH, depth=STEP_DEPTH)
     run = lambda n: models.train(params, target, process, ts, rng=SEED, n_steps=n, batch_size=STEP_BATCH, callback=None)
-    run(10)                                                      # warm-up
-    start = time.perf_counter()
-    run(TIMED_STEPS)
-    ours = (time.perf_counter() - start) / TIMED_STEPS * 1e3
-    print(f"\n2. Training step, {STEP_DEPTH}x{STEP_WIDTH} MLP, batch {STEP_BATCH}, 1-D: "
-          f"scoreopt (NumPy + autograd, float64) {ours:.2f} ms")
+
+    def timed():
+        run(10)                                                  # warm-up
+        start = time.perf_counter()
+        run(TIMED_STEPS)
+        return (time.perf_counter() - start) / TIMED_STEPS * 1e3
+    default, core_default = timed(), _core_step_ms(params, process, ts)
+    applied = models.retain_freed_memory()
+    ours, core = timed(), _core_step_ms(params, process, ts)
+    print(f"\n2. Training step, {STEP_DEPTH}x{STEP_WIDTH} MLP, batch {STEP_BATCH}, 1-D, scoreopt (NumPy + "
+          f"autograd, float64), ms; whole `train` step / loss+gradient+Adam on prepared inputs (as PyTorch below)")
+    print(f"   default allocator: {default:.2f} / {core_default:.2f}; after retain_freed_memory() "
+          f"(applied: {applied}): {ours:.2f} / {core:.2f}")
     if torch is None:
         print("   PyTorch not installed: no comparison")
         return
     for dtype in (torch.float64, torch.float32):
         theirs = _torch_step_ms(dtype)
         print(f"   PyTorch {torch.__version__} CPU ({torch.get_num_threads()} threads), {dtype}: "
-              f"{theirs:.2f} ms; ratio scoreopt / PyTorch = {ours / theirs:.2f}")
+              f"{theirs:.2f} ms; ratio scoreopt / PyTorch, like for like (prepared inputs): "
+              f"{core / theirs:.2f} (default allocator {core_default / theirs:.2f}); whole train step: "
+              f"{ours / theirs:.2f}")
+
+
+def _core_step_ms(params, process, ts):
+    """Loss, gradient and Adam update on prepared inputs: what `_torch_step_ms` times."""
+    rng = np.random.default_rng(SEED)
+    x0 = models.bimodal().sample(STEP_BATCH, rng)
+    t = models.draw_levels(ts, STEP_BATCH, rng)
+    inputs = models._dsm_inputs(params, x0, t, rng.standard_normal(x0.shape), process, 0.0, 1.0)
+    loss_and_grad = value_and_grad(models._dsm_prepared)
+    theta, unflatten = flatten(params)
+    adam = models.adam_init(theta)
+
+    def step(theta, adam):
+        _, grad = loss_and_grad(unflatten(theta), *inputs)
+        return models.adam_step(theta, flatten(grad)[0], adam, 1e-3)
+    for _ in range(10):
+        theta, adam = step(theta, adam)
+    start = time.perf_counter()
+    for _ in range(TIMED_STEPS):
+        theta, adam = step(theta, adam)
+    return (time.perf_counter() - start) / TIMED_STEPS * 1e3
 
 
 def _torch_step_ms(dtype):
@@ -162,6 +202,9 @@ def _mean_log_p0(score, ts):
 
 if __name__ == "__main__":
     begin = time.perf_counter()
+    if "--step-time" in sys.argv:      # only section 2 (repeat it to see the spread)
+        step_time()
+        sys.exit()
     activations()
     step_time()
     cantor()
