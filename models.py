@@ -244,7 +244,7 @@ def _scale_noise(process, t):
 # MLP score model (SPEC 9)
 # --------------------------------------------------------------------------------
 
-def init_mlp(rng, dim=1, width=64, depth=3, n_fourier=4, input_scale=10.0):
+def init_mlp(rng, dim=1, width=64, depth=3, n_fourier=4, input_scale=None):
     """Parameters of an MLP score model: a plain list of ``(W, b)`` pairs.
 
     Input: ``dim`` data coordinates plus ``1 + 2 n_fourier`` noise-level features;
@@ -254,15 +254,20 @@ def init_mlp(rng, dim=1, width=64, depth=3, n_fourier=4, input_scale=10.0):
     ``(-input_scale/2, input_scale/2)``: first-layer units then bend at places spread
     over the standardised data and vary on a fraction of its standard deviation,
     which narrow, well-separated modes need (measured on the mollified Cantor target:
-    README). The output layer starts at zero, so the initial model is the Gaussian fit
-    of :func:`mlp_score` (exact for Gaussian data with the standardisation's moments).
+    README). The default ``input_scale`` is ``10 / sqrt(dim)``: 10 was tuned on 1-D
+    data and is poor in many dimensions, where the data weights' sum over ``dim``
+    inputs is already large. Held-out DSM loss after 3,000 steps (3x64, two seeds,
+    README): d = 1, 10 / 3 / 1 give 0.1105 / 0.1112 / 0.1129; d = 8, 10 / 3.54 / 1 give
+    1.331 / 1.311 / 1.308; d = 64, 10 / 1.25 / 1 give 11.80 / 9.66 / 9.65. The output
+    layer starts at zero, so the initial model is the Gaussian fit of
+    :func:`mlp_score` (exact for Gaussian data with the standardisation's moments).
     """
     rng = as_rng(rng)
     dim = _check_int(dim, "dim", minimum=1)
     width = _check_int(width, "width", minimum=1)
     depth = _check_int(depth, "depth", minimum=1)
     n_fourier = _check_int(n_fourier, "n_fourier", minimum=0)
-    input_scale = _check_positive(input_scale, "input_scale")
+    input_scale = 10.0 / np.sqrt(dim) if input_scale is None else _check_positive(input_scale, "input_scale")
     sizes = [dim + 1 + 2 * n_fourier] + [width] * depth
     params = [(rng.standard_normal((m, n)) / np.sqrt(m), np.zeros(n))
               for m, n in zip(sizes[:-1], sizes[1:])]

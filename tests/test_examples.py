@@ -1,0 +1,70 @@
+"""The examples run end to end in --quick mode and show what they claim (issue: examples).
+
+Each example's ``main(argv, log)`` returns the numbers it prints; the checks below
+are the qualitative claims of each example, on those numbers.
+"""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def run_example(name, tmp_path):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = []
+    out = module.main(["--quick", "--out", str(tmp_path)], log=lines.append)
+    text = "\n".join(lines)
+    # Figures: written when matplotlib is there, otherwise the script says how to get them.
+    if out["figures"]:
+        assert all(os.path.getsize(p) > 10_000 and p.endswith(".png") for p in out["figures"])
+    else:
+        assert "pip install -e '.[examples]'" in text
+    return out, text
+
+
+def test_cantor_linear_schedule_misses_modes_that_the_optimised_one_fills(tmp_path):
+    out, text = run_example("cantor", tmp_path)
+    exact = out["exact"]
+    # With exact scores (the schedule's effect alone), T = 20 ancestral steps:
+    assert exact["optimised"]["modes"] == 8 and exact["linear"]["modes"] <= 2
+    assert exact["optimised"]["w1"] < 0.5 * exact["linear"]["w1"]
+    assert exact["optimised"]["mass"] > exact["linear"]["mass"] + 0.3
+    lam, se = exact["Lambda"]
+    assert 0 < se < 0.01 * lam
+    # The trained models ran with the same budget and report their numbers.
+    for name in ("linear", "optimised"):
+        assert 0 <= out["trained"][name]["modes"] <= 8 and np.isfinite(out["trained"][name]["w1"])
+    assert "| trained | optimised |" in text and "| exact | linear |" in text
+
+
+def test_bimodal_online_update_equalises_costs_and_both_routes_are_shown(tmp_path):
+    out, text = run_example("bimodal", tmp_path)
+    final = out["final"]
+    assert set(final) == {"fixed linear", "online, intervals", "online, dense grid"}
+    for route in ("online, intervals", "online, dense grid"):
+        first, last = final[route]["spread"]
+        assert last < 0.05 * first           # the per-step costs move towards equal
+    assert final["fixed linear"]["spread"] is None
+    # Training curves: one point per evaluation, for every run.
+    assert all(len(curve) == 2 for curve in out["curves"].values())
+    # Exact scores: both optimised schedules beat the linear one in W1.
+    w1 = {name: r["w1"] for name, r in out["exact"].items()}
+    assert w1["corrector-optimised"] < w1["linear"] and w1["predictor-optimised"] < w1["linear"]
+    assert "Reference: mean log p0" in text
+
+
+def test_gaussian_schedules_recover_the_closed_form_and_the_rho_family(tmp_path):
+    out, _ = run_example("gaussian_schedules", tmp_path)
+    for r in out["recovery"].values():
+        assert r["max_rel_error"] < 0.01
+    lam, se, closed = out["Lambda"]
+    assert abs(lam - closed) < 4.5 * se
+    rho = [out["rho"][a] for a in sorted(out["rho"])]
+    assert np.all(np.diff(rho) > 0)          # steeper spectra, larger best-fit rho
+    for kl in out["kl"].values():             # exact KL falls with T for every rule
+        assert np.all(np.diff(kl) < 0)
