@@ -116,14 +116,15 @@ def main(argv=None, log=print):
     final = {}
     for name, run in runs.items():
         model = run["state"].score(process)
-        own, _ = mean_log_p0(model, process, target, run["state"].ts, cfg["n_final"], args.seed + 30)
-        linear, _ = mean_log_p0(model, process, target, so.uniform_schedule(process, T), cfg["n_final"],
-                                args.seed + 30)
+        own, x_own = mean_log_p0(model, process, target, run["state"].ts, cfg["n_final"], args.seed + 30)
+        linear, x_linear = mean_log_p0(model, process, target, so.uniform_schedule(process, T), cfg["n_final"],
+                                       args.seed + 30)
         err, se = sm.score_error(model, exact, process, so.uniform_schedule(process, T),
                                  target.sample(4000, args.seed + 7), args.seed + 8)
         costs = run["state"].history["costs"]
         spread = (costs[0].max() / costs[0].min(), costs[-1].max() / costs[-1].min()) if len(costs) else None
         final[name] = {"own": own, "linear": linear, "score_error": (err, se), "spread": spread,
+                       "w1_own": sm.wasserstein1(x_own, target.cdf), "w1_linear": sm.wasserstein1(x_linear, target.cdf),
                        "first_levels": run["state"].ts[:3], "seconds": run["seconds"]}
 
     schedules, smap, pred = exact_schedules(process, target, args.seed, cfg["predictor_iter"])
@@ -142,15 +143,17 @@ def main(argv=None, log=print):
 
 
 def report(final, densities, smap, pred, cfg, reference, log):
-    log(f"\nTrained models, T = {T}, {SAMPLER} sampler, {cfg['n_final']} samples; mean log p0 on the run's "
-        "own final schedule and on the linear one; score error E sigma^2 |S_theta - S|^2 on the linear levels:")
-    log("| training | first levels of the final schedule | mean log p0, own / linear | score error | "
-        "max/min interval cost, first / last update | time |")
-    log("|---|---|---|---|---|---|")
+    log(f"\nTrained models, T = {T}, {SAMPLER} sampler, {cfg['n_final']} samples; mean log p0 and W1 to p0 "
+        "on the run's own final schedule and on the linear one; score error E sigma^2 |S_theta - S|^2 on the "
+        "linear levels:")
+    log("| training | first levels of the final schedule | mean log p0, own / linear | W1, own / linear | "
+        "score error | max/min interval cost, first / last update | time |")
+    log("|---|---|---|---|---|---|---|")
     for name, r in final.items():
         spread = "" if r["spread"] is None else f"{r['spread'][0]:.3g} / {r['spread'][1]:.3g}"
         levels = ", ".join(f"{t:.3f}" for t in r["first_levels"])
-        log(f"| {name} | {levels}, … | {r['own']:.3f} / {r['linear']:.3f} | {r['score_error'][0]:.5f} ± "
+        log(f"| {name} | {levels}, … | {r['own']:.3f} / {r['linear']:.3f} | {r['w1_own']:.4f} / "
+            f"{r['w1_linear']:.4f} | {r['score_error'][0]:.5f} ± "
             f"{r['score_error'][1]:.5f} | {spread} | {r['seconds']:.1f} s |")
     log(f"\nExact scores, T = {T}, {SAMPLER} sampler (corrector map: Lambda = {smap.length:.3f} ± "
         f"{smap.length_stderr:.3f}; predictor fixed point: {pred.n_iter} iterations, "

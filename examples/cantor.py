@@ -5,10 +5,11 @@ the `vp_linear` process, T steps of the ancestral sampler (the DDPM posterior st
 
 1. Trained models. The same small MLP, the same budget and seed, trained twice:
    - "linear": on the levels of the uniform-in-t ("linear") schedule, sampled on it;
-   - "optimised": the same for BURN_IN steps, then the corrector-optimised schedule
-     is estimated *from the model itself* (dense-grid map, SPEC 6.1: one update of
-     Algorithm 2 with gamma = 1, `OnlineSchedule(method="grid")`) and training
-     continues on its levels; sampled on that schedule.
+   - "optimised": the same for BURN_IN steps; then every EVERY steps the
+     corrector-optimised schedule is estimated *from the model itself* (dense-grid map,
+     SPEC 6.1) and blended in with rate GAMMA (Algorithm 2, dense-grid route:
+     `OnlineSchedule(method="grid")`), training on its levels; sampled on the final
+     schedule.
 2. Exact scores (no training): the same two schedules' effect alone, with the
    schedule map estimated from the exact score.
 
@@ -39,6 +40,7 @@ N_COST = 4_000               # data samples behind each schedule map
 MODEL = dict(width=64, depth=3)
 TRAIN = dict(n_steps=6000, batch_size=256, lr=3e-3)
 BURN_IN = 1500               # steps on the linear schedule before the optimised one is estimated
+EVERY, GAMMA = 500, 0.5      # then re-estimated from the model every EVERY steps, blended with GAMMA
 QUICK = dict(n_steps=1500, burn_in=500, n_samples=5000)
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "out", "cantor")
 
@@ -56,10 +58,10 @@ def schedule_map(score, process, target, seed):
     return so.estimate_schedule_map(score, process, target.sample(N_COST, seed), seed + 1)
 
 
-def train_pair(process, target, n_steps, burn_in, seed, log):
+def train_pair(process, target, steps, n_steps, burn_in, seed, log):
     """The linear-schedule model and the optimised-schedule model: same init, data, budget."""
-    linear = so.uniform_schedule(process, T)
-    online = models.OnlineSchedule(every=n_steps, burn_in=burn_in, gamma=1.0, method="grid",
+    linear = so.uniform_schedule(process, steps)
+    online = models.OnlineSchedule(every=EVERY, burn_in=burn_in, gamma=GAMMA, method="grid",
                                    n_samples=N_COST)
     out = {}
     for name, update in (("linear", None), ("optimised", online)):
@@ -84,6 +86,7 @@ def main(argv=None, log=print):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a shorter run (fewer steps and samples)")
     parser.add_argument("--out", default=OUT, help="folder for the PNG figures")
+    parser.add_argument("--steps", type=int, default=T, help=f"sampling steps T (default {T})")
     args = parser.parse_args(argv)
     n_steps, burn_in, n = ((QUICK["n_steps"], QUICK["burn_in"], QUICK["n_samples"]) if args.quick
                            else (TRAIN["n_steps"], BURN_IN, N_SAMPLES))
@@ -93,15 +96,17 @@ def main(argv=None, log=print):
 
     # Exact scores: the schedule's effect alone.
     exact_map = schedule_map(exact, process, target, args.seed)
-    results = {"exact": {"linear": evaluate(exact, process, target, so.uniform_schedule(process, T), n, args.seed + 10),
-                         "optimised": evaluate(exact, process, target, exact_map.schedule(T), n, args.seed + 10)}}
+    steps = args.steps
+    results = {"T": steps,
+               "exact": {"linear": evaluate(exact, process, target, so.uniform_schedule(process, steps), n, args.seed + 10),
+                         "optimised": evaluate(exact, process, target, exact_map.schedule(steps), n, args.seed + 10)}}
     results["exact"]["Lambda"] = (exact_map.length, exact_map.length_stderr)
 
     # Trained models: same MLP, budget and seed; the optimised run re-estimates its
-    # schedule from the model after the burn-in.
-    log(f"Training two {MODEL['depth']}x{MODEL['width']} MLPs for {n_steps} steps each "
-        f"(the optimised one switches schedule at step {burn_in}):")
-    runs = train_pair(process, target, n_steps, burn_in, args.seed, log)
+    # schedule from the model, after a burn-in, every EVERY steps.
+    log(f"Training two {MODEL['depth']}x{MODEL['width']} MLPs for {n_steps} steps each (the optimised "
+        f"one updates its schedule from step {burn_in} on, every {EVERY} steps):")
+    runs = train_pair(process, target, steps, n_steps, burn_in, args.seed, log)
     results["trained"] = {}
     for name, (run, seconds) in runs.items():
         results["trained"][name] = dict(evaluate(run.score(process), process, target, run.ts, n, args.seed + 10),
@@ -116,7 +121,7 @@ def main(argv=None, log=print):
 
 
 def report(results, n, log):
-    log(f"\nMollified Cantor (8 modes), vp_linear, {SAMPLER} sampler, T = {T}, {n} samples; "
+    log(f"\nMollified Cantor (8 modes), vp_linear, {SAMPLER} sampler, T = {results['T']}, {n} samples; "
         "W1 to p_0, modes holding half their share, mass within a quarter spacing of the atoms:")
     log("| scores | schedule | W1 | modes covered | mass near atoms | Lambda ± s.e. of the map |")
     log("|---|---|---|---|---|---|")
@@ -157,14 +162,15 @@ def plot(results, target, process, out, log):
             ax.set_ylabel("density")
             ax.set_ylim(0, 1.15 * true.max())
         for name, color in (("linear", "tab:red"), ("optimised", "tab:blue")):
-            axes[3].semilogy(np.arange(T + 1), so.nsr(process, results[kind][name]["ts"]), "o-", ms=3,
+            ts = results[kind][name]["ts"]
+            axes[3].semilogy(np.arange(len(ts)), so.nsr(process, ts), "o-", ms=3,
                              color=color, label=name)
         axes[3].set_xlabel("step i (0 = data end)")
         axes[3].set_ylabel(r"noise level $\nu(t_i)$")
         axes[3].set_title("schedules")
         axes[3].legend(fontsize=8)
         scores = "trained MLP" if kind == "trained" else "exact scores"
-        fig.suptitle(f"Mollified Cantor, vp_linear, {SAMPLER} sampler, T = {T}, {scores}")
+        fig.suptitle(f"Mollified Cantor, vp_linear, {SAMPLER} sampler, T = {results['T']}, {scores}")
         fig.tight_layout()
         path = os.path.join(out, f"figure{number}_{kind}.png")
         fig.savefig(path, dpi=110)
