@@ -11,17 +11,18 @@ from typing import NamedTuple
 
 import autograd.numpy as anp
 import numpy as np
-from autograd import elementwise_grad
+from autograd import elementwise_grad, value_and_grad
 from scipy.integrate import trapezoid
+from scipy.optimize import minimize
 from scipy.stats import gaussian_kde
 
-from scoreopt import (_check_finite, _check_int, _check_positive, _check_process, _noised,
+from scoreopt import (baseline_schedules, _check_finite, _check_int, _check_steps, _check_positive, _check_process, _noised,
                       as_rng, check_data, check_schedule, ddim_coefficients)
 
 __all__ = ["sample", "prior_sample", "euler_step", "heun_step", "ancestral_step",
            "euler_maruyama_step", "identity_step", "langevin_step", "tweedie_denoise", "PREDICTORS",
            "resolve_predictor",
-           "gaussian_output_law", "gaussian_kl", "flow_log_density", "wasserstein1",
+           "gaussian_output_law", "gaussian_kl", "gaussian_schedule_kl", "gaussian_optimal_schedule", "flow_log_density", "wasserstein1",
            "mode_coverage", "ModeCoverage", "mean_log_density", "density_estimate",
            "score_error"]
 
@@ -78,7 +79,7 @@ def ancestral_step(score, process, x, t_cur, t_next, rng):
     denoised = y + nu_cur ** 2 * s_cur * score(x, t_cur)
     r = (nu_next / nu_cur) ** 2
     noise = rng.standard_normal(x.shape)
-    return s_next * (r * y + (1.0 - r) * denoised + nu_next * np.sqrt(1.0 - r) * noise), 1
+    return s_next * (r * y + (1.0 - r) * denoised + nu_next * anp.sqrt(1.0 - r) * noise), 1
 
 
 def euler_maruyama_step(score, process, x, t_cur, t_next, rng):
@@ -93,7 +94,7 @@ def euler_maruyama_step(score, process, x, t_cur, t_next, rng):
     h = t_cur - t_next
     f, g2 = process.drift(t_cur), process.diffusion_sq(t_cur)
     drift = f * x - g2 * score(x, t_cur)
-    return x - h * drift + np.sqrt(g2 * h) * rng.standard_normal(x.shape), 1
+    return x - h * drift + anp.sqrt(g2 * h) * rng.standard_normal(x.shape), 1
 
 
 def langevin_step(score, x, t, step_size, rng):
@@ -102,7 +103,7 @@ def langevin_step(score, x, t, step_size, rng):
     The sampler uses ``eps = r v(t)^2`` with a dimensionless ratio ``r`` (the
     annealed-Langevin step rule of Song & Ermon 2019 when ``v = sigma``). 1 NFE.
     """
-    return x + step_size * score(x, t) + np.sqrt(2.0 * step_size) * rng.standard_normal(x.shape)
+    return x + step_size * score(x, t) + anp.sqrt(2.0 * step_size) * rng.standard_normal(x.shape)
 
 
 def tweedie_denoise(score, process, x, t):
@@ -181,9 +182,12 @@ def _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity,
 
 
 def _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio,
-                 denoise, v):
-    """The sampler's loop on validated arguments (``rng`` needs only ``standard_normal``)."""
-    checked = lambda x, t: _check_finite(score(x, t), t, x.shape)
+                 denoise, v, check=True):
+    """The sampler's loop on validated arguments (``rng`` needs only ``standard_normal``).
+
+    ``check=False`` skips the finiteness check of every score, so that autograd can
+    trace the loop (used for the exact Gaussian law's gradient in ``ts``)."""
+    checked = (lambda x, t: _check_finite(score(x, t), t, x.shape)) if check else score
     nfe = 0
     for t_cur, t_next in zip(ts[:0:-1], ts[-2::-1]):       # t_N = t_max down to t_0 = t_min
         x, n = predict(checked, process, x, t_cur, t_next, rng)              # predictor
@@ -259,7 +263,7 @@ def gaussian_output_law(target, process, ts, predictor="euler", corrector_steps=
     With a diagonal Gaussian target the score is affine and acts coordinate-wise, so
     every predictor and corrector step is ``x' = A x + b + c xi`` per coordinate and the
     whole sampler is ``x_out = A x_T + b + sum_k c_k xi_k``. The coefficients are read
-    off by running :func:`sample` itself on a probe batch (rows ``x_T = 0``,
+    off by running :func:`sample`'s own loop on a probe batch (rows ``x_T = 0``,
     ``x_T = 1``, then one row per noise draw ``xi_k = 1``), so this law is that of the
     implemented sampler, not of a re-derivation. The number of draws is counted by a
     first run on two rows, so any step function (``predictor`` may be a callable, see
@@ -269,28 +273,116 @@ def gaussian_output_law(target, process, ts, predictor="euler", corrector_steps=
     ``start`` is ``(mean, var)`` of ``x_T`` per coordinate; the default is the law of
     :func:`prior_sample`. Returns ``(mean, var)`` of the output, each of shape (d,).
     """
-    if len(target.weights) != 1:
+    ts, law = _gaussian_law(target, process, ts, predictor, corrector_steps, corrector_ratio, denoise,
+                            velocity, start)
+    return law(ts)
+
+
+def _gaussian_law(target, process, ts, predictor, corrector_steps, corrector_ratio, denoise, velocity,
+                  start):
+    """Validate once; returns the checked ``ts`` and ``law(ts) -> (mean, var)`` for schedules
+    of the same length, a function autograd can differentiate in ``ts``."""
+    if len(getattr(target, "weights", ())) != 1:
         raise ValueError("`target` must be a Gaussian (one component) for an exact law")
     ts = check_schedule(ts, process)
     score = lambda x, t: target.score(x, t, process)
     predict, v = _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity, process)
     d = target.dim
     mean_T, var_T = (np.zeros(d), prior_variance(process, target.variance())) if start is None else start
-    run = lambda x, noise: _sample_loop(score, process, ts, x, noise, predict, corrector_steps,
-                                        corrector_ratio, denoise, v)[0]
+    run = lambda ts, x, noise, check: _sample_loop(score, process, ts, x, noise, predict, corrector_steps,
+                                                   corrector_ratio, denoise, v, check)[0]
     counter = _CountingNoise()
-    run(np.zeros((2, d)), counter)
+    run(ts, np.zeros((2, d)), counter, True)     # also checks that the scores are finite
     probe = np.zeros((2 + counter.calls, d))
     probe[1] = 1.0
-    out = run(probe, _ProbeNoise())
-    b, A, c = out[0], out[1] - out[0], out[2:] - out[0]
-    return A * mean_T + b, A ** 2 * var_T + np.sum(c ** 2, axis=0)
+
+    def law(ts):
+        out = run(ts, probe, _ProbeNoise(), False)
+        b, A, c = out[0], out[1] - out[0], out[2:] - out[0]
+        return A * mean_T + b, A ** 2 * var_T + anp.sum(c ** 2, axis=0)
+    return ts, law
 
 
 def gaussian_kl(mean, var, target_mean, target_var):
-    """``KL(N(mean, diag(var)) || N(target_mean, diag(target_var)))``."""
-    mean, var, m, lam = (np.asarray(a, dtype=float) for a in (mean, var, target_mean, target_var))
-    return 0.5 * float(np.sum(var / lam + (mean - m) ** 2 / lam - 1.0 + np.log(lam / var)))
+    """``KL(N(mean, diag(var)) || N(target_mean, diag(target_var)))``.
+
+    ``0.5 sum_k [u_k - log(1 + u_k) + (mean_k - m_k)^2 / lam_k]`` with
+    ``u_k = var_k / lam_k - 1``, written with ``log1p`` so that a KL near 0 keeps its
+    relative precision (and with ``autograd.numpy``, so that it can be differentiated).
+    """
+    return float(_kl(*(np.asarray(a, dtype=float) for a in (mean, var, target_mean, target_var))))
+
+
+def _kl(mean, var, m, lam):
+    u = var / lam - 1.0
+    return 0.5 * anp.sum(u - anp.log1p(u) + (mean - m) ** 2 / lam)
+
+
+def gaussian_schedule_kl(target, process, ts, predictor="euler", corrector_steps=0, corrector_ratio=0.1):
+    """Exact ``KL(sampler output || p_{t_min})`` for Gaussian data with its exact score (derived).
+
+    The law of :func:`gaussian_output_law` against the marginal at ``t_min`` (the law
+    every sampler here targets when it does not denoise).
+    """
+    goal = target.marginal(process, process.t_min)
+    return gaussian_kl(*gaussian_output_law(target, process, ts, predictor, corrector_steps, corrector_ratio),
+                       goal.mean(), goal.variance())
+
+
+def gaussian_optimal_schedule(target, process, T, predictor="heun", corrector_steps=0, corrector_ratio=0.1,
+                              starts=None, max_iter=300, n_refine=2):
+    """The KL-optimal ``T``-step schedule of a sampler for Gaussian data: the limit (derived, SPEC 14.1).
+
+    Minimises the exact ``KL(output || p_{t_min})`` (:func:`gaussian_schedule_kl`) over
+    the interior times, parametrised by softmax increments of ``t`` (``t_i = t_min +
+    (t_max - t_min) sum_{j<i} softmax(z)_j``: every ``z`` gives a valid schedule). The
+    exact law is differentiated in ``ts`` by autograd through the sampler's own loop, and
+    ``log KL`` is minimised by L-BFGS (``scipy.optimize.minimize``). Starts: every
+    baseline of :func:`scoreopt.baseline_schedules` (arctan with the data's root mean
+    variance) and the caller's ``starts``; the ``n_refine`` best are optimised and the best
+    schedule seen is returned, so the result is never worse than any start. It is the
+    yardstick for every schedule rule with this sampler and ``T``.
+
+    For ``predictor="euler_maruyama"`` the minimum is degenerate: the step's per-step
+    variance errors change sign, so the optimiser cancels them (KL near 1e-25); that is
+    no yardstick.
+
+    Returns the schedule, shape ``(T + 1,)``.
+    """
+    T = _check_steps(T)
+    n_refine = _check_int(n_refine, "n_refine", minimum=1)
+    candidates = dict(baseline_schedules(process, T, float(np.sqrt(np.mean(target.variance())))))
+    for i, ts in enumerate(starts or []):
+        candidates[f"start {i}"] = check_schedule(ts, process, name="starts")
+    if any(len(ts) != T + 1 for ts in candidates.values()):
+        raise ValueError(f"every schedule in `starts` must have T + 1 = {T + 1} times")
+    ts0, law = _gaussian_law(target, process, candidates["uniform"], predictor, corrector_steps,
+                             corrector_ratio, False, None, None)
+    goal = target.marginal(process, process.t_min)
+    m, lam = goal.mean(), goal.variance()
+    t_min, span = process.t_min, process.t_max - process.t_min
+
+    def schedule(z):
+        w = anp.exp(z - anp.max(z))
+        inner = t_min + span * anp.cumsum(w / anp.sum(w))[:-1]
+        return anp.concatenate([anp.array([t_min]), inner, anp.array([process.t_max])])
+
+    def log_kl(z):
+        return anp.log(_kl(*law(schedule(z)), m, lam) + 1e-300)
+
+    value_grad = value_and_grad(log_kl)
+    scored = sorted((log_kl(np.log(np.diff(ts))), name) for name, ts in candidates.items())
+    best_value, best_ts = scored[0][0], candidates[scored[0][1]]
+    for _, name in scored[:n_refine]:
+        with np.errstate(divide="ignore", invalid="ignore"):    # sqrt'(0) at an endpoint
+            res = minimize(lambda z: tuple(np.asarray(v, float) for v in value_grad(z)),
+                           np.log(np.diff(candidates[name])), jac=True, method="L-BFGS-B",
+                           options={"maxiter": _check_int(max_iter, "max_iter", minimum=1)})
+        ts = np.asarray(schedule(res.x), dtype=float)
+        ts[0], ts[-1] = process.t_min, process.t_max
+        if np.all(np.diff(ts) > 0) and res.fun < best_value:
+            best_value, best_ts = float(res.fun), ts
+    return best_ts
 
 
 def flow_log_density(score, process, ts, x_T, log_prob_T, predictor="euler"):

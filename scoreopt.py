@@ -39,7 +39,7 @@ from scipy.interpolate import PchipInterpolator
 __all__ = [
     "Process", "ve", "vp_linear", "vp_cosine", "nsr", "time_from_nsr", "to_sigmas",
     "uniform_schedule", "edm_schedule", "loglinear_schedule", "cosine_schedule",
-    "arctan_schedule", "baseline_schedules", "corrector_cost", "predictor_cost", "interval_costs",
+    "arctan_schedule", "baseline_schedules", "corrector_cost", "predictor_cost", "step_cost", "gaussian_step_cost", "interval_costs",
     "local_cost", "gaussian_local_cost", "gaussian_corrector_cost",
     "gaussian_predictor_cost", "iterate_schedule", "ddim_coefficients", "cumulative_cost", "optimal_schedule",
     "update_schedule", "blend", "OnlineUpdate", "online_update", "path_length", "path_energy", "ScheduleMap",
@@ -341,18 +341,130 @@ def predictor_cost(score, process, t_from, t_to, x0, rng, velocity=None):
     return _mean_stderr(v(t_to) ** 2 * np.sum(diff ** 2, axis=1))
 
 
-def interval_costs(score, process, ts, x0, rng, kind="corrector", velocity=None):
+def step_cost(score, process, t_from, t_to, x0, rng, step, test="linear", n_groups=10):
+    """Cost of one sampler step from the Stein identity, with scores only (derived, SPEC 14.2).
+
+    With ``x = s(t) x0 + sigma(t) eps`` at ``t = t_from`` and ``y = step(score, process,
+    x, t, t', rng)`` the sampler's own step to ``t' = t_to`` (its noise included), the
+    Stein identity ``E_{p_t'}[y S(y, t')^T] = -I`` holds for the true marginal and fails
+    for the pushed samples in proportion to the step's error. Since
+    ``E_{p_t}[x S(x, t)^T] = -I`` too, the residual is estimated with that control
+    variate, on the same samples:
+
+        M = E[ y S(y, t')^T - x S(x, t)^T ],     L_step = ||M||_F^2,
+
+    unbiasedly, as the mean of ``<M_g, M_h>_F`` over pairs of ``n_groups`` independent
+    sample groups (a U-statistic), with a jackknife standard error. No velocity
+    weighting. ``test="affine"`` adds the constant test function, which sees the mean:
+    ``+ ||sigma(t') E[S(y, t') - S(x, t)]||^2`` (``E_{p_t}[S] = 0``), estimated the same
+    way. For data ``N(0, diag lambda)`` and the exact score, ``L_step = sum_k (1 - P_k /
+    A'_k)^2`` with ``P_k`` the pushed and ``A'_k`` the target variance
+    (:func:`gaussian_step_cost`); it is zero for an exact step.
+
+    Parameters
+    ----------
+    score : callable ``score(x, t) -> (n, d)``
+    process : Process
+    t_from, t_to : float, ``t_min <= t_to < t_from <= t_max``
+    x0 : array (n, d), data samples, ``n >= 2 n_groups``
+    rng : numpy Generator or int seed (draws ``x`` and the step's noise)
+    step : a sampler step ``step(score, process, x, t_cur, t_next, rng) -> (x, nfe)``
+        (``sampler.euler_step``, ``sampler.heun_step``, ``sampler.ancestral_step``, ...);
+        ``scoreopt`` does not import the sampler
+    test : ``"linear"`` or ``"affine"``
+    n_groups : int >= 2
+
+    Returns
+    -------
+    (L, stderr) : floats. ``L`` may be slightly negative by Monte-Carlo error (it is
+        unbiased); :func:`interval_costs` clips it at zero. Over 30 seeds (N(0, diag
+        k^-1.5), d = 8, 10,000 samples) the estimates scattered 1.15-1.22 times the
+        reported jackknife error: it is slightly optimistic with 10 groups.
+
+    Costs ``O(n d^2)`` memory-free work (group sums of outer products) and the step's
+    NFE plus two score evaluations per sample. For large ``d`` a Hutchinson estimate
+    would scale better; it is not implemented.
+    """
+    x0, rng, _ = _check_cost_inputs(score, process, x0, rng, None)
+    t_from, t_to = _check_time(t_from, process, "t_from"), _check_time(t_to, process, "t_to")
+    if not t_to < t_from:
+        raise ValueError(f"`t_to` = {t_to} must be below `t_from` = {t_from}: a step goes towards the data")
+    if not callable(step):
+        raise TypeError("`step` must be a sampler step step(score, process, x, t_cur, t_next, rng)")
+    if test not in ("linear", "affine"):
+        raise ValueError(f"`test` must be 'linear' or 'affine', got {test!r}")
+    n_groups = _check_int(n_groups, "n_groups", minimum=2)
+    if len(x0) < 2 * n_groups:
+        raise ValueError(f"`x0` needs at least {2 * n_groups} samples for {n_groups} groups")
+    x = _noised(process, x0, t_from, rng)
+    S_x = _eval_score(score, x, t_from)
+    checked = lambda z, t: _eval_score(score, z, t)
+    y = _check_step_output(step(checked, process, x, t_from, t_to, rng), x.shape, t_from, t_to)
+    S_y = _eval_score(score, y, t_to)
+    groups = np.array_split(np.arange(len(x)), n_groups)
+    # Per-group residuals, flattened: (G, d*d), plus (G, d) for the constant test function.
+    M = np.array([((y[g].T @ S_y[g]) - (x[g].T @ S_x[g])).ravel() / len(g) for g in groups])
+    if test == "affine":
+        sigma_to = float(process.sigma(t_to))
+        M = np.hstack([M, np.array([sigma_to * (S_y[g] - S_x[g]).mean(axis=0) for g in groups])])
+    return _pair_product_mean(M)
+
+
+def _pair_product_mean(M):
+    """Unbiased ``||E m||^2`` from independent group means ``M`` (G, k): the mean of
+    ``<M_g, M_h>`` over ``g != h``, and its jackknife standard error."""
+    G = len(M)
+    total, squares = M.sum(axis=0), np.sum(M ** 2, axis=1)
+    U = (total @ total - squares.sum()) / (G * (G - 1))
+    # Leave group g out: sums over the other G - 1 groups.
+    rest = total[None, :] - M
+    U_minus = (np.sum(rest ** 2, axis=1) - (squares.sum() - squares)) / ((G - 1) * (G - 2)) if G > 2 else np.full(G, U)
+    stderr = np.sqrt((G - 1) / G * np.sum((U_minus - U_minus.mean()) ** 2))
+    return float(U), float(stderr)
+
+
+def _check_step_output(out, shape, t_from, t_to):
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError("`step` must return (x, nfe)")
+    y = np.asarray(out[0], dtype=float)
+    if y.shape != shape or not np.all(np.isfinite(y)):
+        raise ValueError(f"`step` from t = {t_from:.6g} to t = {t_to:.6g} returned "
+                         f"{'shape ' + str(y.shape) if y.shape != shape else 'non-finite values'}")
+    return y
+
+
+def gaussian_step_cost(process, t_from, t_to, variances, pushed_variances):
+    """Exact ``L_step = sum_k (1 - P_k / A'_k)^2`` for zero-mean data ``N(0, diag(lambda))`` (derived).
+
+    For a step that maps ``p_t = N(0, diag(A))`` to ``N(0, diag(P))`` (``P`` the pushed
+    variances: every built-in step is affine per coordinate with the exact score) and
+    the target ``p_t' = N(0, diag(A'))``: ``E[y S(y, t')^T] = -diag(P / A')`` and
+    ``E[x S(x, t)^T] = -I``, so ``M = diag(1 - P / A')``. ``t_from`` is kept for the
+    signature's symmetry with :func:`step_cost`.
+    """
+    _check_process(process)
+    lam = _as_float_array(variances, "variances").reshape(-1)
+    P = _as_float_array(pushed_variances, "pushed_variances").reshape(-1)
+    if P.shape != lam.shape:
+        raise ValueError("`pushed_variances` and `variances` must have the same length")
+    _check_time(t_from, process, "t_from")
+    t_to = _check_time(t_to, process, "t_to")
+    A2 = process.s(t_to) ** 2 * lam + process.sigma(t_to) ** 2
+    return float(np.sum((1.0 - P / A2) ** 2))
+
+
+def interval_costs(score, process, ts, x0, rng, kind="corrector", velocity=None, step=None):
     """Costs ``L_i = L(t_{i+1}, t_i)`` of every step of a schedule (Algorithm 1's input).
 
-    ``kind`` is ``"corrector"`` (:func:`corrector_cost`) or ``"predictor"``
-    (:func:`predictor_cost`). Returns ``(costs, stderr)``, each of shape ``(T,)``.
+    ``kind`` is ``"corrector"`` (:func:`corrector_cost`), ``"predictor"``
+    (:func:`predictor_cost`) or ``"step"`` (:func:`step_cost` of the sampler step
+    ``step``, clipped at zero). Returns ``(costs, stderr)``, each of shape ``(T,)``.
     """
     ts = check_schedule(ts, process, endpoints=False)
-    cost = _cost_function(kind)
+    cost = _cost_function(kind, velocity, step)
     rng = as_rng(rng)
-    out = np.array([cost(score, process, ts[i + 1], ts[i], x0, rng, velocity)
-                    for i in range(len(ts) - 1)])
-    return out[:, 0], out[:, 1]
+    out = np.array([cost(score, process, ts[i + 1], ts[i], x0, rng) for i in range(len(ts) - 1)])
+    return np.maximum(out[:, 0], 0.0), out[:, 1]
 
 
 def local_cost(score, process, ts, x0, rng, velocity=None, method="fd", rel_step=1e-3):
@@ -658,7 +770,7 @@ class EqualCostResult(NamedTuple):
 
 
 def equal_cost_schedule(score, process, ts, x0, rng, kind="predictor", gamma=0.5,
-                        order=None, max_iter=100, tol=1e-4, velocity=None):
+                        order=None, max_iter=100, tol=1e-4, velocity=None, step=None):
     """Damped Algorithm 1 iterated to its equal-cost fixed point for a fixed score.
 
     Repeats ``ts <- blend(ts, update_schedule(ts, L(ts)), gamma)`` (Algorithm 2 with
@@ -669,16 +781,21 @@ def equal_cost_schedule(score, process, ts, x0, rng, kind="predictor", gamma=0.5
     deterministic. ``order`` defaults to 4 for the predictor cost (``O(h^4)`` with
     accurate scores) and 2 for the corrector cost. See :func:`iterate_schedule`.
 
+    ``kind="step"`` equalises :func:`step_cost` of the sampler step ``step`` (derived,
+    SPEC 14.2): the schedule for that sampler. Its ``order`` defaults to 4 (a first-order
+    step's residual is ``O(h^2)``); the fixed point has equal costs whatever the order,
+    which only sets how far each update moves.
+
     Limitation (derived, SPEC 6.3): with the corrector cost, smooth data and few
     steps, ``v(t_min)^2 = sigma_min^2`` makes the last step look free and the iteration
     drifts towards one huge last step; prefer :func:`estimate_schedule_map` for the
     corrector cost.
     """
     ts = check_schedule(ts, process)
-    _cost_function(kind)
+    _cost_function(kind, velocity, step)
     seed = int(as_rng(rng).integers(2 ** 63))
-    costs = lambda ts: interval_costs(score, process, ts, x0, seed, kind, velocity)
-    order = (4 if kind == "predictor" else 2) if order is None else order
+    costs = lambda ts: interval_costs(score, process, ts, x0, seed, kind, velocity, step)
+    order = (2 if kind == "corrector" else 4) if order is None else order
     return iterate_schedule(costs, ts, gamma, order, max_iter, tol)
 
 
@@ -799,12 +916,17 @@ def _mean_stderr(values):
     return (float(mean), float(stderr)) if np.ndim(values) == 1 else (mean, stderr)
 
 
-def _cost_function(kind):
+def _cost_function(kind, velocity=None, step=None):
+    """The cost of ``kind`` as ``cost(score, process, t_from, t_to, x0, rng) -> (L, stderr)``."""
     if kind == "corrector":
-        return corrector_cost
+        return lambda *args: corrector_cost(*args, velocity=velocity)
     if kind == "predictor":
-        return predictor_cost
-    raise ValueError(f"`kind` must be 'corrector' or 'predictor', got {kind!r}")
+        return lambda *args: predictor_cost(*args, velocity=velocity)
+    if kind == "step":
+        if not callable(step):
+            raise TypeError("`step` must be a sampler step function with kind='step'")
+        return lambda *args: step_cost(*args, step=step)
+    raise ValueError(f"`kind` must be 'corrector', 'predictor' or 'step', got {kind!r}")
 
 
 def _nsr_range(process):
