@@ -453,15 +453,16 @@ def gaussian_step_cost(process, t_from, t_to, variances, pushed_variances):
     return float(np.sum((1.0 - P / A2) ** 2))
 
 
-def interval_costs(score, process, ts, x0, rng, kind="corrector", velocity=None, step=None):
+def interval_costs(score, process, ts, x0, rng, kind="corrector", velocity=None, step=None, test="linear"):
     """Costs ``L_i = L(t_{i+1}, t_i)`` of every step of a schedule (Algorithm 1's input).
 
     ``kind`` is ``"corrector"`` (:func:`corrector_cost`), ``"predictor"``
     (:func:`predictor_cost`) or ``"step"`` (:func:`step_cost` of the sampler step
-    ``step``, clipped at zero). Returns ``(costs, stderr)``, each of shape ``(T,)``.
+    ``step`` with test functions ``test``, clipped at zero). Returns ``(costs, stderr)``,
+    each of shape ``(T,)``.
     """
     ts = check_schedule(ts, process, endpoints=False)
-    cost = _cost_function(kind, velocity, step)
+    cost = _cost_function(kind, velocity, step, test)
     rng = as_rng(rng)
     out = np.array([cost(score, process, ts[i + 1], ts[i], x0, rng) for i in range(len(ts) - 1)])
     return np.maximum(out[:, 0], 0.0), out[:, 1]
@@ -770,7 +771,7 @@ class EqualCostResult(NamedTuple):
 
 
 def equal_cost_schedule(score, process, ts, x0, rng, kind="predictor", gamma=0.5,
-                        order=None, max_iter=100, tol=1e-4, velocity=None, step=None):
+                        order=None, max_iter=100, tol=1e-4, velocity=None, step=None, test="linear"):
     """Damped Algorithm 1 iterated to its equal-cost fixed point for a fixed score.
 
     Repeats ``ts <- blend(ts, update_schedule(ts, L(ts)), gamma)`` (Algorithm 2 with
@@ -781,8 +782,8 @@ def equal_cost_schedule(score, process, ts, x0, rng, kind="predictor", gamma=0.5
     deterministic. ``order`` defaults to 4 for the predictor cost (``O(h^4)`` with
     accurate scores) and 2 for the corrector cost. See :func:`iterate_schedule`.
 
-    ``kind="step"`` equalises :func:`step_cost` of the sampler step ``step`` (derived,
-    SPEC 14.2): the schedule for that sampler. Its ``order`` defaults to 4 (a first-order
+    ``kind="step"`` equalises :func:`step_cost` of the sampler step ``step`` (test
+    functions ``test``; derived, SPEC 14.2): the schedule for that sampler. Its ``order`` defaults to 4 (a first-order
     step's residual is ``O(h^2)``); the fixed point has equal costs whatever the order,
     which only sets how far each update moves.
 
@@ -792,9 +793,9 @@ def equal_cost_schedule(score, process, ts, x0, rng, kind="predictor", gamma=0.5
     corrector cost.
     """
     ts = check_schedule(ts, process)
-    _cost_function(kind, velocity, step)
+    _cost_function(kind, velocity, step, test)
     seed = int(as_rng(rng).integers(2 ** 63))
-    costs = lambda ts: interval_costs(score, process, ts, x0, seed, kind, velocity, step)
+    costs = lambda ts: interval_costs(score, process, ts, x0, seed, kind, velocity, step, test)
     order = (2 if kind == "corrector" else 4) if order is None else order
     return iterate_schedule(costs, ts, gamma, order, max_iter, tol)
 
@@ -916,7 +917,7 @@ def _mean_stderr(values):
     return (float(mean), float(stderr)) if np.ndim(values) == 1 else (mean, stderr)
 
 
-def _cost_function(kind, velocity=None, step=None):
+def _cost_function(kind, velocity=None, step=None, test="linear"):
     """The cost of ``kind`` as ``cost(score, process, t_from, t_to, x0, rng) -> (L, stderr)``."""
     if kind == "corrector":
         return lambda *args: corrector_cost(*args, velocity=velocity)
@@ -925,7 +926,7 @@ def _cost_function(kind, velocity=None, step=None):
     if kind == "step":
         if not callable(step):
             raise TypeError("`step` must be a sampler step function with kind='step'")
-        return lambda *args: step_cost(*args, step=step)
+        return lambda *args: step_cost(*args, step=step, test=test)
     raise ValueError(f"`kind` must be 'corrector', 'predictor' or 'step', got {kind!r}")
 
 

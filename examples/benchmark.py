@@ -18,6 +18,12 @@ and process (re-discretised to every T); the predictor-optimised one from the da
 fixed-point iteration per T (Monte-Carlo L_p through autograd; for the 64-d Gaussian
 the closed-form L_p, since the exact Jacobian would need 64 nested reverse passes).
 
+Sampler-aware rows (derived, SPEC 14), for euler, heun and ancestral at T <= 50: the
+equal step-cost schedule of that sampler (`equal_cost_schedule(kind="step")`, Monte
+Carlo from the exact score, N_STEP_COST samples) and, for Gaussian targets, the
+KL-optimal limit (`sampler.gaussian_optimal_schedule`), against which every schedule's
+KL is reported as a ratio.
+
     python examples/benchmark.py            # full run, writes docs/benchmark.md
     python examples/benchmark.py --quick    # a smoke run, prints only
 """
@@ -40,6 +46,9 @@ CORRECTOR_RATIO = 0.1
 N_SAMPLES = 20_000       # samples per quality estimate (mixtures)
 N_COST = 2_000           # data samples behind the corrector map (a quarter for the predictor iteration)
 N_GRID = 1_000           # grid of the corrector schedule map
+AWARE_SAMPLERS = ("euler", "heun", "ancestral")   # samplers with a step-cost schedule and a limit
+AWARE_STEPS = (5, 10, 20, 50)
+N_STEP_COST = 4_000      # data samples behind the step-cost fixed point
 SEED = 0
 OUT = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmark.md")
 
@@ -121,14 +130,26 @@ def steps_needed(target, process, smap, sampler_name, goal, max_T):
     return None
 
 
+def step_schedule(target, process, T, sampler_name, start_ts, test="linear"):
+    """Equal step-cost schedule for one sampler (SPEC 14.2), from exact scores by Monte Carlo."""
+    score = Counter(lambda x, t: target.score(x, t, process))
+    begin = time.perf_counter()
+    res = so.equal_cost_schedule(score, process, start_ts, target.sample(N_STEP_COST, SEED + 6), SEED + 7,
+                                 kind="step", step=sm.PREDICTORS[sampler_name], test=test, gamma=0.5,
+                                 max_iter=100, tol=1e-3)
+    return res.ts, {"calls": score.calls, "evaluations": score.evaluations, "iterations": res.n_iter,
+                    "converged": res.converged, "seconds": time.perf_counter() - begin}
+
+
 def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, samplers=tuple(SAMPLERS),
-        saved_at=(10, 20)):
+        saved_at=(10, 20), aware_steps=AWARE_STEPS):
     """Run the benchmark; returns the Markdown report as a string."""
     targets = make_targets()
     processes = {"vp_linear": so.vp_linear(), "ve": so.ve()}
-    lines, summary, costs = [], [], []
+    lines, summary, costs, aware, ratios = [], [], [], [], []
     for tname in target_names or targets:
         target = targets[tname]
+        gaussian = isinstance(target, models.Gaussian)
         for pname in process_names:
             process = processes[pname]
             smap, map_cost = corrector_map(target, process)
@@ -137,36 +158,80 @@ def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, sampl
             schedules = {}
             for T in steps:
                 ts_p, p_cost = predictor_schedule(target, process, T, smap.schedule(T))
-                costs.append(f"| {tname} | {pname} | predictor fixed point, T = {T} | {p_cost['calls']} | "
-                             f"{p_cost['evaluations']:,} | {p_cost['seconds']:.2f} | "
-                             f"{p_cost['iterations']} iterations{'' if p_cost['converged'] else ', not converged'} |")
+                costs.append(cost_row(tname, pname, f"predictor fixed point, T = {T}", p_cost))
                 c = float(np.sqrt(np.mean(target.variance())))
                 schedules[T] = dict(so.baseline_schedules(process, T, c), **{"opt-corrector": smap.schedule(T),
                                                                              "opt-predictor": ts_p})
             for sname in samplers:
-                table = {name: {T: quality(target, process, schedules[T][name], sname) for T in steps}
-                         for name in schedules[steps[0]]}
-                metric = "exact KL to p_tmin" if isinstance(target, models.Gaussian) else "W1 to p_tmin (modes covered)"
+                # Sampler-aware rows (derived, SPEC 14): the equal step-cost schedule, and for
+                # Gaussian data the KL-optimal limit (degenerate for euler_maruyama: left out).
+                own = {T: dict(schedules[T]) for T in steps}
+                for T in (T for T in steps if T in aware_steps and sname in AWARE_SAMPLERS):
+                    own[T]["opt-step"], st_cost = step_schedule(target, process, T, sname, smap.schedule(T))
+                    costs.append(cost_row(tname, pname, f"step-cost fixed point, {sname}, T = {T}", st_cost))
+                    if not gaussian:     # the constant test function too, which sees the mean
+                        own[T]["opt-step-affine"], st_cost = step_schedule(target, process, T, sname,
+                                                                           smap.schedule(T), "affine")
+                        costs.append(cost_row(tname, pname, f"affine step-cost fixed point, {sname}, T = {T}",
+                                              st_cost))
+                    if gaussian:
+                        begin = time.perf_counter()
+                        own[T]["limit"] = sm.gaussian_optimal_schedule(target, process, T, sname)
+                        costs.append(f"| {tname} | {pname} | KL-optimal limit, {sname}, T = {T} | 0 | 0 | "
+                                     f"{time.perf_counter() - begin:.2f} | exact law, L-BFGS |")
+                names = list(dict.fromkeys(n for T in steps for n in own[T]))
+                table = {name: {T: quality(target, process, own[T][name], sname) for T in steps if name in own[T]}
+                         for name in names}
+                metric = "exact KL to p_tmin" if gaussian else "W1 to p_tmin (modes covered)"
                 lines.append(f"\n### {tname}, {pname}, {sname} — {metric}\n")
                 lines.append("| schedule | " + " | ".join(f"T = {T}" for T in steps) + " |")
                 lines.append("|---|" + "---|" * len(steps))
+                best_in_col = {T: min((n for n in table if T in table[n] and n != "limit"),
+                                      key=lambda n: headline(table[n][T])) for T in steps}
                 for name, row in table.items():
-                    best_in_col = lambda T: min(table, key=lambda n: headline(table[n][T]))
-                    cells = [(f"**{fmt(row[T])}**" if best_in_col(T) == name else fmt(row[T])) for T in steps]
+                    cells = [("—" if T not in row else f"**{fmt(row[T])}**" if best_in_col[T] == name else fmt(row[T]))
+                             for T in steps]
                     lines.append(f"| {name} | " + " | ".join(cells) + " |")
                 for T in saved_at:
                     if T not in steps:
                         continue
-                    base = {n: headline(table[n][T]) for n in table if not n.startswith("opt")}
+                    base = {n: headline(table[n][T]) for n in table if not n.startswith("opt") and n != "limit"}
                     best = min(base, key=base.get)
                     need = steps_needed(target, process, smap, sname, base[best], 2 * T)
                     summary.append(f"| {tname} | {pname} | {sname} | {T} | {best} {base[best]:.3g} | "
                                    f"{headline(table['opt-corrector'][T]):.3g} | {headline(table['opt-predictor'][T]):.3g} | "
                                    f"{need if need is not None else f'> {2 * T}'} |")
+                for T in (T for T in steps if "opt-step" in own[T]):
+                    base = {n: headline(table[n][T]) for n in table if not n.startswith("opt") and n != "limit"}
+                    best = min(base, key=base.get)
+                    step_q = headline(table["opt-step"][T])
+                    affine = (f"{fmt(table['opt-step-affine'][T])} | "
+                              f"{headline(table['opt-step-affine'][T]) / base[best]:.2f}") if not gaussian else "— | —"
+                    aware.append(f"| {tname} | {pname} | {sname} | {T} | {best} {fmt(table[best][T])} | "
+                                 f"{fmt(table['opt-step'][T])} | {step_q / base[best]:.2f} | {affine} |")
+                    if gaussian:
+                        limit = headline(table["limit"][T])
+                        ratios.append((tname, pname, sname, T, limit, base[best] / limit, best,
+                                       headline(table["opt-corrector"][T]) / limit,
+                                       headline(table["opt-predictor"][T]) / limit, step_q / limit))
             print(f"done: {tname} {pname}", flush=True)
     report = ["# Benchmark: quality per step", "",
               "Made by `python examples/benchmark.py` (exact scores; see its docstring for the "
-              "protocol). Bold: best in its column. Mixture cells: W1 (modes covered).", "",
+              "protocol). Bold: best in its column (the limit excluded). Mixture cells: W1 (modes covered).", "",
+              "## Against the KL-optimal limit (Gaussian targets)", "",
+              "KL(schedule) / KL(limit), the limit being the exact-KL optimum for that sampler and T "
+              "(`sampler.gaussian_optimal_schedule`; not computed for euler_maruyama, where it is "
+              "degenerate). `opt-step`: the equal step-cost schedule (Monte Carlo from scores).", "",
+              "| target | process | sampler | T | limit KL | best baseline | opt-corrector | opt-predictor | opt-step |",
+              "|---|---|---|---|---|---|---|---|---|",
+              *(f"| {t} | {p} | {s} | {T} | {lim:.3g} | {b:.2f} ({bn}) | {c:.2f} | {pr:.2f} | {st:.2f} |"
+                for t, p, s, T, lim, b, bn, c, pr, st in ratios), "",
+              *ratio_summary(ratios), "",
+              "## The equal step-cost schedule against the best baseline", "",
+              "Quality as in the tables below; `ratio` < 1: the step-cost schedule is better. "
+              "`opt-step-affine` adds the constant test function (mixtures only).", "",
+              "| target | process | sampler | T | best baseline | opt-step | ratio | opt-step-affine | ratio |",
+              "|---|---|---|---|---|---|---|---|---|", *aware, "",
               "## Steps needed by the corrector-optimised schedule to match the best baseline", "",
               "Quality is KL for Gaussians and W1 for mixtures (lower is better). `steps needed`: the "
               "smallest T' at which the corrector-optimised schedule is at least as good as the best "
@@ -181,6 +246,23 @@ def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, sampl
     return "\n".join(report)
 
 
+def ratio_summary(ratios):
+    """Geometric mean and worst ratio to the limit, per sampler and rule."""
+    out = ["| sampler | rule | geometric mean of KL / limit | worst |", "|---|---|---|---|"]
+    for sname in AWARE_SAMPLERS:
+        rows = [r for r in ratios if r[2] == sname]
+        for label, k in (("best baseline", 5), ("opt-corrector", 7), ("opt-predictor", 8), ("opt-step", 9)):
+            if rows:
+                values = np.array([r[k] for r in rows])
+                out.append(f"| {sname} | {label} | {np.exp(np.mean(np.log(values))):.3f} | {values.max():.2f} |")
+    return out
+
+
+def cost_row(tname, pname, what, cost):
+    return (f"| {tname} | {pname} | {what} | {cost['calls']} | {cost['evaluations']:,} | {cost['seconds']:.2f} | "
+            f"{cost['iterations']} iterations{'' if cost['converged'] else ', not converged'} |")
+
+
 def write_atomically(path, text):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -192,11 +274,11 @@ def write_atomically(path, text):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one target, T = 5 and 10, print only")
+    parser.add_argument("--quick", action="store_true", help="two targets, T = 5 and 10, print only")
     args = parser.parse_args()
     start = time.perf_counter()
     if args.quick:
-        print(run(["bimodal"], ("vp_linear",), (5, 10), ("euler", "ancestral"), (10,)))
+        print(run(["gaussian-1d", "bimodal"], ("vp_linear",), (5, 10), ("euler", "ancestral"), (10,)))
     else:
         report = run()
         write_atomically(OUT, report + f"\nTotal time: {time.perf_counter() - start:.0f} s.\n")
