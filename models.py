@@ -27,7 +27,7 @@ import numpy as np
 from autograd import value_and_grad
 from autograd.extend import defjvp, defvjp, primitive
 from autograd.misc import flatten
-from autograd.tracer import Box
+from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
 from scoreopt import (as_rng, check_data, check_schedule, online_update, _check_gamma, _check_int,
@@ -39,6 +39,7 @@ __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor",
            "TrainingDiverged", "train", "progress_printer", "retain_freed_memory", "save_checkpoint", "load_checkpoint"]
 
 LOG_2PI = np.log(2.0 * np.pi)
+MAX_CANTOR_LEVEL = 16      # 65,536 atoms: about 1.5 MB of temporaries per sample and score call
 
 
 class GaussianMixture:
@@ -111,6 +112,8 @@ class GaussianMixture:
         Written in ``autograd.numpy``: differentiable in ``x`` and in ``t``.
         """
         _check_process(process)
+        self._check_shape(x)
+        _check_level(t, process)
         s, sigma = process.s(t), process.sigma(t)
         return _mixture_score(x, np.log(self.weights), s * self.means,
                               s ** 2 * self.stds ** 2 + sigma ** 2)
@@ -129,6 +132,12 @@ class GaussianMixture:
         if x.shape[1] != self.dim:
             raise ValueError(f"`x` must have {self.dim} columns, got {x.shape[1]}")
         return x
+
+    def _check_shape(self, x):
+        """Shape (n, d) with d = ``dim`` (also for arrays autograd traces: no conversion)."""
+        shape = np.shape(getval(x))
+        if len(shape) != 2 or shape[1] != self.dim:
+            raise ValueError(f"`x` must have shape (n, {self.dim}) for this {self.dim}-D target, got {shape}")
 
     def __repr__(self):
         return (f"{type(self).__name__}(K={len(self.weights)}, d={self.dim})")
@@ -190,6 +199,10 @@ def mollified_cantor(level=3, width=None, interval=(0.0, 1.0)):
     these are this project's choices.
     """
     level = _check_int(level, "level", minimum=0)
+    if level > MAX_CANTOR_LEVEL:
+        raise ValueError(f"`level` = {level} would make 2^{level} = {2 ** level:,} mixture components, and "
+                         f"every score evaluation would need {2 ** level * 8 * 3:,} bytes per sample; "
+                         f"use `level` <= {MAX_CANTOR_LEVEL}")
     lo, hi = (float(v) for v in interval)
     if not lo < hi:
         raise ValueError("`interval` must be (lo, hi) with lo < hi")
@@ -230,6 +243,15 @@ def _mixture_score(x, log_w, means, var):
     p = anp.exp(logp - anp.max(logp, axis=1, keepdims=True))
     resp = p / anp.sum(p, axis=1, keepdims=True)
     return anp.sum(resp[:, :, None] * (means[None, :, :] - x[:, None, :]) / var, axis=1)
+
+
+def _check_level(t, process):
+    """A time ``t`` (a scalar, or one per row) must be finite and in the process's range."""
+    value = np.asarray(getval(t))
+    if np.iscomplexobj(value) or not np.all(np.isfinite(value)):
+        raise ValueError(f"`t` must be a finite real time, got {value}")
+    if np.any(value < process.t_min) or np.any(value > process.t_max):
+        raise ValueError(f"`t` = {value} must lie in [{process.t_min}, {process.t_max}], the process's range")
 
 
 def _scale_noise(process, t):
@@ -493,6 +515,7 @@ class TrainingState(NamedTuple):
     history: dict           # see `train`
     data_mean: np.ndarray   # input standardisation the model was trained with, (d,)
     data_var: np.ndarray
+    run: dict = None        # what defines the run (architecture, process, settings), see `train`
 
     def score(self, process):
         """The trained model as a plain ``score(x, t)`` callable."""
@@ -506,7 +529,7 @@ class TrainingDiverged(FloatingPointError):
 def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e-3,
           lr_decay="cosine", uniform_levels=False, online=None, callback="default",
           data_mean=None, data_var=None, checkpoint=None, checkpoint_every=1000, resume=False,
-          max_loss_ratio=1e3):
+          max_loss_ratio=1e3, allow_changes=()):
     """Train an MLP score model by denoising score matching, optionally adapting the schedule.
 
     Parameters
@@ -527,8 +550,16 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     data_mean, data_var : per-coordinate data mean and variance for the input
         standardisation (default: from ``data``); kept in the result and checkpoints
     checkpoint, checkpoint_every : path of an ``.npz`` checkpoint written atomically every
-        ``checkpoint_every`` steps and at the end; ``resume=True`` continues from it
+        ``checkpoint_every`` steps and at the end; its folder is checked (it must exist and
+        take a file) before the first step. ``resume=True`` continues from it if it exists,
+        after checking that it belongs to this run: the architecture, process, initial
+        schedule, ``n_steps``, ``lr``, ``lr_decay``, ``batch_size``, ``uniform_levels``,
+        ``online`` and ``max_loss_ratio`` must be those saved, or a ``ValueError`` says what
+        differs
     max_loss_ratio : stop when the loss exceeds this multiple of the first loss
+    allow_changes : names of those settings that may differ on resume, e.g.
+        ``("n_steps",)`` to extend a run (with cosine decay the remaining steps then follow
+        the new horizon)
 
     Returns
     -------
@@ -545,14 +576,18 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     ts, n_steps, draw, moments = _check_training(params, data, process, ts, n_steps, batch_size, lr,
                                                  lr_decay, uniform_levels, online, checkpoint_every,
                                                  max_loss_ratio, data_mean, data_var)
-    state = _start_state(params, ts, as_rng(rng), moments, checkpoint if resume else None)
+    run = _run_definition(params, process, ts, n_steps, lr, lr_decay, batch_size, uniform_levels, online,
+                          max_loss_ratio)
+    if checkpoint is not None:
+        _prepare_checkpoint_folder(checkpoint)
+    state = _start_state(params, ts, as_rng(rng), moments, run, checkpoint if resume else None, allow_changes)
     theta, unflatten = flatten(state.params)
-    _, ts, adam, step, rng, history, data_mean, data_var = state
+    _, ts, adam, step, rng, history, data_mean, data_var, _ = state
     callback = progress_printer(n_steps) if callback == "default" else callback
     loss_and_grad = value_and_grad(_dsm_prepared)
     losses, start = list(history["loss"]), time.perf_counter()
     now = lambda: TrainingState(unflatten(theta), ts, adam, step, rng,
-                                dict(history, loss=np.array(losses)), data_mean, data_var)
+                                dict(history, loss=np.array(losses)), data_mean, data_var, run)
     while step < n_steps:
         # 1. DSM step on the score model, levels drawn from the current schedule
         x0, params = draw(batch_size, rng), unflatten(theta)
@@ -608,17 +643,53 @@ def _check_training(params, data, process, ts, n_steps, batch_size, lr, lr_decay
     return ts, n_steps, _data_sampler(data), (mean, var)
 
 
-def _start_state(params, ts, rng, moments, resume_from):
-    """A fresh training state, or the one saved at ``resume_from`` if that file exists."""
+def _run_definition(params, process, ts, n_steps, lr, lr_decay, batch_size, uniform_levels, online,
+                    max_loss_ratio):
+    """What defines a run, as plain JSON-able values: a checkpoint must match it to resume."""
+    return {"layer_shapes": [list(W.shape) for W, _ in params], "process": process.name,
+            "t_min": float(process.t_min), "t_max": float(process.t_max),
+            "initial_ts": [float(t) for t in ts], "n_steps": int(n_steps), "lr": float(lr),
+            "lr_decay": lr_decay, "batch_size": int(batch_size), "uniform_levels": bool(uniform_levels),
+            "online": None if online is None else dict(online._asdict()), "max_loss_ratio": float(max_loss_ratio)}
+
+
+def _start_state(params, ts, rng, moments, run, resume_from, allow_changes):
+    """A fresh training state, or the one saved at ``resume_from`` if that file exists and
+    belongs to this run (else a ``ValueError`` listing what differs)."""
     theta, _ = flatten(params)
     if resume_from is None or not os.path.exists(resume_from):
         empty = {"loss": np.zeros(0), "update_step": np.zeros(0, int), "Lambda": np.zeros(0),
                  "schedules": np.zeros((0, len(ts))), "costs": np.zeros((0, len(ts) - 1))}
-        return TrainingState(params, ts, adam_init(theta), 0, rng, empty, *moments)
+        return TrainingState(params, ts, adam_init(theta), 0, rng, empty, *moments, run)
     saved = load_checkpoint(resume_from)
-    if flatten(saved.params)[0].shape != theta.shape:
-        raise ValueError("the checkpoint's parameters do not match the shape of `params`")
-    return saved
+    unknown = set(allow_changes) - set(run)
+    if unknown:
+        raise ValueError(f"`allow_changes` names unknown settings {sorted(unknown)}; known: {sorted(run)}")
+    differ = [f"{k}: saved {saved.run.get(k)!r}, now {v!r}" for k, v in run.items()
+              if k not in allow_changes and saved.run.get(k) != v]
+    if differ:
+        raise ValueError(f"`{resume_from}` belongs to another run; it differs in " + "; ".join(differ)
+                         + " (pass `allow_changes` to accept a change on purpose)")
+    if saved.step > run["n_steps"]:
+        raise ValueError(f"`{resume_from}` is at step {saved.step}, beyond `n_steps` = {run['n_steps']}")
+    return saved._replace(run=run)
+
+
+def _prepare_checkpoint_folder(path):
+    """Before step 1: the checkpoint's folder must take a file (so no run is lost at its first
+    save), and temporary files left by an interrupted save of this checkpoint are removed."""
+    folder, base = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"`checkpoint`: the folder `{folder}` does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"`checkpoint`: cannot write in `{folder}`: {err}") from err
+    for name in os.listdir(folder):
+        if name.startswith(f".{base}.") and name.endswith(".tmp"):
+            os.unlink(os.path.join(folder, name))
 
 
 def _check_divergence(step, loss, first_loss, theta, max_loss_ratio, checkpoint):
@@ -697,18 +768,21 @@ def _data_moments(data):
 # Checkpoints: .npz without pickle, written atomically
 # --------------------------------------------------------------------------------
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 _CHECKPOINT_KEYS = ("version", "layer_shapes", "theta", "ts", "adam_m", "adam_v", "adam_step",
                     "step", "rng_state", "loss", "update_step", "Lambda", "schedules", "costs",
-                    "data_mean", "data_var")
+                    "data_mean", "data_var", "run")
 
 
-def save_checkpoint(path, params, ts, adam, step, rng, history=None, data_mean=0.0, data_var=1.0):
-    """Save parameters, schedule, Adam state, step, RNG state, history and the input
-    standardisation to ``path`` (.npz).
+def save_checkpoint(path, params, ts, adam, step, rng, history=None, data_mean=0.0, data_var=1.0, run=None):
+    """Save parameters, schedule, Adam state, step, RNG state, history, the input
+    standardisation and the run's definition (``run``, see :func:`train`) to ``path`` (.npz).
 
-    Written to a temporary file in the same folder, flushed to disk, then renamed over
-    ``path``: an interrupted save never corrupts the previous checkpoint. No pickle.
+    Written to a temporary file ``.<name>.<random>.tmp`` in the same folder, flushed to
+    disk, renamed over ``path``, and the folder flushed too: an interrupted save never
+    corrupts the previous checkpoint (a leftover temporary file is removed by the next
+    :func:`train` with this checkpoint). The file gets the usual permissions (0666 less
+    the umask). No pickle.
     """
     theta, _ = flatten(params)
     history = history or {}
@@ -725,18 +799,38 @@ def save_checkpoint(path, params, ts, adam, step, rng, history=None, data_mean=0
         "costs": np.asarray(history.get("costs", np.zeros((0, len(ts) - 1))), dtype=float),
         "data_mean": np.broadcast_to(np.asarray(data_mean, float), (params[-1][0].shape[1],)),
         "data_var": np.broadcast_to(np.asarray(data_var, float), (params[-1][0].shape[1],)),
+        "run": np.array(json.dumps(run or {})),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".npz.tmp")
+    folder, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder):
+    """Flush a rename to disk (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path):
@@ -765,6 +859,11 @@ def load_checkpoint(path):
     for (m, n), size in zip(shapes, sizes):
         params.append((theta[i:i + m * n].reshape(m, n), theta[i + m * n:i + size].copy()))
         i += size
+    try:
+        ts = check_schedule(data["ts"], name="ts")
+        run = json.loads(str(data["run"]))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"`{path}` is corrupted: {exc}") from exc
     history = {k: data[k] for k in ("loss", "update_step", "Lambda", "schedules", "costs")}
-    return TrainingState(params, data["ts"], AdamState(data["adam_m"], data["adam_v"], int(data["adam_step"])),
-                      int(data["step"]), rng, history, data["data_mean"], data["data_var"])
+    return TrainingState(params, ts, AdamState(data["adam_m"], data["adam_v"], int(data["adam_step"])),
+                         int(data["step"]), rng, history, data["data_mean"], data["data_var"], run)

@@ -12,11 +12,12 @@ from typing import NamedTuple
 import autograd.numpy as anp
 import numpy as np
 from autograd import elementwise_grad, value_and_grad
+from autograd.tracer import getval
 from scipy.integrate import trapezoid
 from scipy.optimize import minimize
 from scipy.stats import gaussian_kde
 
-from scoreopt import (baseline_schedules, _check_finite, _check_int, _check_steps, _check_positive, _check_process, _noised,
+from scoreopt import (baseline_schedules, _check_finite, _check_int, _eval_score, _check_steps, _check_positive, _check_process, _noised,
                       as_rng, check_data, check_schedule, ddim_coefficients)
 
 __all__ = ["sample", "prior_sample", "euler_step", "heun_step", "ancestral_step",
@@ -111,6 +112,10 @@ def tweedie_denoise(score, process, x, t):
     return (x + process.sigma(t) ** 2 * score(x, t)) / process.s(t)
 
 
+# Samples beyond this factor times the starting batch's largest |x| (or 1) have exploded:
+# no sound sampler step multiplies the scale of the data by a million.
+EXPLOSION_FACTOR = 1e6
+
 PREDICTORS = {"none": identity_step, "euler": euler_step, "heun": heun_step,
               "ancestral": ancestral_step, "euler_maruyama": euler_maruyama_step}
 
@@ -187,18 +192,35 @@ def _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector
 
     ``check=False`` skips the finiteness check of every score, so that autograd can
     trace the loop (used for the exact Gaussian law's gradient in ``ts``)."""
-    checked = (lambda x, t: _check_finite(score(x, t), t, x.shape)) if check else score
-    nfe = 0
-    for t_cur, t_next in zip(ts[:0:-1], ts[-2::-1]):       # t_N = t_max down to t_0 = t_min
+    T, nfe = len(ts) - 1, 0
+    limit = EXPLOSION_FACTOR * max(1.0, float(np.max(np.abs(getval(x))))) if check else None
+    for i, (t_cur, t_next) in enumerate(zip(ts[:0:-1], ts[-2::-1])):       # t_N = t_max down to t_0 = t_min
+        where = f" (step {i + 1} of {T}, from t = {t_cur:.6g} to t = {t_next:.6g})"
+        checked = (lambda x, t: _eval_score(score, x, t, where)) if check else score
         x, n = predict(checked, process, x, t_cur, t_next, rng)              # predictor
         nfe += n
         step_size = corrector_ratio * v(t_next) ** 2
         for _ in range(corrector_steps):                                      # corrector
             x = langevin_step(checked, x, t_next, step_size, rng)
         nfe += corrector_steps
+        if check:
+            _check_samples(x, limit, where)
     if denoise:
+        checked = (lambda x, t: _eval_score(score, x, t, " (final denoising)")) if check else score
         x, nfe = tweedie_denoise(checked, process, x, ts[0]), nfe + 1
     return x, nfe
+
+
+def _check_samples(x, limit, where):
+    """Non-finite or exploding samples (beyond ``EXPLOSION_FACTOR`` times the start's scale)
+    are an error naming the step: an unstable setting, not a result."""
+    x = np.asarray(x)
+    if not np.all(np.isfinite(x)):
+        raise FloatingPointError(f"the samples became non-finite{where}: an unstable step size or schedule")
+    top = float(np.max(np.abs(x)))
+    if top > limit:
+        raise FloatingPointError(f"the samples exploded to |x| = {top:.3g}{where}, beyond {EXPLOSION_FACTOR:g} "
+                                 "times the starting batch's scale: an unstable step size or schedule")
 
 
 def prior_sample(process, n, data_var, rng):
@@ -310,7 +332,17 @@ def gaussian_kl(mean, var, target_mean, target_var):
     ``u_k = var_k / lam_k - 1``, written with ``log1p`` so that a KL near 0 keeps its
     relative precision (and with ``autograd.numpy``, so that it can be differentiated).
     """
-    return float(_kl(*(np.asarray(a, dtype=float) for a in (mean, var, target_mean, target_var))))
+    return float(_kl(*_check_kl_inputs(mean, var, target_mean, target_var)))
+
+
+def _check_kl_inputs(mean, var, m, lam):
+    arrays = [_as_real(a, name) for a, name in ((mean, "mean"), (var, "var"), (m, "target_mean"),
+                                                (lam, "target_var"))]
+    if any(a.shape != arrays[0].shape for a in arrays):
+        raise ValueError("`mean`, `var`, `target_mean` and `target_var` must have one shape")
+    if not all(np.all(np.isfinite(a)) for a in arrays) or np.any(arrays[1] <= 0) or np.any(arrays[3] <= 0):
+        raise ValueError("the means must be finite and the variances `var`, `target_var` finite and positive")
+    return arrays
 
 
 def _kl(mean, var, m, lam):
@@ -423,19 +455,53 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, predictor="euler"):
 def wasserstein1(samples, cdf, grid_size=200_001):
     """``W1 = int |F_n(x) - F(x)| dx`` between 1-D samples and an exact CDF.
 
-    The integral runs over the samples' range widened until ``F`` is below 1e-12 and
-    above ``1 - 1e-12``, on a uniform grid of ``grid_size`` points (trapezoid rule).
+    The integral runs over the samples' range widened, by doubling, until ``F`` is below
+    1e-12 and above ``1 - 1e-12``, on a uniform grid of ``grid_size`` points (trapezoid
+    rule). A CDF that does not reach those levels within ``2^60`` times the samples'
+    spread (a constant function, or tails so heavy that W1 is infinite, as for a Cauchy
+    law) is a ``ValueError``, not a hang.
     """
-    x = np.sort(np.asarray(samples, dtype=float).reshape(-1))
+    x = _check_samples_1d(samples, "samples", minimum=1)
+    if not callable(cdf):
+        raise TypeError("`cdf` must be callable as cdf(x) on an array")
+    grid_size = _check_int(grid_size, "grid_size", minimum=3)
     lo, hi = x[0], x[-1]
     width = max(hi - lo, 1e-3)
-    while cdf(lo) > 1e-12:
-        lo -= width
-    while cdf(hi) < 1 - 1e-12:
-        hi += width
+    for _ in range(61):
+        lo_value, hi_value = float(cdf(np.array(lo))), float(cdf(np.array(hi)))
+        if lo_value <= 1e-12 and hi_value >= 1 - 1e-12:
+            break
+        lo, hi = (lo - width if lo_value > 1e-12 else lo), (hi + width if hi_value < 1 - 1e-12 else hi)
+        width *= 2.0
+    else:
+        raise ValueError("`cdf` does not reach 1e-12 and 1 - 1e-12 within 2^60 times the samples' spread: "
+                         "it is not a CDF, or its tails are too heavy for a finite W1")
     grid = np.linspace(lo, hi, grid_size)
+    values = np.asarray(cdf(grid), dtype=float)
+    if values.shape != grid.shape or not np.all(np.isfinite(values)) or np.any(np.diff(values) < -1e-12) \
+            or values.min() < -1e-12 or values.max() > 1 + 1e-12:
+        raise ValueError("`cdf` must return finite, non-decreasing values in [0, 1], one per point")
     empirical = np.searchsorted(x, grid, side="right") / len(x)
-    return float(trapezoid(np.abs(empirical - cdf(grid)), grid))
+    return float(trapezoid(np.abs(empirical - values), grid))
+
+
+def _check_samples_1d(samples, name, minimum):
+    """Finite 1-D samples (any shape with one value per sample), sorted; at least ``minimum``."""
+    x = np.sort(_as_real(samples, name).reshape(-1))
+    if len(x) < minimum:
+        raise ValueError(f"`{name}` needs at least {minimum} sample{'s' if minimum > 1 else ''}, got {len(x)}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"`{name}` must be finite")
+    return x
+
+
+def _as_real(x, name):
+    if np.iscomplexobj(x):
+        raise TypeError(f"`{name}` must be real, got complex values")
+    try:
+        return np.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be an array of real numbers") from None
 
 
 class ModeCoverage(NamedTuple):
@@ -450,23 +516,37 @@ def mode_coverage(samples, modes, weights=None, radius=None):
     A mode is covered when it holds at least half of its weight (equal weights by
     default). The default radius is a quarter of the smallest distance between modes.
     """
-    x = np.asarray(samples, dtype=float).reshape(-1)
-    modes = np.asarray(modes, dtype=float).reshape(-1)
-    weights = np.full(len(modes), 1 / len(modes)) if weights is None else np.asarray(weights)
+    x = _check_samples_1d(samples, "samples", minimum=1)
+    modes = _as_real(modes, "modes").reshape(-1)          # in the caller's order, as `weights`
+    if len(modes) == 0 or not np.all(np.isfinite(modes)):
+        raise ValueError("`modes` must be a non-empty array of finite values")
+    weights = np.full(len(modes), 1 / len(modes)) if weights is None else _as_real(weights, "weights").reshape(-1)
+    if weights.shape != modes.shape or np.any(weights < 0) or not np.all(np.isfinite(weights)):
+        raise ValueError("`weights` must be finite, non-negative, one per mode")
     if radius is None:
-        radius = 0.25 * np.min(np.diff(np.sort(modes))) if len(modes) > 1 else 1.0
+        gaps = np.diff(np.sort(modes))
+        if len(modes) > 1 and gaps.min() <= 0:
+            raise ValueError("`modes` must be distinct for the default radius (pass `radius`)")
+        radius = 0.25 * gaps.min() if len(modes) > 1 else 1.0
+    radius = _check_positive(radius, "radius")
     masses = np.mean(np.abs(x[:, None] - modes[None, :]) <= radius, axis=0)
     return ModeCoverage(masses, int(np.sum(masses >= 0.5 * weights)), float(radius))
 
 
 def mean_log_density(samples, target):
     """Mean log-density of samples under the true ``p_0`` (the paper's "average likelihood")."""
-    return float(np.mean(target.log_prob(samples)))
+    values = np.asarray(target.log_prob(samples), dtype=float)
+    if values.size == 0:
+        raise ValueError("`samples` must not be empty")
+    return float(np.mean(values))
 
 
 def density_estimate(samples, grid, bandwidth=None):
     """Gaussian kernel density estimate of 1-D samples on ``grid`` (for plots only)."""
-    return gaussian_kde(np.asarray(samples, dtype=float).reshape(-1), bw_method=bandwidth)(grid)
+    x = _check_samples_1d(samples, "samples", minimum=2)
+    if x[0] == x[-1]:
+        raise ValueError("`samples` must not all be equal: a kernel density needs a spread")
+    return gaussian_kde(x, bw_method=bandwidth)(_as_real(grid, "grid"))
 
 
 def score_error(score, exact_score, process, ts, x0, rng):
@@ -478,10 +558,14 @@ def score_error(score, exact_score, process, ts, x0, rng):
     _check_process(process)
     ts = check_schedule(ts, process, endpoints=False, min_len=1)
     x0, rng = check_data(x0), as_rng(rng)
+    if len(x0) < 2:
+        raise ValueError("`x0` needs at least 2 samples for a standard error")
+    if not (callable(score) and callable(exact_score)):
+        raise TypeError("`score` and `exact_score` must be callable as score(x, t)")
     per_level = []
     for t in ts:
         x = _noised(process, x0, t, rng)
-        diff = _check_finite(score(x, t), t, x.shape) - exact_score(x, t)
+        diff = _eval_score(score, x, t) - _eval_score(exact_score, x, t, name="exact_score")
         per_level.append(process.sigma(t) ** 2 * np.sum(diff ** 2, axis=1))
     per_level = np.array(per_level)
     n = per_level.shape[1]

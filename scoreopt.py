@@ -44,7 +44,7 @@ __all__ = [
     "gaussian_predictor_cost", "iterate_schedule", "ddim_coefficients", "cumulative_cost", "optimal_schedule",
     "update_schedule", "blend", "OnlineUpdate", "online_update", "path_length", "path_energy", "ScheduleMap",
     "estimate_schedule_map", "EqualCostResult", "equal_cost_schedule",
-    "as_rng", "check_schedule", "check_data",
+    "as_rng", "check_schedule", "check_data", "ScoreEvaluationError",
 ]
 
 # Relative floor on the length increments of a step (Algorithm 1): a zero-cost
@@ -143,9 +143,12 @@ def vp_cosine(offset=0.008, t_min=1e-3, t_max=0.99):
 
 
 def nsr(process, ts):
-    """Noise-to-signal ratio ``nu = sigma / s`` at the times ``ts`` (array out)."""
+    """Noise-to-signal ratio ``nu = sigma / s`` at the times ``ts`` (array out).
+
+    ``ts`` must be finite and inside ``[t_min, t_max]``, where the process is defined.
+    """
     _check_process(process)
-    return np.asarray(process.nsr(_as_float_array(ts, "ts")), dtype=float)
+    return np.asarray(process.nsr(_check_times(ts, process, "ts")), dtype=float)
 
 
 def time_from_nsr(process, nu):
@@ -281,7 +284,8 @@ def corrector_cost(score, process, t_from, t_to, x0, rng, velocity=None):
     (L, stderr) : floats, the Monte-Carlo mean and its standard error.
     """
     x0, rng, v = _check_cost_inputs(score, process, x0, rng, velocity)
-    t_from, t_to = _check_time(t_from, process, "t_from"), _check_time(t_to, process, "t_to")
+    t_from, t_to = (float(t) for t in _check_step_times(_check_real(t_from, "t_from"),
+                                                         _check_real(t_to, "t_to"), process))
     x = _noised(process, x0, t_from, rng)
     diff = _eval_score(score, x, t_to) - _eval_score(score, x, t_from)
     return _mean_stderr(v(t_to) ** 2 * np.sum(diff ** 2, axis=1))
@@ -320,7 +324,8 @@ def predictor_cost(score, process, t_from, t_to, x0, rng, velocity=None):
     for small ``d``. Arguments and returns as :func:`corrector_cost`.
     """
     x0, rng, v = _check_cost_inputs(score, process, x0, rng, velocity)
-    t_from, t_to = _check_time(t_from, process, "t_from"), _check_time(t_to, process, "t_to")
+    t_from, t_to = (float(t) for t in _check_step_times(_check_real(t_from, "t_from"),
+                                                         _check_real(t_to, "t_to"), process))
     x = _noised(process, x0, t_from, rng)
     a, b = (float(c) for c in ddim_coefficients(process, t_from, t_to))
     d = x.shape[1]
@@ -386,9 +391,8 @@ def step_cost(score, process, t_from, t_to, x0, rng, step, test="linear", n_grou
     would scale better; it is not implemented.
     """
     x0, rng, _ = _check_cost_inputs(score, process, x0, rng, None)
-    t_from, t_to = _check_time(t_from, process, "t_from"), _check_time(t_to, process, "t_to")
-    if not t_to < t_from:
-        raise ValueError(f"`t_to` = {t_to} must be below `t_from` = {t_from}: a step goes towards the data")
+    t_from, t_to = (float(t) for t in _check_step_times(_check_real(t_from, "t_from"),
+                                                         _check_real(t_to, "t_to"), process, True))
     if not callable(step):
         raise TypeError("`step` must be a sampler step step(score, process, x, t_cur, t_next, rng)")
     if test not in ("linear", "affine"):
@@ -481,7 +485,9 @@ def local_cost(score, process, ts, x0, rng, velocity=None, method="fd", rel_step
     -------
     (delta, stderr) : arrays of shape ``ts.shape``.
     """
-    return _mean_stderr(_local_cost_values(score, process, ts, x0, rng, velocity, method, rel_step))
+    levels = [_mean_stderr(values) for values in _local_cost_values(score, process, ts, x0, rng, velocity,
+                                                                     method, rel_step)]
+    return tuple(np.array(a) for a in zip(*levels))
 
 
 def gaussian_local_cost(process, ts, variances, mean=None):
@@ -495,7 +501,7 @@ def gaussian_local_cost(process, ts, variances, mean=None):
     (SPEC 4.4; a closed form derived here, not taken from the paper.)
     """
     _check_process(process)
-    ts = _as_float_array(ts, "ts")
+    ts = _check_times(ts, process, "ts")
     lam, mu = _gaussian_moments(variances, mean)
     s, sigma = process.s(ts), process.sigma(ts)
     ds, dsigma = elementwise_grad(process.s)(ts), elementwise_grad(process.sigma)(ts)
@@ -556,7 +562,8 @@ def _gaussian_step(process, t_from, t_to, variances, mean):
     """Times as columns, data moments, and ``s``, ``a = s^2 lambda + sigma^2`` at both ends."""
     _check_process(process)
     lam, mu = _gaussian_moments(variances, mean)
-    t, t2 = (_as_float_array(a, name)[..., None] for a, name in ((t_from, "t_from"), (t_to, "t_to")))
+    t, t2 = _check_step_times(t_from, t_to, process)
+    t, t2 = t[..., None], t2[..., None]
     s, s2 = process.s(t), process.s(t2)
     return t, t2, lam, mu, s, s2, s ** 2 * lam + process.sigma(t) ** 2, s2 ** 2 * lam + process.sigma(t2) ** 2
 
@@ -688,7 +695,7 @@ def path_length(costs, order=2):
     to leading order, which is why ``(path_length / T)^2`` is the per-step cost that an
     optimal ``T``-step schedule reaches.
     """
-    costs = _check_costs(costs)
+    costs = _check_costs(costs, nonempty=True)
     _check_positive(order, "order")
     return float(np.sum(costs ** (1.0 / order)))
 
@@ -699,7 +706,7 @@ def path_energy(costs):
     ``sum_i L_i ~ E(phi) / T``, so this approximates ``E(phi)``. Cauchy-Schwarz gives
     ``path_length(costs)^2 <= path_energy(costs)`` with equality iff all costs are equal.
     """
-    costs = _check_costs(costs)
+    costs = _check_costs(costs, nonempty=True)
     return float(len(costs) * np.sum(costs))
 
 
@@ -751,10 +758,13 @@ def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
         raise ValueError(f"`x0` needs at least {2 * n_groups} samples for {n_groups} groups")
     nu_min, nu_max = _nsr_range(process)
     ts = _schedule_from_nsr(process, np.geomspace(nu_min, nu_max, n_grid))
-    values = _local_cost_values(score, process, ts, x0, rng, velocity, method, 1e-3)
-    delta, delta_stderr = _mean_stderr(values)
-    groups = np.array([cumulative_cost(ts, g.mean(axis=1))
-                       for g in np.array_split(values, n_groups, axis=1)])
+    # Accumulated level by level: memory grows with n + n_grid * n_groups, not n_grid * n.
+    delta, delta_stderr = np.empty(n_grid), np.empty(n_grid)
+    group_delta = np.empty((n_groups, n_grid))
+    for j, values in enumerate(_local_cost_values(score, process, ts, x0, rng, velocity, method, 1e-3)):
+        delta[j], delta_stderr[j] = _mean_stderr(values)
+        group_delta[:, j] = [g.mean() for g in np.array_split(values, n_groups)]
+    groups = np.array([cumulative_cost(ts, g) for g in group_delta])
     Lambda = cumulative_cost(ts, delta)
     return ScheduleMap(ts, delta, delta_stderr, Lambda, float(Lambda[-1]),
                        float(groups[:, -1].std(ddof=1) / np.sqrt(n_groups)), groups)
@@ -866,7 +876,8 @@ def _relative_motion(ts, ts_new):
 
 
 def _local_cost_values(score, process, ts, x0, rng, velocity, method, rel_step):
-    """Per-sample values ``v(t)^2 ||d/dt S(x_j, t)||^2``, shape ``(len(ts), n)``."""
+    """Per-sample values ``v(t)^2 ||d/dt S(x_j, t)||^2``, one array (n,) per level, as a
+    generator (arguments are checked before the first level is computed)."""
     x0, rng, v = _check_cost_inputs(score, process, x0, rng, velocity)
     ts = check_schedule(ts, process, endpoints=False, min_len=1)
     if method not in ("fd", "autograd"):
@@ -874,8 +885,11 @@ def _local_cost_values(score, process, ts, x0, rng, velocity, method, rel_step):
     _check_positive(rel_step, "rel_step")
     # Time step with a relative step rel_step in log nu: h = rel_step / (d log nu / dt).
     steps = rel_step / np.abs(elementwise_grad(lambda t: anp.log(process.nsr(t)))(ts))
-    out = np.empty((len(ts), len(x0)))
-    for j, (t, h) in enumerate(zip(ts, steps)):
+    return _level_values(score, process, ts, steps, x0, rng, v, method)
+
+
+def _level_values(score, process, ts, steps, x0, rng, v, method):
+    for t, h in zip(ts, steps):
         x = _noised(process, x0, t, rng)
         if method == "autograd":
             dS = _check_finite(make_jvp(lambda tt: score(x, tt))(t)(1.0)[1], t, x.shape)
@@ -887,8 +901,7 @@ def _local_cost_values(score, process, ts, x0, rng, velocity, method, rel_step):
                   + _eval_score(score, x, t - 2 * h)) / (2 * h)
         else:
             dS = (_eval_score(score, x, t + h) - _eval_score(score, x, t - h)) / (2 * h)
-        out[j] = v(t) ** 2 * np.sum(dS ** 2, axis=1)
-    return out
+        yield v(t) ** 2 * np.sum(dS ** 2, axis=1)
 
 
 def _noised(process, x0, t, rng):
@@ -896,18 +909,42 @@ def _noised(process, x0, t, rng):
     return float(process.s(t)) * x0 + float(process.sigma(t)) * rng.standard_normal(x0.shape)
 
 
-def _eval_score(score, x, t):
-    return _check_finite(score(x, t), t, x.shape)
+class ScoreEvaluationError(RuntimeError):
+    """A score (or another user callable) raised; the original error is its ``__cause__``."""
 
 
-def _check_finite(value, t, shape):
+def _eval_score(score, x, t, where="", name="score"):
+    """``score(x, t)``, checked: a raise is chained with the time (and ``where``, e.g. the
+    sampler's step); a wrong shape or a non-finite value is a ``ValueError`` naming both."""
+    try:
+        value = score(x, t)
+    except Exception as err:
+        raise ScoreEvaluationError(f"`{name}` raised {type(err).__name__} at t = {float(t):.6g}{where}: "
+                                   f"{err}") from err
+    return _check_finite(value, t, x.shape, where, name)
+
+
+def _check_finite(value, t, shape, where="", name="score"):
+    if np.iscomplexobj(value):
+        raise ValueError(f"`{name}` returned complex values at t = {float(t):.6g}{where}")
     value = np.asarray(value, dtype=float)
     if value.shape != shape:
-        raise ValueError(f"`score` returned shape {value.shape} at t = {float(t):.6g}; "
+        raise ValueError(f"`{name}` returned shape {value.shape} at t = {float(t):.6g}{where}; "
                          f"expected {shape}")
     if not np.all(np.isfinite(value)):
-        raise ValueError(f"`score` returned non-finite values at t = {float(t):.6g}")
+        raise ValueError(f"`{name}` returned non-finite values at t = {float(t):.6g}{where}")
     return value
+
+
+def _checked_velocity(velocity):
+    """``velocity`` whose every value is checked: finite and non-negative, else a
+    ``ValueError`` naming the time (not a NaN cost blamed on ``delta`` later)."""
+    def v(t):
+        value = velocity(t)
+        if np.iscomplexobj(value) or not np.all(np.isfinite(value)) or np.any(np.asarray(value) < 0):
+            raise ValueError(f"`velocity` returned {value} at t = {float(t):.6g}; it must be finite and >= 0")
+        return value
+    return v
 
 
 def _mean_stderr(values):
@@ -961,6 +998,8 @@ def as_rng(rng):
     if isinstance(rng, np.random.Generator):
         return rng
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        if rng < 0:
+            raise ValueError(f"`rng` as a seed must be a non-negative integer, got {rng}")
         return np.random.default_rng(int(rng))
     raise TypeError(f"`rng` must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
 
@@ -990,11 +1029,13 @@ def check_schedule(ts, process=None, endpoints=True, name="ts", min_len=2):
     return ts
 
 
-def _check_costs(costs, length=None, name="costs"):
+def _check_costs(costs, length=None, name="costs", nonempty=False):
     costs = _as_float_array(costs, name)
     if costs.ndim != 1 or (length is not None and len(costs) != length):
         want = "a 1-D array" if length is None else f"a 1-D array of length {length}"
         raise ValueError(f"`{name}` must be {want}, got shape {costs.shape}")
+    if nonempty and len(costs) == 0:
+        raise ValueError(f"`{name}` must not be empty: a schedule has at least one step")
     bad = np.flatnonzero(~np.isfinite(costs) | (costs < 0))
     if len(bad):
         raise ValueError(f"`{name}` must be finite and non-negative; entry {bad[0]} "
@@ -1011,7 +1052,7 @@ def _check_cost_inputs(score, process, x0, rng, velocity):
         raise ValueError("`x0` needs at least 2 samples for a standard error")
     if velocity is not None and not callable(velocity):
         raise TypeError("`velocity` must be a callable v(t) or None")
-    return x0, as_rng(rng), (process.sigma if velocity is None else velocity)
+    return x0, as_rng(rng), (process.sigma if velocity is None else _checked_velocity(velocity))
 
 
 def check_data(x, name="x0"):
@@ -1035,6 +1076,32 @@ def _check_time(t, process, name):
 def _check_process(process):
     if not isinstance(process, Process):
         raise TypeError(f"`process` must be a scoreopt.Process, got {type(process).__name__}")
+    if not (np.isfinite(process.t_min) and np.isfinite(process.t_max) and process.t_min < process.t_max):
+        raise ValueError(f"`process` must have finite t_min < t_max, got [{process.t_min}, {process.t_max}]")
+
+
+def _check_step_times(t_from, t_to, process, towards_data=False):
+    """Times of a cost's two ends, in ``[t_min, t_max]`` and of one shape (arrays or
+    scalars). The corrector and predictor costs are defined for either order (their local
+    expansion is written ``L(t, t + h)``); a sampler step (``towards_data``) needs
+    ``t_to < t_from``."""
+    t_from, t_to = _check_times(t_from, process, "t_from"), _check_times(t_to, process, "t_to")
+    if t_from.shape != t_to.shape:
+        raise ValueError(f"`t_from` and `t_to` must have the same shape, got {t_from.shape} and {t_to.shape}")
+    if towards_data and np.any(t_to >= t_from):
+        raise ValueError("`t_to` must be below `t_from` (a step goes from the noisier time towards the data), "
+                         f"got t_from = {t_from}, t_to = {t_to}")
+    return t_from, t_to
+
+
+def _check_times(ts, process, name):
+    """Finite real times (any shape) inside ``[t_min, t_max]``, as a float array."""
+    ts = _as_float_array(ts, name)
+    if not np.all(np.isfinite(ts)):
+        raise ValueError(f"`{name}` must be finite")
+    if np.any(ts < process.t_min) or np.any(ts > process.t_max):
+        raise ValueError(f"`{name}` must lie in [{process.t_min}, {process.t_max}], the process's range")
+    return ts
 
 
 def _check_steps(T):
@@ -1050,6 +1117,8 @@ def _check_int(value, name, minimum):
 
 
 def _check_real(value, name):
+    if np.iscomplexobj(value):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         if not (isinstance(value, np.ndarray) and value.ndim == 0):
             raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
@@ -1074,6 +1143,8 @@ def _check_positive(value, name):
 
 
 def _as_float_array(x, name):
+    if np.iscomplexobj(x):
+        raise TypeError(f"`{name}` must be real, got complex values")
     try:
         return np.array(x, dtype=float)
     except (TypeError, ValueError):

@@ -294,8 +294,11 @@ def test_sampler_bad_input():
         sm.sample(score, VP, ts[1:], x_T, 0)
     with pytest.raises(ValueError, match=r"`x_T` must have shape \(n, d\)"):
         sm.sample(score, VP, ts, np.zeros(4), 0)
-    with pytest.raises(ValueError, match=r"returned shape \(4, 2\) at t = 1; expected \(4, 1\)"):
-        sm.sample(score, VP, ts, np.zeros((4, 1)), 0)
+    with pytest.raises(ValueError, match=r"returned shape \(4, 2\) at t = 1 \(step 1 of 5, .*\); expected \(4, 1\)"):
+        sm.sample(lambda x, t: np.zeros((len(x), 2)), VP, ts, np.zeros((4, 1)), 0)
+    with pytest.raises(so.ScoreEvaluationError, match=r"`score` raised ValueError at t = 1 \(step 1 of 5.*`x` must "
+                       r"have shape \(n, 2\)"):
+        sm.sample(score, VP, ts, np.zeros((4, 1)), 0)        # the 2-D target refuses 1-D x
     with pytest.raises(ValueError, match="`corrector_steps` must be >= 0"):
         sm.sample(score, VP, ts, x_T, 0, corrector_steps=-1)
     with pytest.raises(ValueError, match="`corrector_ratio` must be positive"):
