@@ -115,6 +115,8 @@ def tweedie_denoise(score, process, x, t):
 # Samples beyond this factor times the starting batch's largest |x| (or 1) have exploded:
 # no sound sampler step multiplies the scale of the data by a million.
 EXPLOSION_FACTOR = 1e6
+# wasserstein1 integrates over at most this many times the samples' spread (or 1).
+MAX_W1_RANGE = 1e6
 
 PREDICTORS = {"none": identity_step, "euler": euler_step, "heun": heun_step,
               "ancestral": ancestral_step, "euler_maruyama": euler_maruyama_step}
@@ -457,9 +459,9 @@ def wasserstein1(samples, cdf, grid_size=200_001):
 
     The integral runs over the samples' range widened, by doubling, until ``F`` is below
     1e-12 and above ``1 - 1e-12``, on a uniform grid of ``grid_size`` points (trapezoid
-    rule). A CDF that does not reach those levels within ``2^60`` times the samples'
-    spread (a constant function, or tails so heavy that W1 is infinite, as for a Cauchy
-    law) is a ``ValueError``, not a hang.
+    rule). A CDF that does not reach those levels within ``MAX_W1_RANGE`` times the
+    samples' spread (or 1) (a constant function, or tails too heavy for a grid, as a
+    Cauchy law's, whose W1 is infinite) is a ``ValueError``, not a hang.
     """
     x = _check_samples_1d(samples, "samples", minimum=1)
     if not callable(cdf):
@@ -467,15 +469,17 @@ def wasserstein1(samples, cdf, grid_size=200_001):
     grid_size = _check_int(grid_size, "grid_size", minimum=3)
     lo, hi = x[0], x[-1]
     width = max(hi - lo, 1e-3)
-    for _ in range(61):
+    bound = MAX_W1_RANGE * max(hi - lo, 1.0)
+    while True:
         lo_value, hi_value = float(cdf(np.array(lo))), float(cdf(np.array(hi)))
         if lo_value <= 1e-12 and hi_value >= 1 - 1e-12:
             break
+        if hi - lo > bound:
+            raise ValueError(f"`cdf` does not reach 1e-12 and 1 - 1e-12 within {MAX_W1_RANGE:.0e} times the "
+                             "samples' spread (or 1): it is not a CDF, or its tails are too heavy for W1 "
+                             "on a grid (a Cauchy law has none)")
         lo, hi = (lo - width if lo_value > 1e-12 else lo), (hi + width if hi_value < 1 - 1e-12 else hi)
         width *= 2.0
-    else:
-        raise ValueError("`cdf` does not reach 1e-12 and 1 - 1e-12 within 2^60 times the samples' spread: "
-                         "it is not a CDF, or its tails are too heavy for a finite W1")
     grid = np.linspace(lo, hi, grid_size)
     values = np.asarray(cdf(grid), dtype=float)
     if values.shape != grid.shape or not np.all(np.isfinite(values)) or np.any(np.diff(values) < -1e-12) \
