@@ -197,7 +197,7 @@ def _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector
     T, nfe = len(ts) - 1, 0
     limit = EXPLOSION_FACTOR * max(1.0, float(np.max(np.abs(getval(x))))) if check else None
     for i, (t_cur, t_next) in enumerate(zip(ts[:0:-1], ts[-2::-1])):       # t_N = t_max down to t_0 = t_min
-        where = f" (step {i + 1} of {T}, from t = {t_cur:.6g} to t = {t_next:.6g})"
+        where = f" (step {i + 1} of {T}, from t = {t_cur:.6g} to t = {t_next:.6g})" if check else ""
         checked = (lambda x, t: _eval_score(score, x, t, where)) if check else score
         x, n = predict(checked, process, x, t_cur, t_next, rng)              # predictor
         nfe += n
