@@ -34,10 +34,13 @@ from typing import Callable, NamedTuple
 import autograd.numpy as anp
 import numpy as np
 from autograd import elementwise_grad, make_jvp
+from autograd.tracer import getval
 from scipy.interpolate import PchipInterpolator
 
 __all__ = [
-    "Process", "ve", "vp_linear", "vp_cosine", "nsr", "time_from_nsr", "to_sigmas",
+    "Process", "ve", "vp_linear", "vp_cosine", "flow_matching", "process_from_alphas_cumprod",
+    "to_timesteps", "score_from_denoiser", "score_from_eps", "score_from_v", "score_from_flow",
+    "nsr", "time_from_nsr", "to_sigmas",
     "uniform_schedule", "edm_schedule", "loglinear_schedule", "cosine_schedule",
     "arctan_schedule", "baseline_schedules", "corrector_cost", "predictor_cost", "step_cost", "gaussian_step_cost", "interval_costs",
     "local_cost", "gaussian_local_cost", "gaussian_corrector_cost",
@@ -70,6 +73,7 @@ class Process(NamedTuple):
     t_min: float
     t_max: float
     name: str = "process"
+    n_timesteps: int = 0     # a discrete-time model's table length (process_from_alphas_cumprod), else 0
 
     def nsr(self, t):
         """Noise-to-signal ratio ``nu(t) = sigma(t) / s(t)``."""
@@ -140,6 +144,136 @@ def vp_cosine(offset=0.008, t_min=1e-3, t_max=0.99):
     return Process(s=s, sigma=lambda t: anp.sqrt(1.0 - s(t) ** 2),
                    t_min=float(t_min), t_max=float(t_max),
                    name=f"vp_cosine({offset:g})")
+
+
+def flow_matching(t_min=0.002 / 1.002, t_max=80.0 / 81.0):
+    """Flow matching / rectified flow: ``s = 1 - t``, ``sigma = t``, so ``x_t = (1 - t) x_0 + t eps``.
+
+    ``nu = t / (1 - t)`` is infinite at ``t = 1``, so ``t_max < 1``. The default range
+    is EDM's ``nu`` in ``[0.002, 80]`` (``t = nu / (1 + nu)``), so schedules compare with
+    the other processes' (SPEC 2). A model's velocity ``u(x, t) = E[eps - x_0 | x_t]``
+    becomes a score through :func:`score_from_flow`.
+    """
+    t_min, t_max = _check_real(t_min, "t_min"), _check_real(t_max, "t_max")
+    if not 0.0 < t_min < t_max < 1.0:
+        raise ValueError(f"need 0 < `t_min` < `t_max` < 1 for flow_matching, got {t_min}, {t_max}")
+    return Process(s=lambda t: 1.0 - t, sigma=lambda t: 1.0 * t, t_min=float(t_min), t_max=float(t_max),
+                   name=f"flow_matching({t_min:.6g}, {t_max:.6g})")
+
+
+def process_from_alphas_cumprod(alphas_cumprod):
+    """The process of a discrete-time model defined on a table ``alphas_cumprod[k]``, k = 0..N-1.
+
+    diffusers' DDPM/DDIM models: timestep ``k`` has ``x = sqrt(abar_k) x_0 +
+    sqrt(1 - abar_k) eps``. Here time ``t_k = k / (N - 1)`` on ``[0, 1]``, and between the
+    table's points the log-SNR ``lambda = log(abar / (1 - abar))`` is interpolated
+    linearly, so ``s = sqrt(sigmoid(lambda))``, ``sigma = sqrt(sigmoid(-lambda))`` are exact
+    at every table point and the schedule refers to the model's own noise levels.
+    :func:`to_timesteps` maps schedule times back to the model's integer timesteps.
+    ``alphas_cumprod`` must be strictly decreasing in ``(0, 1)``, with at least 2 entries.
+    """
+    abar = _as_float_array(alphas_cumprod, "alphas_cumprod")
+    if abar.ndim != 1 or len(abar) < 2:
+        raise ValueError("`alphas_cumprod` must be a 1-D table of at least 2 values")
+    if not (np.all(np.isfinite(abar)) and np.all((abar > 0) & (abar < 1))):
+        raise ValueError("`alphas_cumprod` must lie strictly between 0 and 1")
+    if not np.all(np.diff(abar) < 0):
+        raise ValueError("`alphas_cumprod` must be strictly decreasing (noise grows with the timestep)")
+    log_snr = np.log(abar) - np.log1p(-abar)
+    N = len(abar)
+
+    def lam(t):        # piecewise linear in t through (k / (N - 1), log_snr[k])
+        u = t * (N - 1)
+        k = np.clip(np.floor(np.asarray(getval(u))), 0, N - 2).astype(int)
+        return log_snr[k] + (u - k) * (log_snr[k + 1] - log_snr[k])
+
+    return Process(s=lambda t: anp.sqrt(1.0 / (1.0 + anp.exp(-lam(t)))),
+                   sigma=lambda t: anp.sqrt(1.0 / (1.0 + anp.exp(lam(t)))),
+                   t_min=0.0, t_max=1.0, name=f"alphas_cumprod(N={N})", n_timesteps=N)
+
+
+def to_timesteps(process, ts):
+    """A schedule's times as a discrete-time model's integer timesteps, descending (diffusers' order).
+
+    For a process from :func:`process_from_alphas_cumprod`: ``k = round(t (N - 1))``, exact
+    for times on the table. Two times that round to the same timestep are an error (use
+    fewer steps than the table has).
+    """
+    ts = check_schedule(ts, process)
+    if process.n_timesteps < 2:
+        raise ValueError("`process` must come from `process_from_alphas_cumprod` (a discrete-time model)")
+    k = np.rint(ts * (process.n_timesteps - 1)).astype(int)
+    if np.any(np.diff(k) <= 0):
+        raise ValueError("two schedule times round to the same timestep: use fewer steps")
+    return k[::-1].copy()
+
+
+# --------------------------------------------------------------------------------
+# Model adapters: a model in any common parametrisation as score(x, t)
+# --------------------------------------------------------------------------------
+
+def score_from_denoiser(denoiser, process):
+    """Score of a denoiser ``D(y, nu) ~ E[x_0 | y]`` in k-diffusion/EDM convention.
+
+    EDM's model sees ``y = x / s`` with noise level ``nu`` ("sigma"). Tweedie's formula
+    in ``y``, ``D = y + nu^2 grad_y log p(y)``, and ``grad_x = grad_y / s`` give
+
+        S(x, t) = (D(x / s, nu) - x / s) / (s nu^2).
+    """
+    _check_process(process)
+    _check_callable(denoiser, "denoiser", "denoiser(y, nu)")
+
+    def score(x, t):
+        s, nu = process.s(t), process.nsr(t)
+        y = x / s
+        return (denoiser(y, nu) - y) / (s * nu ** 2)
+    return score
+
+
+def score_from_eps(eps_model, process):
+    """Score of a noise prediction ``eps(x, t) ~ E[eps | x_t]``: ``S = -eps / sigma``."""
+    _check_process(process)
+    _check_callable(eps_model, "eps_model", "eps_model(x, t)")
+    return lambda x, t: -eps_model(x, t) / process.sigma(t)
+
+
+def score_from_v(v_model, process):
+    """Score of a v-prediction ``v(x, t) ~ E[s eps - sigma x_0 | x_t]`` (Salimans & Ho 2022).
+
+    From ``x = s x_0 + sigma eps`` and ``v = s eps - sigma x_0``:
+    ``eps = (sigma x + s v) / (s^2 + sigma^2)`` and ``S = -eps / sigma``.
+    """
+    _check_process(process)
+    _check_callable(v_model, "v_model", "v_model(x, t)")
+
+    def score(x, t):
+        s, sigma = process.s(t), process.sigma(t)
+        return -(sigma * x + s * v_model(x, t)) / ((s ** 2 + sigma ** 2) * sigma)
+    return score
+
+
+def score_from_flow(velocity_model, process):
+    """Score of a flow-matching velocity ``u(x, t) ~ E[d x_t / dt | x_t] = E[s' x_0 + sigma' eps | x_t]``.
+
+    Solving ``x = s x_0 + sigma eps`` and ``u = s' x_0 + sigma' eps`` for ``eps``:
+    ``eps = (s u - s' x) / (s sigma' - sigma s')`` and ``S = -eps / sigma``. Under
+    :func:`flow_matching` (``s = 1 - t``, ``sigma = t``) ``u = eps - x_0`` and
+    ``S = -(x + (1 - t) u) / t``.
+    """
+    _check_process(process)
+    _check_callable(velocity_model, "velocity_model", "velocity_model(x, t)")
+    ds, dsigma = elementwise_grad(process.s), elementwise_grad(process.sigma)
+
+    def score(x, t):
+        s, sigma, s_dot, sigma_dot = process.s(t), process.sigma(t), ds(t), dsigma(t)
+        eps = (s * velocity_model(x, t) - s_dot * x) / (s * sigma_dot - sigma * s_dot)
+        return -eps / sigma
+    return score
+
+
+def _check_callable(f, name, signature):
+    if not callable(f):
+        raise TypeError(f"`{name}` must be callable as {signature}")
 
 
 def nsr(process, ts):
