@@ -28,7 +28,13 @@ Which parts follow the paper and which are derived here is said in each
 docstring ("derived" marks the latter; see the README).
 """
 
+import functools
+import json
+import os
+import tempfile
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
 from typing import Callable, NamedTuple
 
 import autograd.numpy as anp
@@ -46,7 +52,7 @@ __all__ = [
     "local_cost", "gaussian_local_cost", "gaussian_corrector_cost",
     "gaussian_predictor_cost", "iterate_schedule", "ddim_coefficients", "cumulative_cost", "optimal_schedule",
     "update_schedule", "blend", "OnlineUpdate", "online_update", "path_length", "path_energy", "ScheduleMap",
-    "estimate_schedule_map", "EqualCostResult", "equal_cost_schedule",
+    "estimate_schedule_map", "load_schedule_map", "EqualCostResult", "equal_cost_schedule",
     "as_rng", "check_schedule", "check_data", "ScoreEvaluationError",
 ]
 
@@ -849,8 +855,11 @@ class ScheduleMap(NamedTuple):
 
     Fields: ``ts`` grid, ``delta`` and ``delta_stderr`` local cost, ``Lambda``
     cumulative length, ``length`` and ``length_stderr`` (batch means over
-    ``Lambda_groups``, the cumulative lengths of independent sample groups), ``order``.
-    Call :meth:`schedule` for any number of steps.
+    ``Lambda_groups``, the cumulative lengths of independent sample groups), ``order``,
+    ``n_evaluations`` (per-sample score evaluations spent) and ``metadata`` (a dict: the
+    process, ``nu`` on the grid, the estimate's settings, see :func:`estimate_schedule_map`).
+    Call :meth:`schedule` for any number of steps; :meth:`save` writes it as JSON,
+    :func:`load_schedule_map` reads it back.
     """
     ts: np.ndarray
     delta: np.ndarray
@@ -860,6 +869,8 @@ class ScheduleMap(NamedTuple):
     length_stderr: float
     Lambda_groups: np.ndarray
     order: int = 2
+    n_evaluations: int = 0
+    metadata: dict = None
 
     def schedule(self, T):
         """The optimal ``T``-step schedule ``Lambda^{-1}(i Lambda / T)``."""
@@ -875,33 +886,195 @@ class ScheduleMap(NamedTuple):
         groups = np.array([_invert_cumulative(self.ts, np.diff(L), T) for L in self.Lambda_groups])
         return groups.std(axis=0, ddof=1) / np.sqrt(len(groups))
 
+    def sigmas(self, T):
+        """The ``T``-step schedule as descending ``nu`` levels with a trailing 0: k-diffusion's
+        ``sigmas`` and diffusers' ``set_timesteps(sigmas=...)`` (SPEC 3, :func:`to_sigmas`).
+
+        Read from the ``nu`` stored on the grid, so that no process is needed (a loaded
+        map): ``Lambda^{-1}(i Lambda / T)`` is inverted in ``log nu`` instead of ``t``.
+        Both are interpolations of the same grid; they agree with
+        ``to_sigmas(process, self.schedule(T))`` to the grid's resolution (1e-4 relative
+        on 50 levels, far less on the default 1,000).
+        """
+        nu_grid = np.asarray((self.metadata or {}).get("nu", []), dtype=float)
+        if nu_grid.shape != self.ts.shape:
+            raise ValueError("this map has no `nu` on its grid; use to_sigmas(process, smap.schedule(T))")
+        T = _check_steps(T)
+        increments = _trapezoid_increments(self.ts, self.delta, self.order)
+        log_nu = _invert_cumulative(np.log(nu_grid), increments, T)
+        return np.append(np.exp(log_nu)[::-1], 0.0)
+
+    def save(self, path):
+        """Write the map as JSON with its metadata, atomically (temporary file, flush, rename)."""
+        data = {"format": SCHEDULE_MAP_FORMAT, "metadata": self.metadata or {}, "order": self.order,
+                "length": self.length, "length_stderr": self.length_stderr,
+                "n_evaluations": int(self.n_evaluations)}
+        data.update({k: np.asarray(getattr(self, k)).tolist()
+                     for k in ("ts", "delta", "delta_stderr", "Lambda", "Lambda_groups")})
+        _write_atomically(path, json.dumps(data, allow_nan=False))
+
+
+SCHEDULE_MAP_FORMAT = "scoreopt.ScheduleMap/1"
+
+
+def load_schedule_map(path):
+    """Read a :class:`ScheduleMap` written by :meth:`ScheduleMap.save`, checking it.
+
+    A truncated, hand-edited or foreign file raises ``ValueError`` naming the path and
+    what is wrong (not JSON, wrong format, a missing field, wrong lengths, a grid that is
+    not increasing, a length that is not the end of ``Lambda``, non-finite values).
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"`{path}` is not a readable schedule map: {err}") from err
+    try:
+        if not isinstance(data, dict) or data.get("format") != SCHEDULE_MAP_FORMAT:
+            raise ValueError(f"format is {data.get('format') if isinstance(data, dict) else type(data).__name__!r}, "
+                             f"expected {SCHEDULE_MAP_FORMAT!r}")
+        arrays = {k: np.array(data[k], dtype=float) for k in ("ts", "delta", "delta_stderr", "Lambda",
+                                                              "Lambda_groups")}
+        ts = check_schedule(arrays["ts"], endpoints=False)
+        n = len(ts)
+        for k in ("delta", "delta_stderr", "Lambda"):
+            _check_costs(arrays[k], n, name=k)
+        G = arrays["Lambda_groups"]
+        if G.ndim != 2 or G.shape[1] != n or len(G) < 2 or not np.all(np.isfinite(G)):
+            raise ValueError(f"`Lambda_groups` must be finite with shape (groups >= 2, {n})")
+        if arrays["Lambda"][0] != 0 or np.any(np.diff(arrays["Lambda"]) < 0):
+            raise ValueError("`Lambda` must start at 0 and not decrease")
+        length, stderr = _check_real(data["length"], "length"), _check_real(data["length_stderr"], "length_stderr")
+        if not np.isclose(length, arrays["Lambda"][-1], rtol=1e-12, atol=0):
+            raise ValueError("`length` is not the end of `Lambda`")
+        order = _check_positive(data["order"], "order")
+        metadata = data["metadata"]
+        if not isinstance(metadata, dict):
+            raise ValueError("`metadata` must be an object")
+        n_evaluations = _check_int(data["n_evaluations"], "n_evaluations", minimum=0)
+    except KeyError as err:
+        raise ValueError(f"`{path}` is not a valid schedule map: missing field {err}") from None
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"`{path}` is not a valid schedule map: {err}") from err
+    return ScheduleMap(ts, arrays["delta"], arrays["delta_stderr"], arrays["Lambda"], length, stderr, G,
+                       order, n_evaluations, metadata)
+
+
+def _write_atomically(path, text):
+    """Write ``text`` to ``path`` through a temporary file in the same folder: flushed,
+    renamed, the folder flushed; permissions 0666 less the umask."""
+    folder, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
 
 def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
-                          method="fd", n_groups=10):
+                          method="fd", n_groups=10, budget=None, workers=1, control_variate=False):
     """Dense-grid estimate of the corrector-optimised schedule map (SPEC 6.1).
 
     ``delta_c`` is estimated by :func:`local_cost` at ``n_grid`` times uniform in
     ``log nu``; ``Lambda`` is its trapezoid integral. The samples are split into
     ``n_groups`` groups whose cumulative lengths give batch-means error bars for
     ``Lambda`` and the schedule (SPEC 5.4).
+
+    Parameters
+    ----------
+    score : callable ``score(x, t) -> (n, d)``, called with the whole batch of a level
+        (a few calls per level: 2 for central differences, 3 at the ends)
+    process : Process
+    x0 : array (n, d), data samples
+    rng : numpy Generator or int seed
+    n_grid, n_groups, velocity, method : as above (``method="autograd"`` differentiates
+        the score in ``t`` by forward-mode autograd)
+    budget : int or None. At most this many per-sample score evaluations: the grid size
+        and the number of samples are then chosen here, ``n_grid = sqrt(budget / 40)``
+        levels (clipped to [20, 1000]) and as many of ``x0``'s rows as the budget allows
+        (fewer levels with more samples measured best: SPEC 6.1, `docs/budget.md`).
+    workers : 1 (serial), an int n > 1 (n processes; ``score`` must be picklable, e.g.
+        a module-level function), -1 (one per CPU), or a map-like callable such as
+        ``concurrent.futures.Executor.map``, ``multiprocessing.Pool.map`` or, on a cluster,
+        ``dask.distributed.Client(...).get_executor().map``. Only the score evaluations are
+        distributed; the noise is drawn here, level by level, so the result is the same
+        for every ``workers``.
+    control_variate : bool. Subtract, level by level, the centred local cost of the
+        data's Gaussian fit, whose mean is known in closed form (derived here; see
+        ``_gaussian_control``): the same expectation, less variance where the marginal is
+        close to Gaussian (the noisy end). ``budget=`` turns it on unless it is given.
+
+    Returns a :class:`ScheduleMap` whose ``n_evaluations`` counts the per-sample score
+    evaluations and whose ``metadata`` records the process (name, range, ``nu`` on the
+    grid), cost, velocity, method, grid size, samples, groups, evaluations, score calls,
+    seed (if an int was given), package version and creation time.
     """
     _check_process(process)
-    n_grid = _check_int(n_grid, "n_grid", minimum=2)
+    x0 = check_data(x0)
     n_groups = _check_int(n_groups, "n_groups", minimum=2)
-    if len(check_data(x0)) < 2 * n_groups:
-        raise ValueError(f"`x0` needs at least {2 * n_groups} samples for {n_groups} groups")
+    seed = int(rng) if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) else None
+    _check_workers(workers)
+    if budget is not None:
+        budget = _check_int(budget, "budget", minimum=1)
+        n_grid = int(np.clip(np.rint(np.sqrt(budget / 40)), 20, 1000))
+    n_grid = _check_int(n_grid, "n_grid", minimum=2)
     nu_min, nu_max = _nsr_range(process)
     ts = _schedule_from_nsr(process, np.geomspace(nu_min, nu_max, n_grid))
+    if budget is not None:
+        steps = _fd_steps(process, ts, 1e-3)
+        one_sided = np.sum((ts - steps < process.t_min) | (ts + steps > process.t_max))
+        per_sample = n_grid if method == "autograd" else 2 * n_grid + one_sided
+        x0 = x0[:min(len(x0), budget // per_sample)]
+    if len(x0) < 2 * n_groups:
+        raise ValueError(f"`x0` needs at least {2 * n_groups} samples for {n_groups} groups"
+                         + ("" if budget is None else f" (the budget allows {len(x0)})"))
+    x0, rng, v = _check_cost_inputs(score, process, x0, rng, velocity)
+    if method not in ("fd", "autograd"):
+        raise ValueError(f"`method` must be 'fd' or 'autograd', got {method!r}")
     # Accumulated level by level: memory grows with n + n_grid * n_groups, not n_grid * n.
     delta, delta_stderr = np.empty(n_grid), np.empty(n_grid)
     group_delta = np.empty((n_groups, n_grid))
-    for j, values in enumerate(_local_cost_values(score, process, ts, x0, rng, velocity, method, 1e-3)):
+    counts = [0, 0]
+    levels = _level_values(score, process, ts, _fd_steps(process, ts, 1e-3), x0, rng, v, method, workers, counts,
+                           bool(control_variate))
+    for j, values in enumerate(levels):
         delta[j], delta_stderr[j] = _mean_stderr(values)
         group_delta[:, j] = [g.mean() for g in np.array_split(values, n_groups)]
     groups = np.array([cumulative_cost(ts, g) for g in group_delta])
     Lambda = cumulative_cost(ts, delta)
+    metadata = {"process": process.name, "t_min": process.t_min, "t_max": process.t_max,
+                "nu": nsr(process, ts).tolist(), "cost": "corrector", "velocity": "sigma" if velocity is None else
+                getattr(velocity, "__name__", "custom"), "method": method, "n_grid": n_grid, "n_samples": len(x0),
+                "n_groups": n_groups, "n_evaluations": counts[1], "n_calls": counts[0], "budget": budget,
+                "control_variate": bool(control_variate),
+                "seed": seed, "version": _version(), "created": datetime.now(timezone.utc).isoformat()}
     return ScheduleMap(ts, delta, delta_stderr, Lambda, float(Lambda[-1]),
-                       float(groups[:, -1].std(ddof=1) / np.sqrt(n_groups)), groups)
+                       float(groups[:, -1].std(ddof=1) / np.sqrt(n_groups)), groups, 2, counts[1], metadata)
+
+
+def _version():
+    try:
+        from importlib.metadata import version
+        return version("scoreopt")
+    except Exception:           # not installed (a vendored copy)
+        return "unknown"
 
 
 class EqualCostResult(NamedTuple):
@@ -1018,24 +1191,96 @@ def _local_cost_values(score, process, ts, x0, rng, velocity, method, rel_step):
         raise ValueError(f"`method` must be 'fd' or 'autograd', got {method!r}")
     _check_positive(rel_step, "rel_step")
     # Time step with a relative step rel_step in log nu: h = rel_step / (d log nu / dt).
-    steps = rel_step / np.abs(elementwise_grad(lambda t: anp.log(process.nsr(t)))(ts))
+    steps = _fd_steps(process, ts, rel_step)
     return _level_values(score, process, ts, steps, x0, rng, v, method)
 
 
-def _level_values(score, process, ts, steps, x0, rng, v, method):
-    for t, h in zip(ts, steps):
-        x = _noised(process, x0, t, rng)
-        if method == "autograd":
-            dS = _check_finite(make_jvp(lambda tt: score(x, tt))(t)(1.0)[1], t, x.shape)
-        elif t - h < process.t_min:   # one-sided, second order, at the clean end
-            dS = (-3 * _eval_score(score, x, t) + 4 * _eval_score(score, x, t + h)
-                  - _eval_score(score, x, t + 2 * h)) / (2 * h)
-        elif t + h > process.t_max:   # one-sided, second order, at the noisy end
-            dS = (3 * _eval_score(score, x, t) - 4 * _eval_score(score, x, t - h)
-                  + _eval_score(score, x, t - 2 * h)) / (2 * h)
-        else:
-            dS = (_eval_score(score, x, t + h) - _eval_score(score, x, t - h)) / (2 * h)
-        yield v(t) ** 2 * np.sum(dS ** 2, axis=1)
+def _fd_steps(process, ts, rel_step):
+    """Time steps with a relative step ``rel_step`` in log nu: ``h = rel_step / (d log nu / dt)``."""
+    return rel_step / np.abs(elementwise_grad(lambda t: anp.log(process.nsr(t)))(ts))
+
+
+def _level_values(score, process, ts, steps, x0, rng, v, method, workers=1, counts=None,
+                  control_variate=False):
+    """Per-level values; the noise is drawn here, level by level in order, and only the
+    score work is mapped (serially, or over ``workers``), so the result does not depend
+    on how it is evaluated. ``counts`` (a list [calls, evaluations]) is incremented.
+    ``control_variate`` subtracts the Gaussian fit's centred values (:func:`_gaussian_control`)."""
+    mapper, close, batch = _mapper(workers)
+    job = functools.partial(_time_derivative_sq, score, method, process.t_min, process.t_max)
+    moments = (x0.mean(axis=0), x0.var(axis=0)) if control_variate else None
+    try:
+        for start in range(0, len(ts), batch):
+            chunk = range(start, min(start + batch, len(ts)))
+            xs = [_noised(process, x0, ts[j], rng) for j in chunk]
+            for j, x, (values, calls) in zip(chunk, xs, mapper(job, xs, ts[chunk], steps[chunk])):
+                if counts is not None:
+                    counts[0] += calls
+                    counts[1] += calls * len(x0)
+                values = v(ts[j]) ** 2 * values
+                if control_variate:
+                    values = _gaussian_control(values, process, x, ts[j], v(ts[j]) ** 2, *moments)
+                yield values
+    finally:
+        close()
+
+
+def _gaussian_control(values, process, x, t, v2, mean, var):
+    """Control variate from the data's Gaussian fit N(mean, diag var) (derived here).
+
+    Its score ``S_G = -(x - s mean)/A``, ``A = s^2 var + sigma^2``, has the per-sample
+    local cost ``g = v^2 ||s' mean / A + (x - s mean) A' / A^2||^2`` whose mean under
+    ``p_t`` depends only on ``p_t``'s first two moments, which the data give exactly:
+    ``E g = v^2 sum_k [s'^2 mean_k^2 / A_k^2 + A'_k^2 / A_k^3]`` (the closed form of
+    :func:`gaussian_local_cost`). Returns ``values - beta (g - E g)`` with the
+    variance-minimising ``beta = cov(values, g) / var(g)`` of this level's samples.
+    """
+    s, sigma = float(process.s(t)), float(process.sigma(t))
+    s_dot, sigma_dot = (float(elementwise_grad(f)(float(t))) for f in (process.s, process.sigma))
+    A = s ** 2 * var + sigma ** 2
+    A_dot = 2 * s * s_dot * var + 2 * sigma * sigma_dot
+    g = v2 * np.sum((s_dot * mean / A + (x - s * mean) * A_dot / A ** 2) ** 2, axis=1)
+    g_mean = v2 * np.sum(s_dot ** 2 * mean ** 2 / A ** 2 + A_dot ** 2 / A ** 3)
+    centred = g - g_mean
+    denominator = np.dot(centred - centred.mean(), centred - centred.mean())
+    beta = np.dot(values - values.mean(), centred - centred.mean()) / denominator if denominator > 0 else 0.0
+    return values - beta * centred
+
+
+def _check_workers(workers):
+    if not callable(workers) and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+                                  or workers == 0 or workers < -1):
+        raise ValueError(f"`workers` must be a positive int, -1, or a map-like callable, got {workers!r}")
+    return workers
+
+
+def _time_derivative_sq(score, method, t_min, t_max, x, t, h):
+    """``||d/dt S(x_j, t)||^2`` per sample at fixed ``x``, and the number of score calls."""
+    if method == "autograd":
+        dS, calls = _check_finite(make_jvp(lambda tt: score(x, tt))(t)(1.0)[1], t, x.shape), 1
+    elif t - h < t_min:   # one-sided, second order, at the clean end
+        dS, calls = (-3 * _eval_score(score, x, t) + 4 * _eval_score(score, x, t + h)
+                     - _eval_score(score, x, t + 2 * h)) / (2 * h), 3
+    elif t + h > t_max:   # one-sided, second order, at the noisy end
+        dS, calls = (3 * _eval_score(score, x, t) - 4 * _eval_score(score, x, t - h)
+                     + _eval_score(score, x, t - 2 * h)) / (2 * h), 3
+    else:
+        dS, calls = (_eval_score(score, x, t + h) - _eval_score(score, x, t - h)) / (2 * h), 2
+    return np.sum(dS ** 2, axis=1), calls
+
+
+def _mapper(workers):
+    """``(map, close, batch)`` for ``workers`` in SciPy's convention: 1 is serial, an int
+    n > 1 a pool of n processes (the score must then be picklable), -1 one per CPU, a
+    map-like callable (``Executor.map``, ``multiprocessing.Pool.map``, dask's
+    ``Client.get_executor().map``) is used as it is. ``batch`` levels are in memory at once."""
+    if callable(_check_workers(workers)):
+        return workers, (lambda: None), 16
+    if workers == 1:
+        return map, (lambda: None), 1
+    n = (os.cpu_count() or 1) if workers == -1 else int(workers)
+    pool = ProcessPoolExecutor(max_workers=n)
+    return pool.map, pool.shutdown, 4 * n
 
 
 def _noised(process, x0, t, rng):

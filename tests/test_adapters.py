@@ -120,3 +120,106 @@ def test_adapters_and_tables_refuse_bad_input():
         so.process_from_alphas_cumprod([1.0, 0.5])
     with pytest.raises(ValueError, match="at least 2 values"):
         so.process_from_alphas_cumprod([0.5])
+
+
+# --- Estimation on a budget, in parallel, saved and exported ------------------------
+
+VP = so.vp_linear()
+CANTOR = models.mollified_cantor()
+
+
+def cantor_score(x, t):
+    """Module level, so that a process pool can pickle it (by reference)."""
+    return CANTOR.score(x, t, VP)
+
+
+def test_a_budget_is_never_exceeded_and_is_reported():
+    for budget in (5_000, 30_000, 100_000):
+        smap = so.estimate_schedule_map(cantor_score, VP, CANTOR.sample(50_000, 0), 1, budget=budget)
+        calls = []
+        counted = lambda x, t: calls.append(len(x)) or cantor_score(x, t)
+        again = so.estimate_schedule_map(counted, VP, CANTOR.sample(50_000, 0), 1, budget=budget)
+        assert smap.n_evaluations == sum(calls) == again.metadata["n_evaluations"] <= budget
+        assert smap.n_evaluations > 0.9 * budget
+        assert again.metadata["n_calls"] == len(calls)
+    with pytest.raises(ValueError, match=r"needs at least 20 samples .*the budget allows"):
+        so.estimate_schedule_map(cantor_score, VP, CANTOR.sample(1000, 0), 1, budget=500)
+
+
+def test_parallel_evaluation_gives_the_serial_result():
+    from concurrent.futures import ThreadPoolExecutor
+    x0 = CANTOR.sample(400, 0)
+    serial = so.estimate_schedule_map(cantor_score, VP, x0, 3, n_grid=40)
+    with ThreadPoolExecutor(2) as pool:
+        threads = so.estimate_schedule_map(cantor_score, VP, x0, 3, n_grid=40, workers=pool.map)
+    processes = so.estimate_schedule_map(cantor_score, VP, x0, 3, n_grid=40, workers=2)
+    for other in (threads, processes):
+        np.testing.assert_array_equal(other.delta, serial.delta)
+        np.testing.assert_array_equal(other.Lambda_groups, serial.Lambda_groups)
+        assert other.n_evaluations == serial.n_evaluations
+    with pytest.raises(ValueError, match="`workers` must be"):
+        so.estimate_schedule_map(cantor_score, VP, x0, 3, n_grid=40, workers=0)
+
+
+def test_the_gaussian_control_variate_keeps_the_mean_and_cuts_the_spread():
+    # Same expectation (the control's mean is exact), lower variance at the noisy end.
+    maps = {cv: [so.estimate_schedule_map(cantor_score, VP, CANTOR.sample(500, s), 10 + s, n_grid=30,
+                                          control_variate=cv) for s in range(12)] for cv in (False, True)}
+    lengths = {cv: np.array([m.length for m in ms]) for cv, ms in maps.items()}
+    se = np.sqrt(lengths[False].var(ddof=1) / 12 + lengths[True].var(ddof=1) / 12)
+    assert abs(lengths[False].mean() - lengths[True].mean()) < 4.5 * se
+    noisy_end = slice(20, 30)
+    se_plain = np.mean([m.delta_stderr[noisy_end] / m.delta[noisy_end] for m in maps[False]])
+    se_cv = np.mean([m.delta_stderr[noisy_end] / m.delta[noisy_end] for m in maps[True]])
+    assert se_cv < 0.5 * se_plain
+
+
+def test_a_schedule_map_round_trips_through_json(tmp_path):
+    smap = so.estimate_schedule_map(cantor_score, VP, CANTOR.sample(400, 0), 7, n_grid=50)
+    path = tmp_path / "map.json"
+    smap.save(str(path))
+    back = so.load_schedule_map(str(path))
+    for field in ("ts", "delta", "delta_stderr", "Lambda", "Lambda_groups"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(smap, field))
+    assert back.length == smap.length and back.n_evaluations == smap.n_evaluations
+    for key in ("process", "n_grid", "n_samples", "seed", "version", "created", "cost", "velocity"):
+        assert back.metadata[key] == smap.metadata[key]
+    assert back.metadata["seed"] == 7 and back.metadata["process"] == VP.name
+    np.testing.assert_array_equal(back.schedule(20), smap.schedule(20))
+    # Exported sigmas from the stored nu agree with the process's own conversion to the
+    # resolution of the 50-level grid (two interpolations of the same map).
+    np.testing.assert_allclose(back.sigmas(10), so.to_sigmas(VP, smap.schedule(10)), rtol=1e-3)
+    assert back.sigmas(10)[-1] == 0 and np.all(np.diff(back.sigmas(10)) < 0)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text[: len(text) // 2], "not a readable schedule map"),
+    (lambda text: text.replace('"format": "scoreopt.ScheduleMap/1"', '"format": "other"'), "format is 'other'"),
+    (lambda text: text.replace('"length_stderr"', '"length_error"'), "missing field 'length_stderr'"),
+    (lambda text: text.replace('"order": 2', '"order": -2'), "`order` must be positive"),
+])
+def test_a_damaged_schedule_map_file_is_a_clear_error(tmp_path, damage, message):
+    smap = so.estimate_schedule_map(cantor_score, VP, CANTOR.sample(100, 0), 7, n_grid=20)
+    path = tmp_path / "map.json"
+    smap.save(str(path))
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(ValueError, match=message):
+        so.load_schedule_map(str(path))
+
+
+def test_a_hand_edited_grid_or_length_is_refused(tmp_path):
+    import json
+    smap = so.estimate_schedule_map(cantor_score, VP, CANTOR.sample(100, 0), 7, n_grid=20)
+    path = tmp_path / "map.json"
+    smap.save(str(path))
+    data = json.loads(path.read_text())
+    data["ts"][3], data["ts"][4] = data["ts"][4], data["ts"][3]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        so.load_schedule_map(str(path))
+    data = json.loads(path.read_text())
+    data["ts"][3], data["ts"][4] = data["ts"][4], data["ts"][3]
+    data["length"] *= 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="`length` is not the end of `Lambda`"):
+        so.load_schedule_map(str(path))

@@ -1,0 +1,105 @@
+"""Accuracy of the schedule map against its budget of score evaluations; writes docs/budget.md.
+
+For three targets with exact scores under `vp_linear` (a 64-d Gaussian with spectrum
+k^-1.5, the Cantor variant of SPEC 6.1, `mollified_cantor(level=3, width=0.01,
+interval=(-1, 1))`, and the bimodal target) and several budgets of per-sample score
+evaluations, `estimate_schedule_map(..., budget=N)` is run with SEEDS independent
+seeds, with and without the Gaussian control variate, and with grids of several sizes.
+Reported, for T = 10 and T = 50:
+
+- spread: the largest relative standard deviation over seeds of the levels nu_i
+  (the issue's measure of precision);
+- bias: the largest relative error of the seeds' mean nu_i against a reference map
+  (REFERENCE_BUDGET evaluations on 1,000 levels), which the spread does not see;
+- coverage: the fraction of seeds whose Lambda lies within 1.96 reported standard
+  errors of the reference Lambda (nominal 0.95; the reference's own error is small).
+
+    python examples/budget_benchmark.py           # about 10 minutes on 2 cores
+    python examples/budget_benchmark.py --quick   # one target, prints only
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+
+import models
+import scoreopt as so
+
+SEEDS = 12
+BUDGETS = (30_000, 100_000, 300_000, 1_000_000)
+GRIDS = (None, 20, 100)            # None: the budget's own choice, sqrt(budget / 40) levels
+REFERENCE_BUDGET = 16_000_000
+STEPS = (10, 50)
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "budget.md")
+
+
+def targets():
+    return {"gaussian-64d": models.Gaussian(np.zeros(64), np.arange(1, 65) ** -1.5),
+            "cantor": models.mollified_cantor(level=3, width=0.01, interval=(-1, 1)),
+            "bimodal": models.bimodal()}
+
+
+def estimate(target, process, budget, seed, n_grid, control_variate):
+    score = lambda x, t: target.score(x, t, process)
+    x0 = target.sample(budget // 40 + 100, seed)        # more rows than any setting uses
+    if n_grid is None:
+        return so.estimate_schedule_map(score, process, x0, 1000 + seed, budget=budget,
+                                        control_variate=control_variate)
+    n = budget // (2 * n_grid + 2)
+    return so.estimate_schedule_map(score, process, x0[:n], 1000 + seed, n_grid=n_grid,
+                                    control_variate=control_variate)
+
+
+def row(name, target, process, reference, budget, n_grid, control_variate):
+    begin = time.perf_counter()
+    maps = [estimate(target, process, budget, seed, n_grid, control_variate) for seed in range(SEEDS)]
+    cells = []
+    for T in STEPS:
+        nu = np.array([so.nsr(process, m.schedule(T)) for m in maps])[:, 1:-1]
+        ref = so.nsr(process, reference.schedule(T))[1:-1]
+        spread = np.max(nu.std(axis=0, ddof=1) / nu.mean(axis=0))
+        bias = np.max(np.abs(nu.mean(axis=0) / ref - 1))
+        cells += [f"{100 * spread:.2f}%", f"{100 * bias:.2f}%"]
+    covered = np.mean([abs(m.length - reference.length) < 1.96 * m.length_stderr for m in maps])
+    grid = maps[0].metadata["n_grid"]
+    return (f"| {name} | {budget:,} | {grid}{'' if n_grid else ' (auto)'} | {maps[0].metadata['n_samples']} | "
+            f"{'yes' if control_variate else 'no'} | " + " | ".join(cells) +
+            f" | {covered:.2f} | {max(m.n_evaluations for m in maps):,} | {(time.perf_counter() - begin) / SEEDS:.2f} s |")
+
+
+def run(names, budgets, grids):
+    process = so.vp_linear()
+    lines = []
+    for name in names:
+        target = targets()[name]
+        score = lambda x, t: target.score(x, t, process)
+        n = REFERENCE_BUDGET // 2002
+        reference = so.estimate_schedule_map(score, process, target.sample(n, 999), 999, n_grid=1000)
+        print(f"{name}: reference Lambda {reference.length:.4f} ± {reference.length_stderr:.4f}", flush=True)
+        for budget in budgets:
+            for n_grid in grids:
+                for cv in (False, True):
+                    lines.append(row(name, target, process, reference, budget, n_grid, cv))
+                    print(lines[-1], flush=True)
+    header = ["| target | budget | levels | samples | control variate | spread T=10 | bias T=10 | "
+              "spread T=50 | bias T=50 | Λ coverage | evaluations used | seconds per map |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return "\n".join(header + lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    if args.quick:
+        print(run(["cantor"], (100_000,), (None,)))
+    else:
+        table = run(list(targets()), BUDGETS, GRIDS)
+        text = ("# Schedule map: accuracy against the budget of score evaluations\n\n"
+                "Made by `python examples/budget_benchmark.py` (see its docstring for the protocol; "
+                f"{SEEDS} seeds per row, `vp_linear`, exact scores).\n\n" + table +
+                f"\n\nTotal time: {time.perf_counter() - start:.0f} s.\n")
+        so._write_atomically(OUT, text)
+        print(text)
