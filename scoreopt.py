@@ -873,9 +873,24 @@ class ScheduleMap(NamedTuple):
     metadata: dict = None
 
     def schedule(self, T):
-        """The optimal ``T``-step schedule ``Lambda^{-1}(i Lambda / T)``, inverting the stored
-        ``Lambda`` (a monotone cubic through ``(Lambda_j, t_j)``)."""
-        return _invert_cumulative(self.ts, np.diff(self.Lambda), _check_steps(T))
+        """The optimal ``T``-step schedule ``Lambda^{-1}(i Lambda / T)`` from the stored ``Lambda``.
+
+        With ``nu`` on the grid (maps from :func:`estimate_schedule_map`) the inverse is a
+        monotone cubic through ``(Lambda_j, log nu_j)`` (the coordinate in which the grid
+        is uniform), mapped to ``t`` by a monotone cubic through ``(log nu_j, t_j)``;
+        otherwise a monotone cubic through ``(Lambda_j, t_j)``. Endpoints are exact.
+        """
+        return self._invert(self.Lambda, _check_steps(T))
+
+    def _invert(self, Lambda, T):
+        nu_grid = np.asarray((self.metadata or {}).get("nu", []), dtype=float)
+        if nu_grid.shape != self.ts.shape:
+            return _invert_cumulative(self.ts, np.diff(Lambda), T)
+        u = np.log(nu_grid)
+        ts = _pin(PchipInterpolator(u, self.ts)(_invert_cumulative(u, np.diff(Lambda), T)), self.ts)
+        if not np.all(np.diff(ts) > 0):
+            raise ValueError(f"`T` = {T} is too large for the resolution of the grid: two schedule times coincide")
+        return ts
 
     def step_cost(self, T):
         """Leading-order cost of every step of the optimal ``T``-step schedule, ``(Lambda/T)^order``."""
@@ -884,7 +899,7 @@ class ScheduleMap(NamedTuple):
     def schedule_stderr(self, T):
         """Standard error of each time of :meth:`schedule` (batch means over the groups)."""
         T = _check_steps(T)
-        groups = np.array([_invert_cumulative(self.ts, np.diff(L), T) for L in self.Lambda_groups])
+        groups = np.array([self._invert(L, T) for L in self.Lambda_groups])
         return groups.std(axis=0, ddof=1) / np.sqrt(len(groups))
 
     def sigmas(self, T):
@@ -1053,7 +1068,7 @@ def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
     group_delta = np.empty((n_groups, n_grid))
     counts = [0, 0]
     levels = _level_values(score, process, ts, _fd_steps(process, ts, 1e-3), x0, rng, v, method, workers, counts,
-                           bool(control_variate))
+                           n_groups if control_variate else 0)
     for j, values in enumerate(levels):
         delta[j], delta_stderr[j] = _mean_stderr(values)
         group_delta[:, j] = [g.mean() for g in np.array_split(values, n_groups)]
@@ -1212,14 +1227,15 @@ def _fd_steps(process, ts, rel_step):
 
 
 def _level_values(score, process, ts, steps, x0, rng, v, method, workers=1, counts=None,
-                  control_variate=False):
+                  control_variate=0):
     """Per-level values; the noise is drawn here, level by level in order, and only the
     score work is mapped (serially, or over ``workers``), so the result does not depend
     on how it is evaluated. ``counts`` (a list [calls, evaluations]) is incremented.
-    ``control_variate`` subtracts the Gaussian fit's centred values (:func:`_gaussian_control`)."""
+    ``control_variate`` (a number of sample groups, or 0) subtracts the Gaussian fit's
+    centred values (:func:`_gaussian_control`), with the moments of each group."""
     mapper, close, batch = _mapper(workers)
     job = functools.partial(_time_derivative_sq, score, method, process.t_min, process.t_max)
-    moments = (x0.mean(axis=0), x0.var(axis=0)) if control_variate else None
+    moments = _group_moments(x0, control_variate) if control_variate else None
     try:
         for start in range(0, len(ts), batch):
             chunk = range(start, min(start + batch, len(ts)))
@@ -1236,22 +1252,35 @@ def _level_values(score, process, ts, steps, x0, rng, v, method, workers=1, coun
         close()
 
 
+def _group_moments(x0, n_groups):
+    """Per-row mean and variance of the row's sample group (``n_groups`` as in the batch
+    means), each of shape (n, d)."""
+    mean, var = np.empty_like(x0), np.empty_like(x0)
+    for g in np.array_split(np.arange(len(x0)), int(n_groups)):
+        mean[g], var[g] = x0[g].mean(axis=0), x0[g].var(axis=0)
+    return mean, var
+
+
 def _gaussian_control(values, process, x, t, v2, mean, var):
     """Control variate from the data's Gaussian fit N(mean, diag var) (derived here).
 
     Its score ``S_G = -(x - s mean)/A``, ``A = s^2 var + sigma^2``, has the per-sample
     local cost ``g = v^2 ||s' mean / A + (x - s mean) A' / A^2||^2`` whose mean under
-    ``p_t`` depends only on ``p_t``'s first two moments, which the data give exactly:
+    the noising of the data depends only on the data's first two moments:
     ``E g = v^2 sum_k [s'^2 mean_k^2 / A_k^2 + A'_k^2 / A_k^3]`` (the closed form of
-    :func:`gaussian_local_cost`). Returns ``values - beta (g - E g)`` with the
-    variance-minimising ``beta = cov(values, g) / var(g)`` of this level's samples.
+    :func:`gaussian_local_cost`). The moments are those of each row's sample group
+    (``mean``, ``var`` of shape (n, d)), so that ``E g`` is exact given the group's
+    data and the groups stay independent: the batch-means error bars remain honest
+    (with moments shared by all groups they came out several times too small).
+    Returns ``values - beta (g - E g)`` with the variance-minimising
+    ``beta = cov(values, g) / var(g)`` of this level's samples.
     """
     s, sigma = float(process.s(t)), float(process.sigma(t))
     s_dot, sigma_dot = (float(elementwise_grad(f)(float(t))) for f in (process.s, process.sigma))
     A = s ** 2 * var + sigma ** 2
     A_dot = 2 * s * s_dot * var + 2 * sigma * sigma_dot
     g = v2 * np.sum((s_dot * mean / A + (x - s * mean) * A_dot / A ** 2) ** 2, axis=1)
-    g_mean = v2 * np.sum(s_dot ** 2 * mean ** 2 / A ** 2 + A_dot ** 2 / A ** 3)
+    g_mean = v2 * np.sum(s_dot ** 2 * mean ** 2 / A ** 2 + A_dot ** 2 / A ** 3, axis=1)
     centred = g - g_mean
     denominator = np.dot(centred - centred.mean(), centred - centred.mean())
     beta = np.dot(values - values.mean(), centred - centred.mean()) / denominator if denominator > 0 else 0.0
