@@ -198,19 +198,26 @@ def process_from_alphas_cumprod(alphas_cumprod):
                    t_min=0.0, t_max=1.0, name=f"alphas_cumprod(N={N})", n_timesteps=N)
 
 
-def to_timesteps(process, ts):
+def to_timesteps(process, ts, merge=False):
     """A schedule's times as a discrete-time model's integer timesteps, descending (diffusers' order).
 
     For a process from :func:`process_from_alphas_cumprod`: ``k = round(t (N - 1))``, exact
-    for times on the table. Two times that round to the same timestep are an error (use
-    fewer steps than the table has).
+    for times on the table. A discrete-time model cannot take two levels between the same
+    pair of its table's points: if two times round to the same timestep, that is an
+    error, or with ``merge=True`` they are merged with a ``RuntimeWarning`` that says how
+    many steps remain.
     """
     ts = check_schedule(ts, process)
     if process.n_timesteps < 2:
         raise ValueError("`process` must come from `process_from_alphas_cumprod` (a discrete-time model)")
     k = np.rint(ts * (process.n_timesteps - 1)).astype(int)
     if np.any(np.diff(k) <= 0):
-        raise ValueError("two schedule times round to the same timestep: use fewer steps")
+        if not merge:
+            raise ValueError("two schedule times round to the same timestep of the model's table: use fewer "
+                             "steps, or merge=True")
+        k = np.unique(k)
+        warnings.warn(f"levels closer than the model's table merged: {len(k) - 1} of {len(ts) - 1} steps remain",
+                      RuntimeWarning, stacklevel=2)
     return k[::-1].copy()
 
 
@@ -320,7 +327,13 @@ def time_from_nsr(process, nu):
 
 
 def to_sigmas(process, ts):
-    """Descending ``nu`` levels with a trailing 0 (k-diffusion / diffusers ``sigmas=``)."""
+    """Descending ``nu`` levels with a trailing 0 (k-diffusion / diffusers ``sigmas=``).
+
+    A ``T``-step schedule has ``T + 1`` levels, so k-diffusion's samplers and diffusers'
+    ``set_timesteps(sigmas=...)`` take ``T + 1`` steps with it: the last goes from
+    ``nu(t_min)`` to 0, i.e. the final denoising (``sampler.sample(..., denoise=True)``
+    for the Euler step; tested against k-diffusion's ``sample_euler``).
+    """
     ts = check_schedule(ts, process)
     return np.append(nsr(process, ts)[::-1], 0.0)
 
@@ -1003,7 +1016,7 @@ def _write_atomically(path, text):
 
 
 def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
-                          method="fd", n_groups=10, budget=None, workers=1, control_variate=False):
+                          method="fd", n_groups=10, budget=None, workers=1, control_variate=None):
     """Dense-grid estimate of the corrector-optimised schedule map (SPEC 6.1).
 
     ``delta_c`` is estimated by :func:`local_cost` at ``n_grid`` times uniform in
@@ -1031,10 +1044,12 @@ def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
         ``dask.distributed.Client(...).get_executor().map``. Only the score evaluations are
         distributed; the noise is drawn here, level by level, so the result is the same
         for every ``workers``.
-    control_variate : bool. Subtract, level by level, the centred local cost of the
-        data's Gaussian fit, whose mean is known in closed form (derived here; see
+    control_variate : bool or None. Subtract, level by level, the centred local cost of
+        the data's Gaussian fit, whose mean is known in closed form (derived here; see
         ``_gaussian_control``): the same expectation, less variance where the marginal is
-        close to Gaussian (the noisy end). ``budget=`` turns it on unless it is given.
+        close to Gaussian (the noisy end). None (the default) turns it on with ``budget``
+        and off without (measured in `docs/budget.md`: it never hurt, and on the Cantor
+        target at 10^5 evaluations it cut the spread of the T = 50 levels from 1.77% to 1.17%).
 
     Returns a :class:`ScheduleMap` whose ``n_evaluations`` counts the per-sample score
     evaluations and whose ``metadata`` records the process (name, range, ``nu`` on the
@@ -1046,6 +1061,7 @@ def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
     n_groups = _check_int(n_groups, "n_groups", minimum=2)
     seed = int(rng) if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) else None
     _check_workers(workers)
+    control_variate = (budget is not None) if control_variate is None else bool(control_variate)
     if budget is not None:
         budget = _check_int(budget, "budget", minimum=1)
         n_grid = int(np.clip(np.rint(np.sqrt(budget / 40)), 20, 1000))

@@ -7,7 +7,6 @@ import importlib.util
 import os
 
 import numpy as np
-import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
@@ -68,3 +67,28 @@ def test_gaussian_schedules_recover_the_closed_form_and_the_rho_family(tmp_path)
     assert np.all(np.diff(rho) > 0)          # steeper spectra, larger best-fit rho
     for kl in out["kl"].values():             # exact KL falls with T for every rule
         assert np.all(np.diff(kl) < 0)
+
+
+def test_pretrained_adapters_agree_and_the_exports_are_usable(tmp_path):
+    out, text = run_example_no_figures("pretrained", tmp_path)
+    ddpm = [r for (model, _), r in out.items() if model.startswith("DDPM")]
+    assert len(ddpm) == 3
+    # The same model in three parametrisations gives the same map (same noise, exact adapters).
+    lengths = [r["map"].length for r in ddpm]
+    np.testing.assert_allclose(lengths, lengths[0], rtol=1e-6)
+    for r in out.values():
+        assert r["map"].n_evaluations <= 30_000 and os.path.exists(r["path"])
+        for T, sigmas in r["sigmas"].items():
+            assert len(sigmas) == T + 2 and sigmas[-1] == 0 and np.all(np.diff(sigmas) < 0)
+    steps = ddpm[0]["timesteps"][10]
+    assert steps[0] == 999 and steps[-1] == 0 and np.all(np.diff(steps) < 0)
+    assert "set_timesteps(sigmas=" in text
+
+
+def run_example_no_figures(name, tmp_path):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = []
+    out = module.main(["--quick", "--out", str(tmp_path)], log=lines.append)
+    return out, "\n".join(lines)
