@@ -31,7 +31,7 @@ from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
 from scoreopt import (as_rng, check_data, check_schedule, online_update, _check_gamma, _check_int,
-                      _check_positive, _check_process)
+                      _check_positive, _check_process, _write_atomically)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "mlp_score", "score_model", "silu", "noise_features", "dsm_loss", "draw_levels",
@@ -801,36 +801,7 @@ def save_checkpoint(path, params, ts, adam, step, rng, history=None, data_mean=0
         "data_var": np.broadcast_to(np.asarray(data_var, float), (params[-1][0].shape[1],)),
         "run": np.array(json.dumps(run or {})),
     }
-    folder, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder):
-    """Flush a rename to disk (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    _write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load_checkpoint(path):

@@ -17,7 +17,7 @@ from scipy.integrate import trapezoid
 from scipy.optimize import minimize
 from scipy.stats import gaussian_kde
 
-from scoreopt import (baseline_schedules, _check_finite, _check_int, _eval_score, _check_steps, _check_positive, _check_process, _noised,
+from scoreopt import (baseline_schedules, _as_float_array, _check_finite, _check_int, _eval_score, _check_steps, _check_positive, _check_process, _noised,
                       as_rng, check_data, check_schedule, ddim_coefficients)
 
 __all__ = ["sample", "prior_sample", "euler_step", "heun_step", "ancestral_step",
@@ -338,7 +338,7 @@ def gaussian_kl(mean, var, target_mean, target_var):
 
 
 def _check_kl_inputs(mean, var, m, lam):
-    arrays = [_as_real(a, name) for a, name in ((mean, "mean"), (var, "var"), (m, "target_mean"),
+    arrays = [_as_float_array(a, name) for a, name in ((mean, "mean"), (var, "var"), (m, "target_mean"),
                                                 (lam, "target_var"))]
     if any(a.shape != arrays[0].shape for a in arrays):
         raise ValueError("`mean`, `var`, `target_mean` and `target_var` must have one shape")
@@ -491,21 +491,12 @@ def wasserstein1(samples, cdf, grid_size=200_001):
 
 def _check_samples_1d(samples, name, minimum):
     """Finite 1-D samples (any shape with one value per sample), sorted; at least ``minimum``."""
-    x = np.sort(_as_real(samples, name).reshape(-1))
+    x = np.sort(_as_float_array(samples, name).reshape(-1))
     if len(x) < minimum:
         raise ValueError(f"`{name}` needs at least {minimum} sample{'s' if minimum > 1 else ''}, got {len(x)}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"`{name}` must be finite")
     return x
-
-
-def _as_real(x, name):
-    if np.iscomplexobj(x):
-        raise TypeError(f"`{name}` must be real, got complex values")
-    try:
-        return np.asarray(x, dtype=float)
-    except (TypeError, ValueError):
-        raise TypeError(f"`{name}` must be an array of real numbers") from None
 
 
 class ModeCoverage(NamedTuple):
@@ -521,10 +512,10 @@ def mode_coverage(samples, modes, weights=None, radius=None):
     default). The default radius is a quarter of the smallest distance between modes.
     """
     x = _check_samples_1d(samples, "samples", minimum=1)
-    modes = _as_real(modes, "modes").reshape(-1)          # in the caller's order, as `weights`
+    modes = _as_float_array(modes, "modes").reshape(-1)          # in the caller's order, as `weights`
     if len(modes) == 0 or not np.all(np.isfinite(modes)):
         raise ValueError("`modes` must be a non-empty array of finite values")
-    weights = np.full(len(modes), 1 / len(modes)) if weights is None else _as_real(weights, "weights").reshape(-1)
+    weights = np.full(len(modes), 1 / len(modes)) if weights is None else _as_float_array(weights, "weights").reshape(-1)
     if weights.shape != modes.shape or np.any(weights < 0) or not np.all(np.isfinite(weights)):
         raise ValueError("`weights` must be finite, non-negative, one per mode")
     if radius is None:
@@ -550,7 +541,7 @@ def density_estimate(samples, grid, bandwidth=None):
     x = _check_samples_1d(samples, "samples", minimum=2)
     if x[0] == x[-1]:
         raise ValueError("`samples` must not all be equal: a kernel density needs a spread")
-    return gaussian_kde(x, bw_method=bandwidth)(_as_real(grid, "grid"))
+    return gaussian_kde(x, bw_method=bandwidth)(_as_float_array(grid, "grid"))
 
 
 def score_error(score, exact_score, process, ts, x0, rng):

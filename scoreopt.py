@@ -987,17 +987,22 @@ def load_schedule_map(path):
                        order, n_evaluations, metadata)
 
 
-def _write_atomically(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder: flushed,
-    renamed, the folder flushed; permissions 0666 less the umask."""
+def _write_atomically(path, write):
+    """Write ``path`` through a temporary file in the same folder: ``write(f)`` on the open
+    binary file (or ``str``/``bytes`` to write as they are), flushed, renamed over
+    ``path``, the folder flushed too; permissions 0666 less the umask. An interrupted
+    write leaves the previous file as it was and no temporary file behind."""
+    if isinstance(write, (str, bytes)):
+        data = write.encode() if isinstance(write, str) else write
+        write = lambda f: f.write(data)
     folder, base = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -29,7 +29,6 @@ KL is reported as a ratio.
 """
 import argparse
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -266,15 +265,6 @@ def cost_row(tname, pname, what, cost):
             f"{cost['iterations']} iterations{'' if cost['converged'] else ', not converged'} |")
 
 
-def write_atomically(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two targets, T = 5 and 10, print only")
@@ -284,6 +274,6 @@ if __name__ == "__main__":
         print(run(["gaussian-1d", "bimodal"], ("vp_linear",), (5, 10), ("euler", "ancestral"), (10,)))
     else:
         report = run()
-        write_atomically(OUT, report + f"\nTotal time: {time.perf_counter() - start:.0f} s.\n")
+        so._write_atomically(OUT, report + f"\nTotal time: {time.perf_counter() - start:.0f} s.\n")
         print(report)
     print(f"total time {time.perf_counter() - start:.0f} s")
