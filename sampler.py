@@ -143,7 +143,7 @@ def resolve_predictor(predictor):
 # --------------------------------------------------------------------------------
 
 def sample(score, process, ts, x_T, rng, predictor="euler", corrector_steps=0,
-           corrector_ratio=0.1, denoise=False, velocity=None):
+           corrector_ratio=0.1, denoise=False, velocity=None, max_growth=EXPLOSION_FACTOR):
     """Predictor-corrector sampling along any schedule (SPEC 7).
 
     Parameters
@@ -160,20 +160,29 @@ def sample(score, process, ts, x_T, rng, predictor="euler", corrector_steps=0,
     corrector_ratio : float > 0, ``r`` in the corrector step ``eps = r v(t)^2``
     denoise : bool, finish with Tweedie's formula at ``ts[0]`` (one more NFE)
     velocity : callable ``v(t)``, default ``process.sigma``
+    max_growth : float or None. After every step the samples are checked: non-finite
+        values, or any ``|x|`` beyond ``max_growth`` times the starting batch's largest
+        ``|x|`` (or 1), raise ``FloatingPointError`` naming the step (an unstable setting,
+        e.g. ``corrector_ratio=1e6``, or a model that throws samples away). ``None``
+        checks finiteness only, for evaluating a model whose stray samples are to be
+        counted rather than refused.
 
     Returns
     -------
     (x, nfe) : samples of shape (n, d) and the number of score evaluations made
         (counting one per batch call).
 
-    Raises ``ValueError`` naming the time at which the score returned a non-finite
-    value or a wrong shape.
+    Raises ``ValueError`` naming the time (and step) at which the score returned a
+    non-finite value or a wrong shape, ``ScoreEvaluationError`` if it raised.
     """
     ts = check_schedule(ts, process)
     x = check_data(x_T, "x_T")
     rng = as_rng(rng)
     predict, v = _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity, process)
-    return _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio, denoise, v)
+    if max_growth is not None:
+        _check_positive(max_growth, "max_growth")
+    return _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio, denoise, v,
+                        max_growth=max_growth)
 
 
 def _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity, process):
@@ -189,13 +198,14 @@ def _check_sampler(score, predictor, corrector_steps, corrector_ratio, velocity,
 
 
 def _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio,
-                 denoise, v, check=True):
+                 denoise, v, check=True, max_growth=EXPLOSION_FACTOR):
     """The sampler's loop on validated arguments (``rng`` needs only ``standard_normal``).
 
     ``check=False`` skips the finiteness check of every score, so that autograd can
     trace the loop (used for the exact Gaussian law's gradient in ``ts``)."""
     T, nfe = len(ts) - 1, 0
-    limit = EXPLOSION_FACTOR * max(1.0, float(np.max(np.abs(getval(x))))) if check else None
+    limit = (np.inf if max_growth is None else max_growth * max(1.0, float(np.max(np.abs(getval(x)))))) \
+        if check else None
     for i, (t_cur, t_next) in enumerate(zip(ts[:0:-1], ts[-2::-1])):       # t_N = t_max down to t_0 = t_min
         where = f" (step {i + 1} of {T}, from t = {t_cur:.6g} to t = {t_next:.6g})" if check else ""
         checked = (lambda x, t: _eval_score(score, x, t, where)) if check else score
@@ -214,15 +224,16 @@ def _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector
 
 
 def _check_samples(x, limit, where):
-    """Non-finite or exploding samples (beyond ``EXPLOSION_FACTOR`` times the start's scale)
-    are an error naming the step: an unstable setting, not a result."""
+    """Non-finite or exploding samples (beyond ``limit``: ``max_growth`` times the start's
+    scale) are an error naming the step: an unstable setting, not a result."""
     x = np.asarray(x)
     if not np.all(np.isfinite(x)):
         raise FloatingPointError(f"the samples became non-finite{where}: an unstable step size or schedule")
     top = float(np.max(np.abs(x)))
     if top > limit:
-        raise FloatingPointError(f"the samples exploded to |x| = {top:.3g}{where}, beyond {EXPLOSION_FACTOR:g} "
-                                 "times the starting batch's scale: an unstable step size or schedule")
+        raise FloatingPointError(f"the samples exploded to |x| = {top:.3g}{where}, beyond `max_growth` times the "
+                                 "starting batch's scale: an unstable step size or schedule, or a model that "
+                                 "throws samples away (max_growth=None to count them instead)")
 
 
 def prior_sample(process, n, data_var, rng):
