@@ -192,6 +192,17 @@ def test_exploding_samples_stop_the_sampler_naming_the_step():
         sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 1, "euler", corrector_steps=2, corrector_ratio=1e6)
 
 
+def test_growth_can_be_counted_instead_of_refused_but_never_non_finite():
+    grow = lambda score, process, x, t_cur, t_next, rng: (x * 1e4, 0)       # a step that throws samples away
+    x_T = np.ones((3, 1))
+    with pytest.raises(FloatingPointError, match=r"exploded to \|x\| = 1e\+08 \(step 2 of 10"):
+        sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 0, grow)
+    x, _ = sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 0, grow, max_growth=None)
+    np.testing.assert_allclose(x, 1e40, rtol=1e-12)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 0, lambda *a: (a[2] * 1e40, 0), max_growth=None)
+
+
 # --- 6. Metrics on degenerate input ----------------------------------------------------
 
 @pytest.mark.parametrize("samples, message", [([0.1, np.nan], "`samples` must be finite"),
