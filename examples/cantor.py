@@ -154,7 +154,7 @@ def plot(results, target, process, out, log):
     true = np.exp(target.log_prob(grid[:, None]))
     paths = []
     for number, kind in ((1, "trained"), (2, "exact")):
-        fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+        fig, axes = plt.subplots(1, 4, figsize=(15, 3.7))
         axes[0].plot(grid, true, color="black", lw=1)
         axes[0].set_title("true density $p_0$")
         for ax, name, color in ((axes[1], "linear", "tab:red"), (axes[2], "optimised", "tab:blue")):
@@ -163,7 +163,7 @@ def plot(results, target, process, out, log):
             ax.hist(r["x"], bins=240, range=(grid[0], grid[-1]), density=True, color=color, alpha=0.7,
                     label="samples")
             stray = f", {r['escaped']} escaped" if r["escaped"] else ""
-            ax.set_title(f"{name} schedule: {r['modes']}/8 modes, W1 {r['w1']:.3g}{stray}")
+            ax.set_title(f"{name} schedule\n{r['modes']}/8 modes, W1 {r['w1']:.3g}{stray}", fontsize=10)
             ax.legend(loc="upper right", fontsize=8)
         for ax in axes[:3]:
             ax.set_xlabel("x")
