@@ -16,8 +16,8 @@ read off with error bars, the map is saved as JSON and loaded back, and the sche
 is exported: k-diffusion `sigmas`, diffusers `set_timesteps(sigmas=...)`, and the
 model's own integer timesteps for the discrete-time model.
 
-    python examples/pretrained.py            # about 20 s
-    python examples/pretrained.py --quick    # about 8 s
+    python examples/pretrained.py            # about 11 s on 2 cores
+    python examples/pretrained.py --quick    # about 5 s
 """
 import argparse
 import os
