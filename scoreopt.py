@@ -596,16 +596,15 @@ def gaussian_step_cost(process, t_from, t_to, variances, pushed_variances):
     For a step that maps ``p_t = N(0, diag(A))`` to ``N(0, diag(P))`` (``P`` the pushed
     variances: every built-in step is affine per coordinate with the exact score) and
     the target ``p_t' = N(0, diag(A'))``: ``E[y S(y, t')^T] = -diag(P / A')`` and
-    ``E[x S(x, t)^T] = -I``, so ``M = diag(1 - P / A')``. ``t_from`` is kept for the
-    signature's symmetry with :func:`step_cost`.
+    ``E[x S(x, t)^T] = -I``, so ``M = diag(1 - P / A')``. ``t_from`` (checked, above
+    ``t_to``) keeps the signature of :func:`step_cost`.
     """
     _check_process(process)
     lam = _as_float_array(variances, "variances").reshape(-1)
     P = _as_float_array(pushed_variances, "pushed_variances").reshape(-1)
     if P.shape != lam.shape:
         raise ValueError("`pushed_variances` and `variances` must have the same length")
-    _check_time(t_from, process, "t_from")
-    t_to = _check_time(t_to, process, "t_to")
+    _, t_to = _check_step_times(_check_real(t_from, "t_from"), _check_real(t_to, "t_to"), process, True)
     A2 = process.s(t_to) ** 2 * lam + process.sigma(t_to) ** 2
     return float(np.sum((1.0 - P / A2) ** 2))
 
@@ -1504,13 +1503,6 @@ def check_data(x, name="x0"):
     if not np.all(np.isfinite(x)):
         raise ValueError(f"`{name}` must be finite")
     return x
-
-
-def _check_time(t, process, name):
-    t = _check_real(t, name)
-    if not process.t_min <= t <= process.t_max:
-        raise ValueError(f"`{name}` = {t} must lie in [{process.t_min}, {process.t_max}]")
-    return t
 
 
 def _check_process(process):
