@@ -401,7 +401,7 @@ def gaussian_optimal_schedule(target, process, T, predictor="heun", corrector_st
         candidates[f"start {i}"] = check_schedule(ts, process, name="starts")
     if any(len(ts) != T + 1 for ts in candidates.values()):
         raise ValueError(f"every schedule in `starts` must have T + 1 = {T + 1} times")
-    ts0, law = _gaussian_law(target, process, candidates["uniform"], predictor, corrector_steps,
+    _, law = _gaussian_law(target, process, candidates["uniform"], predictor, corrector_steps,
                              corrector_ratio, False, None, None)
     goal = target.marginal(process, process.t_min)
     m, lam = goal.mean(), goal.variance()

@@ -35,6 +35,7 @@ import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
+from importlib.metadata import version as package_version
 from typing import Callable, NamedTuple
 
 import autograd.numpy as anp
@@ -1072,8 +1073,8 @@ def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
     n_grid = _check_int(n_grid, "n_grid", minimum=2)
     nu_min, nu_max = _nsr_range(process)
     ts = _schedule_from_nsr(process, np.geomspace(nu_min, nu_max, n_grid))
+    steps = _fd_steps(process, ts, 1e-3)
     if budget is not None:
-        steps = _fd_steps(process, ts, 1e-3)
         one_sided = np.sum((ts - steps < process.t_min) | (ts + steps > process.t_max))
         per_sample = n_grid if method == "autograd" else 2 * n_grid + one_sided
         x0 = x0[:min(len(x0), budget // per_sample)]
@@ -1087,7 +1088,7 @@ def estimate_schedule_map(score, process, x0, rng, n_grid=1000, velocity=None,
     delta, delta_stderr = np.empty(n_grid), np.empty(n_grid)
     group_delta = np.empty((n_groups, n_grid))
     counts = [0, 0]
-    levels = _level_values(score, process, ts, _fd_steps(process, ts, 1e-3), x0, rng, v, method, workers, counts,
+    levels = _level_values(score, process, ts, steps, x0, rng, v, method, workers, counts,
                            n_groups if control_variate else 0)
     for j, values in enumerate(levels):
         delta[j], delta_stderr[j] = _mean_stderr(values)
@@ -1117,8 +1118,7 @@ def _cumulative_in_log_nu(process, ts, delta):
 
 def _version():
     try:
-        from importlib.metadata import version
-        return version("scoreopt")
+        return package_version("scoreopt")
     except Exception:           # not installed (a vendored copy)
         return "unknown"
 
