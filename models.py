@@ -1,6 +1,6 @@
 """Targets with exact scores, small MLP score models and their training.
 
-Targets (SPEC section 8) are Gaussian mixtures with diagonal components, because a
+Targets are Gaussian mixtures with diagonal components, because a
 mixture stays a mixture under every process: component ``k`` of ``p_0``,
 ``N(mu_k, diag(std_k^2))``, becomes ``N(s mu_k, diag(s^2 std_k^2 + sigma^2))`` in
 ``p_t``. So the score, the log density and (in 1-D) the CDF of every marginal are
@@ -8,11 +8,14 @@ exact, and the score is written in ``autograd.numpy`` so that it can be
 differentiated in ``x`` and ``t``. The log-sum-exp form keeps it finite far from
 the modes and at tiny ``sigma``.
 
-Score models (SPEC 9) are MLPs whose parameters are a plain list of ``(W, b)``
-pairs (:func:`init_mlp`, :func:`mlp_score`), trained by denoising score matching
-(:func:`dsm_loss`) with Adam as a pure function (:func:`adam_step`) in
-:func:`train`, which can adapt the schedule online (the paper's Algorithm 2,
-:class:`OnlineSchedule`) and writes atomic ``.npz`` checkpoints.
+Score models are MLPs whose parameters are a plain list of ``(W, b)`` pairs
+(:func:`init_mlp`), with the preconditioning of EDM (Karras et al. 2022) in the
+process's own coordinates (:func:`mlp_score`), trained by denoising score matching
+(:func:`dsm_loss`) with Adam as a pure function (:func:`adam_step`) in :func:`train`,
+which can adapt the schedule online (the paper's Algorithm 2, :class:`OnlineSchedule`)
+and writes atomic ``.npz`` checkpoints.
+
+This module uses only public functions of ``scoreopt``.
 """
 
 import ctypes
@@ -20,6 +23,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from typing import NamedTuple
 
 import autograd.numpy as anp
@@ -30,13 +34,17 @@ from autograd.misc import flatten
 from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
-from scoreopt import (as_rng, check_data, check_schedule, online_update, _check_gamma, _check_int,
-                      _check_positive, _check_process, _write_atomically)
+from scoreopt import (Process, as_rng, as_real_array, check_bool, check_callable, check_data, check_int,
+                      check_positive, check_process, check_real, check_schedule, online_update, time_from_nsr,
+                      write_atomically)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
-           "init_mlp", "mlp_score", "score_model", "silu", "noise_features", "dsm_loss", "draw_levels",
-           "AdamState", "adam_init", "adam_step", "OnlineSchedule", "TrainingState",
-           "TrainingDiverged", "train", "progress_printer", "retain_freed_memory", "save_checkpoint", "load_checkpoint"]
+           "init_mlp", "mlp_score", "score_model", "ScoreModel", "preconditioning_coefficients", "silu",
+           "noise_features", "dsm_loss", "DSMBatch", "prepare_dsm", "prepared_dsm_loss",
+           "schedule_levels", "between_levels", "uniform_times", "lognormal_levels",
+           "cosine_rate", "constant_rate", "AdamState", "adam_init", "adam_step", "OnlineSchedule",
+           "TrainingState", "TrainingDiverged", "train", "retain_freed_memory", "save_checkpoint",
+           "load_checkpoint"]
 
 LOG_2PI = np.log(2.0 * np.pi)
 MAX_CANTOR_LEVEL = 16      # 65,536 atoms: about 1.5 MB of temporaries per sample and score call
@@ -90,7 +98,7 @@ class GaussianMixture:
 
     def sample(self, n, rng):
         """``n`` independent draws of ``p_0``, shape (n, d)."""
-        n = _check_int(n, "n", minimum=1)
+        n = check_int(n, "n", minimum=1)
         rng = as_rng(rng)
         k = rng.choice(len(self.weights), size=n, p=self.weights)
         return self.means[k] + self.stds[k] * rng.standard_normal((n, self.dim))
@@ -109,14 +117,16 @@ class GaussianMixture:
     def score(self, x, t, process):
         """Exact score ``grad_x log p_t(x)`` of the marginal at time ``t``; shape (n, d).
 
-        Written in ``autograd.numpy``: differentiable in ``x`` and in ``t``.
+        ``t`` is a float or one time per row (shape (n,)). Written in ``autograd.numpy``:
+        differentiable in ``x`` and in ``t``.
         """
-        _check_process(process)
+        check_process(process)
         self._check_shape(x)
-        _check_level(t, process)
+        _check_level(t, process, len(getval(x)))
         s, sigma = process.s(t), process.sigma(t)
-        return _mixture_score(x, np.log(self.weights), s * self.means,
-                              s ** 2 * self.stds ** 2 + sigma ** 2)
+        if anp.ndim(t):                    # one time per row: coefficients of shape (n, 1, 1)
+            s, sigma = anp.reshape(s, (-1, 1, 1)), anp.reshape(sigma, (-1, 1, 1))
+        return _mixture_score(x, np.log(self.weights), s * self.means, s ** 2 * self.stds ** 2 + sigma ** 2)
 
     def cdf(self, x):
         """CDF of ``p_0`` (1-D targets only) at points ``x`` of any shape."""
@@ -198,7 +208,7 @@ def mollified_cantor(level=3, width=None, interval=(0.0, 1.0)):
     are eight widths apart. The paper's exact width and interval are not known to us;
     these are this project's choices.
     """
-    level = _check_int(level, "level", minimum=0)
+    level = check_int(level, "level", minimum=0)
     if level > MAX_CANTOR_LEVEL:
         raise ValueError(f"`level` = {level} would make 2^{level} = {2 ** level:,} mixture components, and "
                          f"every score evaluation would need {2 ** level * 8 * 3:,} bytes per sample; "
@@ -206,7 +216,7 @@ def mollified_cantor(level=3, width=None, interval=(0.0, 1.0)):
     lo, hi = (float(v) for v in interval)
     if not lo < hi:
         raise ValueError("`interval` must be (lo, hi) with lo < hi")
-    width = 0.25 * 3.0 ** -level * (hi - lo) if width is None else _check_positive(width, "width")
+    width = 0.25 * 3.0 ** -level * (hi - lo) if width is None else check_positive(width, "width")
     return MollifiedCantor(level, width, (lo, hi))
 
 
@@ -226,8 +236,9 @@ def bimodal(weights=(0.5, 0.5), means=(-1.0, 1.0), stds=(0.1, 0.1)):
 # --------------------------------------------------------------------------------
 
 def _component_log_probs(x, log_w, means, var):
-    """``log w_k + log N(x; means_k, diag(var_k))``, shape (n, K)."""
-    diff = x[:, None, :] - means[None, :, :]
+    """``log w_k + log N(x; means_k, diag(var_k))``, shape (n, K); ``means`` and ``var`` are
+    (K, d), or (n, K, d) for one time per row."""
+    diff = x[:, None, :] - means
     return log_w - 0.5 * anp.sum(diff ** 2 / var + anp.log(var) + LOG_2PI, axis=2)
 
 
@@ -242,20 +253,22 @@ def _mixture_score(x, log_w, means, var):
     logp = _component_log_probs(x, log_w, means, var)
     p = anp.exp(logp - anp.max(logp, axis=1, keepdims=True))
     resp = p / anp.sum(p, axis=1, keepdims=True)
-    return anp.sum(resp[:, :, None] * (means[None, :, :] - x[:, None, :]) / var, axis=1)
+    return anp.sum(resp[:, :, None] * (means - x[:, None, :]) / var, axis=1)
 
 
-def _check_level(t, process):
-    """A time ``t`` (a scalar, or one per row) must be finite and in the process's range."""
+def _check_level(t, process, n):
+    """A time ``t`` (a scalar, or one per row of ``n``) must be finite and in the process's range."""
     value = np.asarray(getval(t))
     if np.iscomplexobj(value) or not np.all(np.isfinite(value)):
         raise ValueError(f"`t` must be a finite real time, got {value}")
+    if value.ndim > 1 or (value.ndim == 1 and len(value) != n):
+        raise ValueError(f"`t` must be a float or one time per row, shape ({n},); got shape {value.shape}")
     if np.any(value < process.t_min) or np.any(value > process.t_max):
         raise ValueError(f"`t` = {value} must lie in [{process.t_min}, {process.t_max}], the process's range")
 
 
 def _scale_noise(process, t):
-    _check_process(process)
+    check_process(process)
     t = float(t)
     if not process.t_min <= t <= process.t_max:
         raise ValueError(f"`t` = {t} must lie in [{process.t_min}, {process.t_max}]")
@@ -263,33 +276,31 @@ def _scale_noise(process, t):
 
 
 # --------------------------------------------------------------------------------
-# MLP score model (SPEC 9)
+# MLP score model with EDM's preconditioning, in the process's own coordinates
 # --------------------------------------------------------------------------------
 
 def init_mlp(rng, dim=1, width=64, depth=3, n_fourier=4, input_scale=None):
     """Parameters of an MLP score model: a plain list of ``(W, b)`` pairs.
 
     Input: ``dim`` data coordinates plus ``1 + 2 n_fourier`` noise-level features;
-    ``depth`` hidden layers of ``width`` units; output ``dim`` (the predicted noise).
-    Weights are ``N(0, 1/fan_in)``, except the first layer's data weights,
-    ``N(0, input_scale^2 / fan_in)``, with first-layer biases uniform on
+    ``depth`` hidden layers of ``width`` units; output ``dim`` (the network ``F`` of
+    :func:`mlp_score`). Weights are ``N(0, 1/fan_in)``, except the first layer's data
+    weights, ``N(0, input_scale^2 / fan_in)``, with first-layer biases uniform on
     ``(-input_scale/2, input_scale/2)``: first-layer units then bend at places spread
     over the standardised data and vary on a fraction of its standard deviation,
     which narrow, well-separated modes need (measured on the mollified Cantor target:
     README). The default ``input_scale`` is ``10 / sqrt(dim)``: 10 was tuned on 1-D
     data and is poor in many dimensions, where the data weights' sum over ``dim``
-    inputs is already large. Held-out DSM loss after 3,000 steps (3x64, two seeds,
-    README): d = 1, 10 / 3 / 1 give 0.1105 / 0.1112 / 0.1129; d = 8, 10 / 3.54 / 1 give
-    1.331 / 1.311 / 1.308; d = 64, 10 / 1.25 / 1 give 11.80 / 9.66 / 9.65. The output
-    layer starts at zero, so the initial model is the Gaussian fit of
-    :func:`mlp_score` (exact for Gaussian data with the standardisation's moments).
+    inputs is already large (``examples/input_scale_benchmark.py``, README). The output
+    layer starts at zero, so the initial model is the Gaussian fit of :func:`mlp_score`
+    (exact for Gaussian data with the standardisation's moments).
     """
     rng = as_rng(rng)
-    dim = _check_int(dim, "dim", minimum=1)
-    width = _check_int(width, "width", minimum=1)
-    depth = _check_int(depth, "depth", minimum=1)
-    n_fourier = _check_int(n_fourier, "n_fourier", minimum=0)
-    input_scale = 10.0 / np.sqrt(dim) if input_scale is None else _check_positive(input_scale, "input_scale")
+    dim = check_int(dim, "dim", minimum=1)
+    width = check_int(width, "width", minimum=1)
+    depth = check_int(depth, "depth", minimum=1)
+    n_fourier = check_int(n_fourier, "n_fourier", minimum=0)
+    input_scale = 10.0 / np.sqrt(dim) if input_scale is None else check_positive(input_scale, "input_scale")
     sizes = [dim + 1 + 2 * n_fourier] + [width] * depth
     params = [(rng.standard_normal((m, n)) / np.sqrt(m), np.zeros(n))
               for m, n in zip(sizes[:-1], sizes[1:])]
@@ -306,8 +317,7 @@ def noise_features(process, t, n_fourier):
     ``t`` is a scalar or an array of shape (n,) or (n, 1).
     """
     lo, hi = np.log(process.nsr(process.t_min)), np.log(process.nsr(process.t_max))
-    u = 2.0 * (anp.log(process.nsr(t)) - lo) / (hi - lo) - 1.0
-    u = anp.reshape(u, (-1, 1))
+    u = anp.reshape(2.0 * (anp.log(process.nsr(t)) - lo) / (hi - lo) - 1.0, (-1, 1))
     k = 0.5 * np.pi * np.arange(1, n_fourier + 1)
     return anp.concatenate([u, anp.sin(k * u), anp.cos(k * u)], axis=1)
 
@@ -334,96 +344,184 @@ def _silu_slope(z):
 defvjp(silu, lambda ans, z: lambda g: g * _silu_slope(z))
 defjvp(silu, lambda g, ans, z: g * _silu_slope(z))
 
+PRECONDITIONINGS = ("edm", "eps")
 
-def mlp_score(params, x, t, process, data_mean=0.0, data_var=1.0):
-    """Score ``S_theta(x, t) = -eps_hat(x, t) / sigma(t)`` of an MLP; shape (n, d).
 
-    Noise prediction keeps the output well scaled at every level: the loss
-    ``||sigma S_theta + eps||^2 = ||eps_hat - eps||^2`` is O(1) everywhere. The input is
-    the standardised ``x_in = (x - s data_mean) c_in``, ``c_in = 1/sqrt(s^2 data_var +
-    sigma^2)`` (the marginal's mean and standard deviation, as EDM's ``c_in``), with the
-    features of :func:`noise_features`. The network predicts a correction to the
-    Gaussian fit: ``eps_hat = sigma c_in x_in + net(x_in, features)``, the first term
-    being exact for Gaussian data with these moments (a skip connection, like EDM's
-    ``c_skip``). The zero-initialised output layer starts the model at that fit, and
-    far from the data the fit's pull-back dominates: without it, 6% of the ancestral
-    samples of one Cantor model escaped to x ~ 36 (README). Activation :func:`silu`:
-    smooth, as the predictor cost needs second derivatives; with it, 3x64 models fill
-    all eight Cantor modes where ``tanh`` filled at most six (README). ``t`` is a
-    scalar or one time per row, shape (n,). ``data_mean``, ``data_var``: scalars or
-    per-coordinate arrays (d,), those the model was trained with. Differentiable by
-    autograd in ``params``, ``x`` and ``t``.
+def preconditioning_coefficients(nu, data_var, preconditioning="edm"):
+    """``(c_skip, c_out, c_in)`` of the denoiser ``D = mean + c_skip (y - mean) + c_out F(c_in (y - mean))``.
+
+    In the process's own coordinates ``y = x / s``, noise level ``nu = sigma / s``, with the
+    per-coordinate data variance ``data_var``:
+
+    - ``"edm"`` (Karras et al. 2022, Table 1, with sigma_data per coordinate):
+      ``c_skip = data_var / (data_var + nu^2)``, ``c_out = nu sqrt(data_var) / sqrt(data_var + nu^2)``,
+      ``c_in = 1 / sqrt(data_var + nu^2)``. ``c_out`` stays below both ``nu`` and the data's
+      scale, so the network's error reaches the denoised estimate at most at the data's
+      scale at every level; the loss weight ``1/c_out^2`` makes every level's target unit
+      variance. A coordinate of variance 0 has ``c_out = 0``: its denoiser is the mean, exactly.
+    - ``"eps"`` (noise prediction, ``S = -eps_hat / sigma``): the same ``c_skip`` and ``c_in``
+      with ``c_out = -nu``: the network's error is multiplied by ``nu`` (about 150 at
+      ``vp_linear``'s noisy end) in the denoised estimate (docs/derivations.md, section 10).
+
+    VE's formulas are these with ``s = 1``, ``nu = sigma``; for VP they are EDM's VP
+    counterparts written in ``y`` and ``nu``.
     """
-    x_in, features, fit, sigma = _mlp_inputs(params, x, t, process, data_mean, data_var)
-    return -(fit + _mlp_eps(params, x_in, features)) / sigma
+    if preconditioning not in PRECONDITIONINGS:
+        raise ValueError(f"`preconditioning` must be one of {PRECONDITIONINGS}, got {preconditioning!r}")
+    total = data_var + nu ** 2
+    c_out = nu * anp.sqrt(data_var) / anp.sqrt(total) if preconditioning == "edm" else -nu
+    return data_var / total, c_out, 1.0 / anp.sqrt(total)
 
 
-def _mlp_inputs(params, x, t, process, data_mean, data_var):
-    """Standardised input ``x_in``, noise features (n, F), the Gaussian fit
-    ``sigma c_in x_in`` of the noise, and ``sigma``, for times ``t`` (scalar or (n,))."""
+def mlp_score(params, x, t, process, data_mean=0.0, data_var=1.0, preconditioning="edm"):
+    """Score ``S_theta(x, t)`` of the preconditioned MLP; shape (n, d).
+
+    The model is a denoiser in ``y = x / s`` and ``nu``:
+    ``D_theta(y, nu) = mean + c_skip (y - mean) + c_out F_theta(c_in (y - mean), features(nu))``
+    (:func:`preconditioning_coefficients`, :func:`noise_features`), and its score, by
+    Tweedie's formula, ``S = (D - y) / (s nu^2)``, computed as
+    ``S = [-(y - mean) / (data_var + nu^2) + (c_out / nu^2) F] / s`` so that no two large
+    terms cancel. The first term is the exact score of the Gaussian fit ``N(mean,
+    data_var)``, so the zero-initialised output layer starts the model there, and far from
+    the data the fit's pull-back dominates. Activation :func:`silu`: smooth, as the
+    predictor cost needs second derivatives. ``t`` is a float or one time per row (n,).
+    ``data_mean``, ``data_var``: scalars or per-coordinate arrays (d,), those the model was
+    trained with (a variance may be 0). Differentiable by autograd in ``params``, ``x``
+    and ``t``.
+    """
+    s, nu = _col(process.s(t)), _col(process.nsr(t))
+    centred = x / s - data_mean
+    c_skip, c_out, c_in = preconditioning_coefficients(nu, data_var, preconditioning)
+    F = _network(params, _network_input(params, c_in * centred, process, t))
+    return (-centred / (data_var + nu ** 2) + c_out / nu ** 2 * F) / s
+
+
+def _col(a):
+    """A per-row coefficient (shape (n,)) as a column (n, 1); scalars as they are."""
+    return anp.reshape(a, (-1, 1)) if anp.ndim(a) else a
+
+
+def _network_input(params, z, process, t):
+    """The network's input rows: standardised data and the noise features, (n, d + F)."""
     dim = params[-1][0].shape[1]
-    n_fourier = (params[0][0].shape[0] - dim - 1) // 2
-    t_col = anp.reshape(t, (-1, 1)) if anp.ndim(t) else t
-    s, sigma = process.s(t_col), process.sigma(t_col)
-    features = noise_features(process, t_col, n_fourier)
+    features = noise_features(process, t, (params[0][0].shape[0] - dim - 1) // 2)
     if anp.ndim(t) == 0:
-        features = anp.broadcast_to(features, (x.shape[0], features.shape[1]))
-    c_in = 1.0 / anp.sqrt(s ** 2 * data_var + sigma ** 2)
-    x_in = (x - s * data_mean) * c_in
-    return x_in, features, sigma * c_in * x_in, sigma
+        features = anp.broadcast_to(features, (z.shape[0], features.shape[1]))
+    return anp.concatenate([z, features], axis=1)
 
 
-def _mlp_eps(params, x_in, features):
-    """The network proper: predicted noise from standardised data and noise features."""
-    h = anp.concatenate([x_in, features], axis=1)
+def _network(params, h):
+    """The network proper, ``F``: SiLU layers on the prepared input."""
     for W, b in params[:-1]:
         h = silu(anp.dot(h, W) + b)
     W, b = params[-1]
     return anp.dot(h, W) + b
 
 
-def score_model(params, process, data_mean=0.0, data_var=1.0):
-    """The MLP as a plain score callable ``score(x, t)`` for scoreopt and the sampler."""
-    return lambda x, t: mlp_score(params, x, t, process, data_mean, data_var)
+class ScoreModel:
+    """The MLP as a plain score callable ``score(x, t)`` for scoreopt and the sampler (picklable)."""
+
+    def __init__(self, params, process, data_mean=0.0, data_var=1.0, preconditioning="edm"):
+        self.params, self.process = params, check_process(process)
+        self.data_mean, self.data_var, self.preconditioning = data_mean, data_var, preconditioning
+        preconditioning_coefficients(1.0, 1.0, preconditioning)
+
+    def __call__(self, x, t):
+        return mlp_score(self.params, x, t, self.process, self.data_mean, self.data_var, self.preconditioning)
 
 
-def draw_levels(ts, n, rng, uniform=False):
-    """Training times: uniform over the levels of ``ts`` or, if ``uniform``, over ``[ts[0], ts[-1]]``."""
-    rng = as_rng(rng)
-    return rng.uniform(ts[0], ts[-1], n) if uniform else ts[rng.integers(0, len(ts), n)]
-
-
-def dsm_loss(params, x0, process, ts, rng, uniform=False, data_mean=0.0, data_var=1.0):
-    """Denoising score matching ``E ||sigma S_theta(s x0 + sigma eps, t) + eps||^2`` (Vincent 2011).
-
-    ``t`` is drawn per sample from the levels of the schedule ``ts`` (uniformly over
-    the ``T + 1`` levels) or, with ``uniform=True``, uniformly on ``[t_min, t_max]``.
-    """
-    rng = as_rng(rng)
-    x0 = check_data(x0)
-    t = draw_levels(check_schedule(ts, process), len(x0), rng, uniform)
-    eps = rng.standard_normal(x0.shape)
-    return _dsm(params, x0, t, eps, process, data_mean, data_var)
-
-
-def _dsm(params, x0, t, eps, process, data_mean, data_var):
-    return _dsm_prepared(params, *_dsm_inputs(params, x0, t, eps, process, data_mean, data_var))
-
-
-def _dsm_inputs(params, x0, t, eps, process, data_mean, data_var):
-    """Everything of the loss that does not depend on ``params`` (kept out of the trace)."""
-    x_t = process.s(t)[:, None] * x0 + process.sigma(t)[:, None] * eps
-    x_in, features, fit, _ = _mlp_inputs(params, x_t, t, process, data_mean, data_var)
-    return x_in, features, eps - fit     # the target of the learned correction
-
-
-def _dsm_prepared(params, x_in, features, eps):
-    # sigma S_theta + eps = eps - eps_hat with S_theta = -eps_hat / sigma
-    return anp.mean(anp.sum((eps - _mlp_eps(params, x_in, features)) ** 2, axis=1))
+def score_model(params, process, data_mean=0.0, data_var=1.0, preconditioning="edm"):
+    """The MLP as a plain score callable ``score(x, t)`` (a :class:`ScoreModel`)."""
+    return ScoreModel(params, process, data_mean, data_var, preconditioning)
 
 
 # --------------------------------------------------------------------------------
-# Adam (Kingma & Ba 2015) on a flat parameter vector
+# Denoising score matching, and the noise levels it trains on
+# --------------------------------------------------------------------------------
+
+def schedule_levels(ts, n, rng, process):
+    """``n`` training times drawn uniformly from the ``T + 1`` levels of ``ts`` (the paper's)."""
+    return ts[rng.integers(0, len(ts), n)]
+
+
+def between_levels(ts, n, rng, process):
+    """``n`` training times from the schedule's density: a step of ``ts`` uniformly, then a time
+    uniformly inside it (continuous times, as dense as the schedule's levels)."""
+    i = rng.integers(0, len(ts) - 1, n)
+    return ts[i] + rng.uniform(size=n) * (ts[i + 1] - ts[i])
+
+
+def uniform_times(ts, n, rng, process):
+    """``n`` training times uniform on ``[t_min, t_max]`` (schedule-free)."""
+    return rng.uniform(process.t_min, process.t_max, n)
+
+
+def lognormal_levels(ts, n, rng, process, p_mean=-1.2, p_std=1.2):
+    """EDM's training levels: ``log nu ~ N(p_mean, p_std^2)`` (Karras et al. 2022, Table 1),
+    clipped to the process range and mapped to ``t``. The defaults are EDM's for images."""
+    nu_range = process.nsr(np.array([process.t_min, process.t_max]))
+    nu = np.clip(np.exp(p_mean + p_std * rng.standard_normal(n)), *nu_range)
+    return time_from_nsr(process, nu)
+
+
+LEVELS = {"levels": schedule_levels, "between": between_levels, "uniform": uniform_times,
+          "lognormal": lognormal_levels}
+
+
+class DSMBatch(NamedTuple):
+    """A batch of the DSM loss with everything that does not depend on the parameters done."""
+    net_input: np.ndarray   # (n, d + F): standardised noisy data and noise features
+    target: np.ndarray      # (n, d): what F should output
+    weight: np.ndarray      # (n, d): 1, or 0 for a coordinate whose c_out is 0 (no error possible)
+
+
+def prepare_dsm(params, x0, t, eps, process, data_mean=0.0, data_var=1.0, preconditioning="edm"):
+    """The DSM loss's batch for data ``x0`` (n, d), times ``t`` (n,) and noise ``eps`` (n, d).
+
+    With ``y = x0 + nu eps`` (``x_t / s``), EDM's weighted loss ``||D - x0||^2 / c_out^2`` is
+    ``||F - target||^2`` with ``target = (x0 - mean - c_skip (y - mean)) / c_out``: unit
+    variance at every level for ``"edm"`` (docs/derivations.md, section 10), and
+    ``eps - eps_fit`` (the noise prediction's loss ``||eps_hat - eps||^2``) for ``"eps"``.
+    """
+    nu = process.nsr(t)[:, None]
+    y = x0 + nu * eps
+    c_skip, c_out, c_in = preconditioning_coefficients(nu, data_var, preconditioning)
+    c_out = np.broadcast_to(c_out, y.shape)
+    stuck = c_out == 0
+    target = np.where(stuck, 0.0, (x0 - data_mean - c_skip * (y - data_mean)) / np.where(stuck, 1.0, c_out))
+    return DSMBatch(_network_input(params, c_in * (y - data_mean), process, t), target, (~stuck).astype(float))
+
+
+def prepared_dsm_loss(params, batch):
+    """``mean over rows of sum_k weight_k (F_theta - target)_k^2`` on a :class:`DSMBatch`."""
+    return anp.mean(anp.sum(batch.weight * (_network(params, batch.net_input) - batch.target) ** 2, axis=1))
+
+
+def dsm_loss(params, x0, process, ts, rng, *, levels="levels", data_mean=0.0, data_var=1.0, preconditioning="edm"):
+    """Denoising score matching with EDM's weight, ``E ||D_theta - x0||^2 / c_out^2`` (Vincent 2011;
+    Karras et al. 2022). For ``preconditioning="eps"`` it is ``E ||sigma S_theta + eps||^2``.
+
+    ``t`` is drawn per sample by ``levels`` (:func:`schedule_levels` by default: uniformly
+    over the ``T + 1`` levels of ``ts``; or :func:`between_levels`, :func:`uniform_times`,
+    :func:`lognormal_levels`, or their aliases ``"between"``, ``"uniform"``, ``"lognormal"``).
+    """
+    process, rng, x0 = check_process(process), as_rng(rng), check_data(x0)
+    t = _resolve_levels(levels)(check_schedule(ts, process), len(x0), rng, process)
+    batch = prepare_dsm(params, x0, t, rng.standard_normal(x0.shape), process, data_mean, data_var, preconditioning)
+    return prepared_dsm_loss(params, batch)
+
+
+def _resolve_levels(levels):
+    if callable(levels):
+        return levels
+    if isinstance(levels, str) and levels in LEVELS:
+        return LEVELS[levels]
+    raise ValueError(f"`levels` must be a function levels(ts, n, rng, process) or one of {sorted(LEVELS)}, "
+                     f"got {levels!r}")
+
+
+# --------------------------------------------------------------------------------
+# Adam (Kingma & Ba 2015) on a flat parameter vector, and the learning-rate schedule
 # --------------------------------------------------------------------------------
 
 class AdamState(NamedTuple):
@@ -446,18 +544,31 @@ def adam_step(theta, grad, state, lr, b1=0.9, b2=0.999, eps=1e-8):
     return theta - lr * m_hat / (np.sqrt(v_hat) + eps), AdamState(m, v, step)
 
 
+def cosine_rate(step, n_steps):
+    """Cosine decay of the learning rate from 1 to 0 over the run: ``(1 + cos(pi step / n_steps)) / 2``."""
+    return 0.5 * (1 + np.cos(np.pi * step / n_steps))
+
+
+def constant_rate(step, n_steps):
+    """A constant learning rate."""
+    return 1.0
+
+
+RATES = {"cosine": cosine_rate, "constant": constant_rate}
+
+
 # --------------------------------------------------------------------------------
-# Training with an optional online schedule (SPEC 6.3, 9)
+# Training with an optional online schedule (the paper's Algorithm 2)
 # --------------------------------------------------------------------------------
 
 class _OnlineSettings(NamedTuple):
     every: int = 50
     burn_in: int = 1000
     gamma: float = 0.05
-    kind: str = "corrector"
+    cost: object = "corrector"
     n_samples: int = 1000
     order: int = 2
-    method: str = "intervals"
+    route: object = "intervals"
     n_grid: int = 200
 
 
@@ -467,15 +578,15 @@ class OnlineSchedule(_OnlineSettings):
     After ``burn_in`` steps on the initial schedule, every ``every`` steps, with the
     current model and ``n_samples`` fresh data samples, :func:`scoreopt.online_update`
     finds a target schedule and blends the current one towards it with rate ``gamma``.
-    The target comes from
+    The target comes from ``route``:
 
-    - ``method="intervals"`` (the paper's Algorithm 2): the interval costs of the
-      current schedule (``kind``: ``"corrector"`` or ``"predictor"``, of order
-      ``order``) through ``update_schedule`` (Algorithm 1);
-    - ``method="grid"`` (derived, SPEC 6.1): the local corrector cost on ``n_grid``
-      levels uniform in ``log nu``, through ``optimal_schedule``. It avoids the pitfall
-      of SPEC 6.3 (one huge last step) that the interval route falls into on smooth
-      data (measured on the bimodal target: README).
+    - ``"intervals"`` (``scoreopt.interval_route``, the paper's Algorithm 2): the interval
+      costs of the current schedule (``cost``: ``"corrector"``, ``"predictor"`` or a cost
+      function, of order ``order``) through ``update_schedule`` (Algorithm 1);
+    - ``"grid"`` (``scoreopt.grid_route``, derived): the local corrector cost on ``n_grid``
+      levels uniform in ``log nu``, through the optimal schedule. It avoids the pitfall
+      (one huge last step) that the interval route falls into on smooth data (measured on
+      the bimodal target: README, docs/derivations.md section 4).
 
     Every setting is checked here, at construction, not at the first update.
     """
@@ -483,23 +594,35 @@ class OnlineSchedule(_OnlineSettings):
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls, *args, **kwargs)
-        _check_int(self.every, "every", minimum=1)
-        _check_int(self.burn_in, "burn_in", minimum=0)
-        _check_int(self.n_samples, "n_samples", minimum=2)
-        _check_int(self.n_grid, "n_grid", minimum=2)
-        _check_positive(self.order, "order")
-        _check_gamma(self.gamma)
-        if self.kind not in ("corrector", "predictor"):
-            raise ValueError(f"`kind` must be 'corrector' or 'predictor', got {self.kind!r}")
-        if self.method not in ("intervals", "grid"):
-            raise ValueError(f"`method` must be 'intervals' or 'grid', got {self.method!r}")
-        if self.method == "grid" and self.kind != "corrector":
-            raise ValueError("`kind` must be 'corrector' with method 'grid'")
+        check_int(self.every, "every", minimum=1)
+        check_int(self.burn_in, "burn_in", minimum=0)
+        check_int(self.n_samples, "n_samples", minimum=2)
+        check_int(self.n_grid, "n_grid", minimum=2)
+        check_positive(self.order, "order")
+        gamma = check_real(self.gamma, "gamma")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"`gamma` must lie in (0, 1], got {gamma}")
+        if not (callable(self.cost) or self.cost in ("corrector", "predictor")):
+            raise ValueError(f"`cost` must be 'corrector', 'predictor' or a cost function, got {self.cost!r}")
+        if not (callable(self.route) or self.route in ("intervals", "grid")):
+            raise ValueError(f"`route` must be 'intervals', 'grid' or a route function, got {self.route!r}")
+        if self.route == "grid" and self.cost != "corrector":
+            raise ValueError("`cost` must be 'corrector' with route 'grid'")
         return self
 
     def due(self, step):
         """Whether the update runs after optimiser step ``step``."""
         return step >= self.burn_in and (step - self.burn_in) % self.every == 0
+
+    def route_options(self):
+        """The options of the built-in routes (a function of the caller's gets none)."""
+        if self.route == "intervals":
+            return {"cost": self.cost, "order": self.order}
+        return {"n_grid": self.n_grid} if self.route == "grid" else {}
+
+    def describe(self):
+        """The settings as plain JSON values (functions by name), for a checkpoint's run definition."""
+        return {k: getattr(v, "__name__", v) for k, v in self._asdict().items()}
 
 
 class TrainingState(NamedTuple):
@@ -516,46 +639,54 @@ class TrainingState(NamedTuple):
     data_mean: np.ndarray   # input standardisation the model was trained with, (d,)
     data_var: np.ndarray
     run: dict = None        # what defines the run (architecture, process, settings), see `train`
+    preconditioning: str = "edm"
 
     def score(self, process):
-        """The trained model as a plain ``score(x, t)`` callable."""
-        return score_model(self.params, process, self.data_mean, self.data_var)
+        """The trained model as a plain ``score(x, t)`` callable (a :class:`ScoreModel`)."""
+        return ScoreModel(self.params, process, self.data_mean, self.data_var, self.preconditioning)
 
 
 class TrainingDiverged(FloatingPointError):
     """Raised by `train` when the loss or the parameters stop being finite or explode."""
 
 
-def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e-3,
-          lr_decay="cosine", uniform_levels=False, online=None, callback="default",
-          data_mean=None, data_var=None, checkpoint=None, checkpoint_every=1000, resume=False,
-          max_loss_ratio=1e3, allow_changes=()):
+def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e-3, lr_schedule="cosine",
+          levels="levels", preconditioning="edm", online=None, callback=None, data_mean=None, data_var=None,
+          checkpoint=None, checkpoint_every=1000, resume=False, max_loss_ratio=1e3, allow_changes=()):
     """Train an MLP score model by denoising score matching, optionally adapting the schedule.
 
     Parameters
     ----------
     params : list of (W, b), from :func:`init_mlp`
-    data : a target (anything with ``sample(n, rng)``) or an array (N, d) of samples
+    data : a target (anything with ``sample(n, rng)``) or an array (N, d) of samples; a
+        coordinate may be constant (variance 0), a single row is accepted
     process : scoreopt.Process
     ts : schedule whose levels the training times are drawn from; may be None with
-        ``uniform_levels=True`` and no ``online`` update
+        ``levels="uniform"`` and no ``online`` update
     rng : numpy Generator or int seed; the only source of randomness (keyword)
     n_steps : total optimiser steps (a resumed run counts the steps already taken)
-    lr, lr_decay : Adam step size, constant (``None``) or cosine-decayed to 0 (``"cosine"``)
-    uniform_levels : draw ``t`` uniformly on ``[t_min, t_max]`` instead (schedule-free baseline)
+    batch_size, lr : the batch and Adam's step size
+    lr_schedule : ``lr_schedule(step, n_steps) -> factor``: :func:`cosine_rate` (``"cosine"``)
+        or :func:`constant_rate` (``"constant"``)
+    levels : ``levels(ts, n, rng, process) -> t``, how training times are drawn:
+        :func:`schedule_levels` (``"levels"``, the paper's), :func:`between_levels`
+        (``"between"``), :func:`uniform_times` (``"uniform"``), :func:`lognormal_levels`
+        (``"lognormal"``)
+    preconditioning : ``"edm"`` (default) or ``"eps"`` (:func:`preconditioning_coefficients`)
     online : :class:`OnlineSchedule` or None for a fixed schedule
-    callback : ``callback(step, loss, info)`` after every step, ``info`` holding the current
-        ``ts``, ``params``, ``elapsed`` seconds and last ``Lambda`` (None before the first
-        update); ``"default"`` prints a progress line ten times per run; None for silence
-    data_mean, data_var : per-coordinate data mean and variance for the input
-        standardisation (default: from ``data``); kept in the result and checkpoints
+    callback : ``callback(step, n_steps, info)`` after every step, ``info`` holding ``loss``,
+        the current ``ts``, ``params``, ``elapsed`` seconds and last ``Lambda`` (None before
+        the first update); ``scoreopt.progress_printer("training")`` prints a line ten
+        times per run; None (the default) for silence
+    data_mean, data_var : per-coordinate data mean and variance for the preconditioning
+        (default: from ``data``); kept in the result and checkpoints
     checkpoint, checkpoint_every : path of an ``.npz`` checkpoint written atomically every
         ``checkpoint_every`` steps and at the end; its folder is checked (it must exist and
         take a file) before the first step. ``resume=True`` continues from it if it exists,
         after checking that it belongs to this run: the architecture, process, initial
-        schedule, ``n_steps``, ``lr``, ``lr_decay``, ``batch_size``, ``uniform_levels``,
-        ``online`` and ``max_loss_ratio`` must be those saved, or a ``ValueError`` says what
-        differs
+        schedule, ``n_steps``, ``lr``, ``lr_schedule``, ``levels``, ``preconditioning``,
+        ``batch_size``, ``online`` and ``max_loss_ratio`` must be those saved, or a
+        ``ValueError`` says what differs
     max_loss_ratio : stop when the loss exceeds this multiple of the first loss
     allow_changes : names of those settings that may differ on resume, e.g.
         ``("n_steps",)`` to extend a run (with cosine decay the remaining steps then follow
@@ -569,98 +700,149 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
         "schedules": (U, T+1), "costs": (U, T)}`` (schedule and costs before each update).
 
     Raises :class:`TrainingDiverged` naming the step if the loss or the parameters stop
-    being finite or the loss explodes; the last checkpoint on disk is kept as it was.
-    The allocator setting that speeds steps up (:func:`retain_freed_memory`) is not
+    being finite or the loss explodes, and ``OSError`` naming the step if a checkpoint
+    cannot be written (a full disk); in both cases the last checkpoint on disk is kept as
+    it was. The allocator setting that speeds steps up (:func:`retain_freed_memory`) is not
     applied here: call it first if you want it.
     """
-    ts, n_steps, draw, moments = _check_training(params, data, process, ts, n_steps, batch_size, lr,
-                                                 lr_decay, uniform_levels, online, checkpoint_every,
-                                                 max_loss_ratio, data_mean, data_var)
-    run = _run_definition(params, process, ts, n_steps, lr, lr_decay, batch_size, uniform_levels, online,
-                          max_loss_ratio)
-    if checkpoint is not None:
-        _prepare_checkpoint_folder(checkpoint)
-    state = _start_state(params, ts, as_rng(rng), moments, run, checkpoint if resume else None, allow_changes)
+    setup = _train_iv(params, data, process, ts, n_steps, batch_size, lr, lr_schedule, levels, preconditioning,
+                      online, callback, checkpoint, checkpoint_every, resume, max_loss_ratio, data_mean, data_var)
+    ts, n_steps, draw, moments, rate, draw_t, run = setup
+    state = _start_state(params, ts, as_rng(rng), moments, run, checkpoint if resume else None, allow_changes,
+                         preconditioning)
     theta, unflatten = flatten(state.params)
-    _, ts, adam, step, rng, history, data_mean, data_var, _ = state
-    callback = progress_printer(n_steps) if callback == "default" else callback
-    loss_and_grad = value_and_grad(_dsm_prepared)
-    losses, start = list(history["loss"]), time.perf_counter()
-    now = lambda: TrainingState(unflatten(theta), ts, adam, step, rng,
-                                dict(history, loss=np.array(losses)), data_mean, data_var, run)
+    _, ts, adam, step, rng, history, data_mean, data_var, _, _ = state
+    loss_and_grad = value_and_grad(prepared_dsm_loss)
+    losses, start, saved = list(history["loss"]), time.perf_counter(), step
+    now = lambda: TrainingState(unflatten(theta), ts, adam, step, rng, dict(history, loss=np.array(losses)),
+                                data_mean, data_var, run, preconditioning)
     while step < n_steps:
         # 1. DSM step on the score model, levels drawn from the current schedule
-        x0, params = draw(batch_size, rng), unflatten(theta)
-        t = draw_levels(ts, batch_size, rng, uniform_levels)
-        loss, grad = loss_and_grad(params, *_dsm_inputs(params, x0, t, rng.standard_normal(x0.shape),
-                                                        process, data_mean, data_var))
-        rate = lr * (0.5 * (1 + np.cos(np.pi * step / n_steps)) if lr_decay == "cosine" else 1.0)
-        theta_new, adam = adam_step(theta, flatten(grad)[0], adam, rate)
+        x0 = draw(batch_size, rng)
+        t = draw_t(ts, batch_size, rng, process)
+        batch = prepare_dsm(state.params, x0, t, rng.standard_normal(x0.shape), process, data_mean, data_var,
+                            preconditioning)
+        loss, grad = loss_and_grad(unflatten(theta), batch)
+        theta_new, adam = adam_step(theta, flatten(grad)[0], adam, lr * rate(step, n_steps))
         _check_divergence(step + 1, loss, losses[0] if losses else loss, theta_new, max_loss_ratio, checkpoint)
         theta, step = theta_new, step + 1
         losses.append(float(loss))
         # 2-4. Algorithm 2 after the burn-in: costs of ts with the model fixed, then blend
         if online is not None and online.due(step):
-            model = score_model(unflatten(theta), process, data_mean, data_var)
-            update = online_update(model, process, ts, draw(online.n_samples, rng), rng, online.gamma,
-                                   online.method, online.kind, online.order, online.n_grid)
+            model = ScoreModel(unflatten(theta), process, data_mean, data_var, preconditioning)
+            update = online_update(model, process, ts, draw(online.n_samples, rng), rng, gamma=online.gamma,
+                                   route=online.route, **online.route_options())
             history, ts = _record_update(history, step, ts, update), update.ts
         if checkpoint is not None and (step % checkpoint_every == 0 or step == n_steps):
-            save_checkpoint(checkpoint, *now())
+            saved = _save_during_training(checkpoint, now(), saved)
         if callback is not None:
-            callback(step, float(loss), {"ts": ts, "params": unflatten(theta), "elapsed": time.perf_counter() - start,
-                                         "Lambda": history["Lambda"][-1] if len(history["Lambda"]) else None})
+            callback(step, n_steps, {"loss": float(loss), "ts": ts, "params": unflatten(theta),
+                                     "elapsed": time.perf_counter() - start,
+                                     "Lambda": history["Lambda"][-1] if len(history["Lambda"]) else None})
     return now()
 
 
-def _check_training(params, data, process, ts, n_steps, batch_size, lr, lr_decay, uniform_levels,
-                    online, checkpoint_every, max_loss_ratio, data_mean, data_var):
-    """Validate `train`'s arguments once; returns the schedule, ``n_steps``, the data
-    sampler and the standardisation moments."""
-    _check_process(process)
+def _train_iv(params, data, process, ts, n_steps, batch_size, lr, lr_schedule, levels, preconditioning, online,
+              callback, checkpoint, checkpoint_every, resume, max_loss_ratio, data_mean, data_var):
+    """Validate `train`'s arguments once; returns the schedule, ``n_steps``, the data sampler,
+    the standardisation moments, the learning-rate and level functions and the run's definition."""
+    process = check_process(process)
+    draw_t = _resolve_levels(levels)
     if ts is None:
-        if not uniform_levels or online is not None:
-            raise ValueError("`ts` is needed unless `uniform_levels=True` without an `online` update")
+        if draw_t is not uniform_times or online is not None:
+            raise ValueError("`ts` is needed unless `levels='uniform'` without an `online` update")
         ts = np.array([process.t_min, process.t_max])
     ts = check_schedule(ts, process)
-    n_steps = _check_int(n_steps, "n_steps", minimum=1)
-    _check_int(batch_size, "batch_size", minimum=1)
-    _check_int(checkpoint_every, "checkpoint_every", minimum=1)
-    _check_positive(lr, "lr")
-    _check_positive(max_loss_ratio, "max_loss_ratio")
-    if lr_decay not in (None, "cosine"):
-        raise ValueError(f"`lr_decay` must be None or 'cosine', got {lr_decay!r}")
+    n_steps = check_int(n_steps, "n_steps", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(checkpoint_every, "checkpoint_every", minimum=1)
+    check_positive(lr, "lr")
+    check_positive(max_loss_ratio, "max_loss_ratio")
+    check_bool(resume, "resume")
+    rate = _resolve(lr_schedule, RATES, "lr_schedule", "lr_schedule(step, n_steps)")
+    preconditioning_coefficients(1.0, 1.0, preconditioning)
     if online is not None and not isinstance(online, OnlineSchedule):
         raise TypeError("`online` must be an OnlineSchedule or None")
-    moments = _data_moments(data)
+    if callback is not None:
+        check_callable(callback, "callback", "callback(step, n_steps, info)")
+    if checkpoint is not None:
+        _prepare_checkpoint_folder(checkpoint)
     dim = params[-1][0].shape[1]
-    if moments[0].shape != (dim,):
-        raise ValueError(f"`data` has {moments[0].shape[0]} columns but `params` model {dim}")
-    mean = moments[0] if data_mean is None else np.broadcast_to(np.asarray(data_mean, float), (dim,))
-    var = moments[1] if data_var is None else np.broadcast_to(np.asarray(data_var, float), (dim,))
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var > 0)):
-        raise ValueError("`data_mean` must be finite and `data_var` finite and positive")
-    return ts, n_steps, _data_sampler(data), (mean, var)
+    moments = _data_moments(data, dim, data_mean, data_var)
+    _warn_about_scale(moments, process)
+    run = {"layer_shapes": [list(W.shape) for W, _ in params], "process": process.name,
+           "t_min": float(process.t_min), "t_max": float(process.t_max), "initial_ts": [float(t) for t in ts],
+           "n_steps": int(n_steps), "lr": float(lr), "lr_schedule": rate.__name__, "levels": draw_t.__name__,
+           "preconditioning": preconditioning, "batch_size": int(batch_size),
+           "online": None if online is None else online.describe(), "max_loss_ratio": float(max_loss_ratio)}
+    return ts, n_steps, _data_sampler(data), moments, rate, draw_t, run
 
 
-def _run_definition(params, process, ts, n_steps, lr, lr_decay, batch_size, uniform_levels, online,
-                    max_loss_ratio):
-    """What defines a run, as plain JSON-able values: a checkpoint must match it to resume."""
-    return {"layer_shapes": [list(W.shape) for W, _ in params], "process": process.name,
-            "t_min": float(process.t_min), "t_max": float(process.t_max),
-            "initial_ts": [float(t) for t in ts], "n_steps": int(n_steps), "lr": float(lr),
-            "lr_decay": lr_decay, "batch_size": int(batch_size), "uniform_levels": bool(uniform_levels),
-            "online": None if online is None else dict(online._asdict()), "max_loss_ratio": float(max_loss_ratio)}
+def _resolve(choice, aliases, name, signature):
+    if callable(choice):
+        return choice
+    if isinstance(choice, str) and choice in aliases:
+        return aliases[choice]
+    raise ValueError(f"`{name}` must be a function {signature} or one of {sorted(aliases)}, got {choice!r}")
 
 
-def _start_state(params, ts, rng, moments, run, resume_from, allow_changes):
+def _data_moments(data, dim, data_mean, data_var):
+    """Per-coordinate mean and variance for the preconditioning: given, exact for a target, or
+    from the samples. A variance of 0 (a constant coordinate) is valid; a single row too.
+
+    An object with ``sample`` only is sampled 10,000 times with a private generator of fixed
+    seed, so the training's own random stream is untouched.
+    """
+    if hasattr(data, "mean") and hasattr(data, "variance"):
+        mean, var = np.asarray(data.mean(), float), np.asarray(data.variance(), float)
+    else:
+        x = data.sample(10_000, np.random.default_rng(0)) if hasattr(data, "sample") else data
+        x = check_data(x, "data")
+        mean, var = x.mean(axis=0), x.var(axis=0)
+    if mean.shape != (dim,):
+        raise ValueError(f"`data` has {mean.shape[0] if mean.ndim else 1} columns but `params` model {dim}")
+    out = []
+    for value, name, given in ((mean, "data_mean", data_mean), (var, "data_var", data_var)):
+        if given is not None:
+            value = as_real_array(given, name)
+            try:
+                value = np.broadcast_to(value, (dim,)).copy()
+            except ValueError:
+                raise ValueError(f"`{name}` must be a scalar or have shape ({dim},), got {value.shape}") from None
+        bad = np.flatnonzero(~np.isfinite(value) | ((value < 0) if name == "data_var" else False))
+        if len(bad):
+            rule = "finite and non-negative" if name == "data_var" else "finite"
+            source = f"`{name}`" if given is not None else f"the {'variance' if name == 'data_var' else 'mean'} of `data`"
+            raise ValueError(f"{source} must be {rule}; coordinate {bad[0]} is {value[bad[0]]}")
+        out.append(value)
+    return tuple(out)
+
+
+def _warn_about_scale(moments, process):
+    """Warn when the data's scale lies outside the noise levels the process reaches."""
+    mean, var = moments
+    scale = float(np.sqrt(np.max(mean ** 2 + var)))
+    nu_min, nu_max = (float(v) for v in process.nsr(np.array([process.t_min, process.t_max])))
+    if scale > nu_max:
+        warnings.warn(f"the data's scale ({scale:.3g}, root mean square of its largest coordinate) is above the "
+                      f"largest noise-to-signal ratio of `process` {process.name} ({nu_max:.3g}): its noise never "
+                      "covers the data, so the model learns little and sampling starts far from the data's law; "
+                      "rescale the data (to about unit scale) or use a process that reaches further",
+                      RuntimeWarning, stacklevel=3)
+    elif 0 < scale < nu_min:
+        warnings.warn(f"the data's scale ({scale:.3g}) is below the smallest noise-to-signal ratio of `process` "
+                      f"{process.name} ({nu_min:.3g}): the cleanest level already hides the data; rescale it",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _start_state(params, ts, rng, moments, run, resume_from, allow_changes, preconditioning):
     """A fresh training state, or the one saved at ``resume_from`` if that file exists and
     belongs to this run (else a ``ValueError`` listing what differs)."""
     theta, _ = flatten(params)
     if resume_from is None or not os.path.exists(resume_from):
         empty = {"loss": np.zeros(0), "update_step": np.zeros(0, int), "Lambda": np.zeros(0),
                  "schedules": np.zeros((0, len(ts))), "costs": np.zeros((0, len(ts) - 1))}
-        return TrainingState(params, ts, adam_init(theta), 0, rng, empty, *moments, run)
+        return TrainingState(params, ts, adam_init(theta), 0, rng, empty, *moments, run, preconditioning)
     saved = load_checkpoint(resume_from)
     unknown = set(allow_changes) - set(run)
     if unknown:
@@ -676,8 +858,7 @@ def _start_state(params, ts, rng, moments, run, resume_from, allow_changes):
 
 
 def _prepare_checkpoint_folder(path):
-    """Before step 1: the checkpoint's folder must take a file (so no run is lost at its first
-    save), and temporary files left by an interrupted save of this checkpoint are removed."""
+    """Before step 1: the checkpoint's folder must take a file, so no run is lost at its first save."""
     folder, base = os.path.split(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"`checkpoint`: the folder `{folder}` does not exist")
@@ -687,9 +868,18 @@ def _prepare_checkpoint_folder(path):
         os.unlink(probe)
     except OSError as err:
         raise ValueError(f"`checkpoint`: cannot write in `{folder}`: {err}") from err
-    for name in os.listdir(folder):
-        if name.startswith(f".{base}.") and name.endswith(".tmp"):
-            os.unlink(os.path.join(folder, name))
+
+
+def _save_during_training(path, state, last_saved):
+    """Save a checkpoint; a failure (a full disk) names the step and the checkpoint kept."""
+    try:
+        save_checkpoint(path, state)
+    except OSError as err:
+        kept = f"the last good checkpoint `{path}` (step {last_saved}) is intact" if last_saved else \
+            "no checkpoint had been written yet"
+        raise OSError(err.errno, f"could not save the checkpoint at step {state.step}: {err.strerror}; {kept}; "
+                                 "the run can resume from it with resume=True") from err
+    return state.step
 
 
 def _check_divergence(step, loss, first_loss, theta, max_loss_ratio, checkpoint):
@@ -731,18 +921,6 @@ def retain_freed_memory():
         return False
 
 
-def progress_printer(n_steps, lines=10):
-    """A callback printing ``step, loss, Lambda, elapsed, steps/s`` about ``lines`` times a run."""
-    every = max(1, n_steps // lines)
-
-    def callback(step, loss, info):
-        if step % every == 0 or step == n_steps:
-            lam = "" if info["Lambda"] is None else f"  Lambda {info['Lambda']:.3f}"
-            print(f"step {step:>7d}/{n_steps}  loss {loss:.4f}{lam}  {info['elapsed']:.1f} s  "
-                  f"{step / max(info['elapsed'], 1e-9):.0f} steps/s", flush=True)
-    return callback
-
-
 def _data_sampler(data):
     if hasattr(data, "sample"):
         return lambda n, rng: data.sample(n, rng)
@@ -750,78 +928,70 @@ def _data_sampler(data):
     return lambda n, rng: data[rng.integers(0, len(data), n)]
 
 
-def _data_moments(data):
-    """Per-coordinate mean and variance: exact for a target, else from the samples.
-
-    An object with ``sample`` only is sampled 10,000 times with a private generator
-    of fixed seed, so the training's own random stream is untouched.
-    """
-    if hasattr(data, "mean") and hasattr(data, "variance"):
-        return np.asarray(data.mean(), float), np.asarray(data.variance(), float)
-    if hasattr(data, "sample"):
-        data = data.sample(10_000, np.random.default_rng(0))
-    data = check_data(data, "data")
-    return data.mean(axis=0), data.var(axis=0)
-
-
 # --------------------------------------------------------------------------------
 # Checkpoints: .npz without pickle, written atomically
 # --------------------------------------------------------------------------------
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 _CHECKPOINT_KEYS = ("version", "layer_shapes", "theta", "ts", "adam_m", "adam_v", "adam_step",
                     "step", "rng_state", "loss", "update_step", "Lambda", "schedules", "costs",
                     "data_mean", "data_var", "run")
 
 
-def save_checkpoint(path, params, ts, adam, step, rng, history=None, data_mean=0.0, data_var=1.0, run=None):
-    """Save parameters, schedule, Adam state, step, RNG state, history, the input
-    standardisation and the run's definition (``run``, see :func:`train`) to ``path`` (.npz).
+def save_checkpoint(path, state):
+    """Save a :class:`TrainingState` to ``path`` (.npz): parameters, schedule, Adam state, step,
+    RNG state, history, the preconditioning and its data moments, and the run's definition.
 
-    Written to a temporary file ``.<name>.<random>.tmp`` in the same folder, flushed to
-    disk, renamed over ``path``, and the folder flushed too: an interrupted save never
-    corrupts the previous checkpoint (a leftover temporary file is removed by the next
-    :func:`train` with this checkpoint). The file gets the usual permissions (0666 less
-    the umask). No pickle.
+    Written through ``scoreopt.write_atomically`` (a temporary file, flushed, renamed over
+    ``path``, the folder flushed too): an interrupted save never corrupts the previous
+    checkpoint, and a temporary file left by a killed save is removed by the next. No pickle.
     """
+    if not isinstance(state, TrainingState):
+        raise TypeError(f"`state` must be a models.TrainingState, got {type(state).__name__}")
+    params, ts, adam, history = state.params, state.ts, state.adam, state.history or {}
     theta, _ = flatten(params)
-    history = history or {}
+    dim = params[-1][0].shape[1]
     arrays = {
-        "version": np.array(CHECKPOINT_VERSION),
-        "layer_shapes": np.array([W.shape for W, _ in params]),
+        "version": np.array(CHECKPOINT_VERSION), "layer_shapes": np.array([W.shape for W, _ in params]),
         "theta": theta, "ts": np.asarray(ts, dtype=float),
-        "adam_m": adam.m, "adam_v": adam.v, "adam_step": np.array(adam.step), "step": np.array(step),
-        "rng_state": np.array(json.dumps(as_rng(rng).bit_generator.state)),
+        "adam_m": adam.m, "adam_v": adam.v, "adam_step": np.array(adam.step), "step": np.array(state.step),
+        "rng_state": np.array(json.dumps(as_rng(state.rng).bit_generator.state)),
         "loss": np.asarray(history.get("loss", np.zeros(0)), dtype=float),
         "update_step": np.asarray(history.get("update_step", np.zeros(0)), dtype=int),
         "Lambda": np.asarray(history.get("Lambda", np.zeros(0)), dtype=float),
         "schedules": np.asarray(history.get("schedules", np.zeros((0, len(ts)))), dtype=float),
         "costs": np.asarray(history.get("costs", np.zeros((0, len(ts) - 1))), dtype=float),
-        "data_mean": np.broadcast_to(np.asarray(data_mean, float), (params[-1][0].shape[1],)),
-        "data_var": np.broadcast_to(np.asarray(data_var, float), (params[-1][0].shape[1],)),
-        "run": np.array(json.dumps(run or {})),
+        "data_mean": np.broadcast_to(np.asarray(state.data_mean, float), (dim,)),
+        "data_var": np.broadcast_to(np.asarray(state.data_var, float), (dim,)),
+        "run": np.array(json.dumps(state.run or {})), "preconditioning": np.array(state.preconditioning),
     }
-    _write_atomically(path, lambda f: np.savez(f, **arrays))
+    write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def load_checkpoint(path):
     """Load a checkpoint written by :func:`save_checkpoint`; returns a :class:`TrainingState`.
 
-    A missing, truncated or corrupted file raises ``ValueError`` naming the path.
+    A missing, truncated or corrupted file raises ``ValueError`` naming the path. A version-2
+    checkpoint (before the preconditioning was recorded) holds a noise-prediction model and
+    loads as ``preconditioning="eps"``.
     """
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at `{path}`")
     try:
         with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
             data = {k: f[k] for k in _CHECKPOINT_KEYS}
+            version = int(data["version"])
+            preconditioning = str(f["preconditioning"]) if version >= 3 else "eps"
         state = json.loads(str(data["rng_state"]))
         rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
         rng.bit_generator.state = state
     except Exception as exc:   # zipfile.BadZipFile, EOFError, KeyError, ValueError, ...
         raise ValueError(f"`{path}` is not a readable checkpoint (truncated or corrupted): "
                          f"{type(exc).__name__}: {exc}") from exc
-    if int(data["version"]) != CHECKPOINT_VERSION:
-        raise ValueError(f"`{path}` has checkpoint version {int(data['version'])}, expected {CHECKPOINT_VERSION}")
+    if version not in (2, CHECKPOINT_VERSION):
+        raise ValueError(f"`{path}` has checkpoint version {version}, expected 2 or {CHECKPOINT_VERSION}")
+    if preconditioning not in PRECONDITIONINGS:
+        raise ValueError(f"`{path}` is corrupted: unknown preconditioning {preconditioning!r}")
     theta, shapes = data["theta"], data["layer_shapes"]
     sizes = [m * n + n for m, n in shapes]
     if theta.shape != (sum(sizes),) or not np.all(np.isfinite(theta)):
@@ -837,4 +1007,4 @@ def load_checkpoint(path):
         raise ValueError(f"`{path}` is corrupted: {exc}") from exc
     history = {k: data[k] for k in ("loss", "update_step", "Lambda", "schedules", "costs")}
     return TrainingState(params, ts, AdamState(data["adam_m"], data["adam_v"], int(data["adam_step"])),
-                         int(data["step"]), rng, history, data["data_mean"], data["data_var"], run)
+                         int(data["step"]), rng, history, data["data_mean"], data["data_var"], run, preconditioning)

@@ -19,7 +19,7 @@ fixed-point iteration per T (Monte-Carlo L_p through autograd; for the 64-d Gaus
 the closed-form L_p, since the exact Jacobian would need 64 nested reverse passes).
 
 Sampler-aware rows (derived, SPEC 14), for euler, heun and ancestral at T <= 50: the
-equal step-cost schedule of that sampler (`equal_cost_schedule(kind="step")`, Monte
+equal step-cost schedule of that sampler (`equal_cost_schedule(cost=sampler.step_cost)`, Monte
 Carlo from the exact score, N_STEP_COST samples) and, for Gaussian targets, the
 KL-optimal limit (`sampler.gaussian_optimal_schedule`), against which every schedule's
 KL is reported as a ratio.
@@ -91,7 +91,7 @@ def predictor_schedule(target, process, T, start_ts):
     else:
         score = Counter(lambda x, t: target.score(x, t, process))
         res = so.equal_cost_schedule(score, process, start_ts, target.sample(N_COST // 4, SEED + 2),
-                                     SEED + 3, kind="predictor", gamma=0.5, max_iter=60, tol=1e-3)
+                                     SEED + 3, cost="predictor", gamma=0.5, max_iter=60, tol=1e-3)
         calls, evaluations = score.calls, score.evaluations
     return res.ts, {"calls": calls, "evaluations": evaluations, "iterations": res.n_iter,
                     "converged": res.converged, "seconds": time.perf_counter() - begin}
@@ -102,11 +102,11 @@ def quality(target, process, ts, sampler_name):
     predictor, m = SAMPLERS[sampler_name]
     goal = target.marginal(process, process.t_min)
     if isinstance(target, models.Gaussian):
-        mean, var = sm.gaussian_output_law(target, process, ts, predictor, m, CORRECTOR_RATIO)
+        mean, var = sm.gaussian_output_law(target, process, ts, predictor=predictor, corrector_steps=m, corrector_ratio=CORRECTOR_RATIO)
         return {"kl": sm.gaussian_kl(mean, var, goal.mean(), goal.var)}
     x_T = sm.prior_sample(process, N_SAMPLES, target.variance(), SEED + 4)
     x, _ = sm.sample(lambda x, t: target.score(x, t, process), process, ts, x_T, SEED + 5,
-                     predictor, m, CORRECTOR_RATIO)
+                     predictor=predictor, corrector_steps=m, corrector_ratio=CORRECTOR_RATIO)
     return {"w1": sm.wasserstein1(x, goal.cdf),
             "modes": sm.mode_coverage(x, target.means[:, 0], target.weights).covered}
 
@@ -134,7 +134,7 @@ def step_schedule(target, process, T, sampler_name, start_ts, test="linear"):
     score = Counter(lambda x, t: target.score(x, t, process))
     begin = time.perf_counter()
     res = so.equal_cost_schedule(score, process, start_ts, target.sample(N_STEP_COST, SEED + 6), SEED + 7,
-                                 kind="step", step=sm.PREDICTORS[sampler_name], test=test, gamma=0.5,
+                                 cost=sm.step_cost, step=sm.PREDICTORS[sampler_name], affine=test == "affine", gamma=0.5,
                                  max_iter=100, tol=1e-3)
     return res.ts, {"calls": score.calls, "evaluations": score.evaluations, "iterations": res.n_iter,
                     "converged": res.converged, "seconds": time.perf_counter() - begin}
@@ -178,7 +178,7 @@ def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, sampl
                         # Started from every baseline and every rule compared with it, so that
                         # no schedule in the table can beat the limit.
                         rules = [own[T][n] for n in ("opt-corrector", "opt-predictor", "opt-step")]
-                        own[T]["limit"] = sm.gaussian_optimal_schedule(target, process, T, sname, starts=rules)
+                        own[T]["limit"] = sm.gaussian_optimal_schedule(target, process, T, predictor=sname, starts=rules)
                         costs.append(f"| {tname} | {pname} | KL-optimal limit, {sname}, T = {T} | 0 | 0 | "
                                      f"{time.perf_counter() - begin:.2f} | exact law, L-BFGS |")
                 names = list(dict.fromkeys(n for T in steps for n in own[T]))
@@ -274,6 +274,6 @@ if __name__ == "__main__":
         print(run(["gaussian-1d", "bimodal"], ("vp_linear",), (5, 10), ("euler", "ancestral"), (10,)))
     else:
         report = run()
-        so._write_atomically(OUT, report + f"\nTotal time: {time.perf_counter() - start:.0f} s.\n")
+        so.write_atomically(OUT, report + f"\nTotal time: {time.perf_counter() - start:.0f} s.\n")
         print(report)
     print(f"total time {time.perf_counter() - start:.0f} s")

@@ -5,11 +5,11 @@ modes at +-1, std 0.1), `vp_linear`, T levels. The same MLP, budget and seed,
 trained three ways from the uniform ("linear") schedule:
 
 - "fixed linear": on the linear schedule's levels throughout;
-- "online, intervals": Algorithm 2 as in the paper (`OnlineSchedule(method=
+- "online, intervals": Algorithm 2 as in the paper (`OnlineSchedule(route=
   "intervals")`): after a burn-in, every EVERY steps the interval corrector costs of
   the current schedule, Algorithm 1, and a blend with rate GAMMA;
 - "online, dense grid": the same loop with the dense-grid map as the target
-  (`method="grid"`, derived here, SPEC 6.1).
+  (`route="grid"`, derived here, SPEC 6.1).
 
 Every EVAL_EVERY steps each run is evaluated: the average log-likelihood under the
 true p_0 of ancestral samples drawn on the run's current schedule, and the
@@ -53,7 +53,7 @@ RUNS = ("fixed linear", "online, intervals", "online, dense grid")
 
 def mean_log_p0(score, process, target, ts, n, seed):
     x_T = sm.prior_sample(process, n, target.variance(), seed)
-    x, _ = sm.sample(score, process, ts, x_T, seed + 1, SAMPLER)
+    x, _ = sm.sample(score, process, ts, x_T, seed + 1, predictor=SAMPLER)
     return sm.mean_log_density(x, target), x[:, 0]
 
 
@@ -63,20 +63,20 @@ def train_runs(process, target, cfg, seed, log):
     settings = dict(every=cfg["every"], burn_in=cfg["burn_in"], gamma=cfg["gamma"])
     online = {"fixed linear": None,
               "online, intervals": models.OnlineSchedule(**settings),
-              "online, dense grid": models.OnlineSchedule(**settings, method="grid")}
+              "online, dense grid": models.OnlineSchedule(**settings, route="grid")}
     exact = lambda x, t: target.score(x, t, process)
     eval_x0 = target.sample(2000, seed + 5)
     runs = {}
     for name in RUNS:
         curve = []
 
-        def callback(step, loss, info):
+        def callback(step, n_steps, info):
             if step % cfg["eval_every"] == 0 or step == cfg["n_steps"]:
                 model = models.score_model(info["params"], process, target.mean(), target.variance())
                 loglik, _ = mean_log_p0(model, process, target, info["ts"], cfg["n_eval"], seed + 20)
                 err, _ = sm.score_error(model, exact, process, linear, eval_x0, seed + 6)
                 curve.append((step, loglik, err))
-                log(f"  {name:18s} step {step:5d}/{cfg['n_steps']}  loss {loss:.4f}  log p0 {loglik:7.3f}  "
+                log(f"  {name:18s} step {step:5d}/{cfg['n_steps']}  loss {info['loss']:.4f}  log p0 {loglik:7.3f}  "
                     f"score error {err:.5f}  {info['elapsed']:.1f} s")
         start = time.perf_counter()
         out = models.train(models.init_mlp(seed, **MODEL), target, process, linear, rng=seed,
@@ -91,7 +91,7 @@ def exact_schedules(process, target, seed, max_iter):
     exact = lambda x, t: target.score(x, t, process)
     smap = so.estimate_schedule_map(exact, process, target.sample(4000, seed), seed + 1)
     pred = so.equal_cost_schedule(exact, process, smap.schedule(T), target.sample(1000, seed + 2), seed + 3,
-                                  kind="predictor", gamma=0.5, max_iter=max_iter, tol=1e-3)
+                                  cost="predictor", gamma=0.5, max_iter=max_iter, tol=1e-3)
     return {"linear": so.uniform_schedule(process, T), "corrector-optimised": smap.schedule(T),
             "predictor-optimised": pred.ts}, smap, pred
 

@@ -101,5 +101,5 @@ if __name__ == "__main__":
                 "Made by `python examples/budget_benchmark.py` (see its docstring for the protocol; "
                 f"{SEEDS} seeds per row, `vp_linear`, exact scores).\n\n" + table +
                 f"\n\nTotal time: {time.perf_counter() - start:.0f} s.\n")
-        so._write_atomically(OUT, text)
+        so.write_atomically(OUT, text)
         print(text)

@@ -8,7 +8,7 @@ the `vp_linear` process, T steps of the ancestral sampler (the DDPM posterior st
    - "optimised": the same for BURN_IN steps; then every EVERY steps the
      corrector-optimised schedule is estimated *from the model itself* (dense-grid map,
      SPEC 6.1) and blended in with rate GAMMA (Algorithm 2, dense-grid route:
-     `OnlineSchedule(method="grid")`), training on its levels; sampled on the final
+     `OnlineSchedule(route="grid")`), training on its levels; sampled on the final
      schedule.
 2. Exact scores (no training): the same two schedules' effect alone, with the
    schedule map estimated from the exact score.
@@ -50,7 +50,7 @@ def evaluate(score, process, target, ts, n, seed):
     """Samples on schedule ``ts``: W1 to p_0, modes covered, mass near the atoms, and the
     samples a trained model throws far away (counted, not refused: ``max_growth=None``)."""
     x_T = sm.prior_sample(process, n, target.variance(), seed)
-    x, _ = sm.sample(score, process, ts, x_T, seed + 1, SAMPLER, max_growth=None)
+    x, _ = sm.sample(score, process, ts, x_T, seed + 1, predictor=SAMPLER, max_growth=None)
     cover = sm.mode_coverage(x, target.atoms)
     lo, hi = target.interval
     far = (x[:, 0] < lo - (hi - lo)) | (x[:, 0] > hi + (hi - lo))
@@ -66,7 +66,7 @@ def schedule_map(score, process, target, seed):
 def train_pair(process, target, steps, n_steps, burn_in, seed, log):
     """The linear-schedule model and the optimised-schedule model: same init, data, budget."""
     linear = so.uniform_schedule(process, steps)
-    online = models.OnlineSchedule(every=EVERY, burn_in=burn_in, gamma=GAMMA, method="grid",
+    online = models.OnlineSchedule(every=EVERY, burn_in=burn_in, gamma=GAMMA, route="grid",
                                    n_samples=N_COST)
     out = {}
     for name, update in (("linear", None), ("optimised", online)):
@@ -79,9 +79,9 @@ def train_pair(process, target, steps, n_steps, burn_in, seed, log):
 
 
 def progress(name, n_steps, log):
-    def callback(step, loss, info):
+    def callback(step, n_steps, info):
         if step % max(1, n_steps // 4) == 0 or step == n_steps:
-            log(f"  training {name:9s} step {step:5d}/{n_steps}  loss {loss:.4f}  {info['elapsed']:.1f} s")
+            log(f"  training {name:9s} step {step:5d}/{n_steps}  loss {info['loss']:.4f}  {info['elapsed']:.1f} s")
     return callback
 
 

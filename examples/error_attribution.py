@@ -23,7 +23,7 @@ T = 10
 def kl_after(process, ts, predictor, level):
     """KL of the sampler's law at ``ts[level]`` (run from ts[-1] down to it) to the marginal there."""
     sub = process._replace(t_min=float(ts[level]))
-    mean, var = sm.gaussian_output_law(TARGET, sub, ts[level:], predictor)
+    mean, var = sm.gaussian_output_law(TARGET, sub, ts[level:], predictor=predictor)
     goal = TARGET.marginal(process, ts[level])
     return sm.gaussian_kl(mean, var, goal.mean(), goal.var)
 
@@ -37,7 +37,7 @@ if __name__ == "__main__":
         ts = so.optimal_schedule(grid, so.gaussian_local_cost(process, grid, TARGET.var), T)
         nu = so.nsr(process, ts)
         for predictor in ("euler", "heun"):
-            final = sm.gaussian_schedule_kl(TARGET, process, ts, predictor)
+            final = sm.gaussian_schedule_kl(TARGET, process, ts, predictor=predictor)
             before_last, after_first = kl_after(process, ts, predictor, 1), kl_after(process, ts, predictor, T - 1)
             print(f"| {name} | {predictor} | {nu[1]:.3g} → {nu[0]:.3g} / {nu[-1]:.3g} → {nu[-2]:.3g} | {final:.3g} | "
                   f"{before_last:.3g} | {100 * (1 - before_last / final):.0f}% | {after_first:.3g} | "

@@ -97,7 +97,7 @@ def steps_sweep(process, lam, steps):
     table = {}
     for sampler_name in SAMPLERS:
         for name, rule in rules.items():
-            table[sampler_name, name] = [sm.gaussian_kl(*sm.gaussian_output_law(target, process, rule(T), sampler_name),
+            table[sampler_name, name] = [sm.gaussian_kl(*sm.gaussian_output_law(target, process, rule(T), predictor=sampler_name),
                                                         goal.mean(), goal.var) for T in steps]
     return table
 

@@ -28,8 +28,9 @@ def target_for(d, rng):
 def held_out_loss(params, out, target, process, ts):
     x0 = target.sample(N_HELD_OUT, 11)
     r = np.random.default_rng(12)
-    t = models.draw_levels(ts, N_HELD_OUT, r, uniform=True)
-    return models._dsm(params, x0, t, r.standard_normal(x0.shape), process, out.data_mean, out.data_var)
+    t = models.uniform_times(ts, N_HELD_OUT, r, process)
+    return models.prepared_dsm_loss(params, models.prepare_dsm(params, x0, t, r.standard_normal(x0.shape), process,
+                                                                out.data_mean, out.data_var))
 
 
 if __name__ == "__main__":
@@ -45,6 +46,6 @@ if __name__ == "__main__":
             for seed in SEEDS:
                 params = models.init_mlp(seed, dim=d, width=64, depth=3, input_scale=value)
                 out = models.train(params, target, process, ts, rng=seed, n_steps=N_STEPS, batch_size=256,
-                                   lr=3e-3, uniform_levels=True, callback=None)
+                                   lr=3e-3, levels="uniform", callback=None)
                 losses.append(held_out_loss(out.params, out, target, process, ts))
             print(f"| {d} | {value:.3g} | {np.mean(losses):.4f} ({losses[0]:.4f}, {losses[1]:.4f}) |", flush=True)

@@ -58,7 +58,7 @@ def cantor_schedule(T=20):
     ts = smap.schedule(T)
     print(f"\nMollified Cantor (8 modes), vp_linear: Lambda = {smap.length:.2f} +- "
           f"{smap.length_stderr:.2f}; each of T = {T} steps costs about (Lambda/T)^2 = "
-          f"{smap.step_cost(T):.3f}")
+          f"{smap.cost_per_step(T):.3f}")
     print("optimised t_i:", np.array2string(ts, precision=4, max_line_width=100))
     print("its nu_i:     ", np.array2string(so.nsr(process, ts), precision=3, max_line_width=100))
     x0 = target.sample(N_SAMPLES, SEED + 2)

@@ -45,7 +45,7 @@ def diffusers_linear_alphas_cumprod(N=1000, beta_start=1e-4, beta_end=0.02):
 def train(process, target, n_steps, seed):
     params = models.init_mlp(seed, dim=1, width=64, depth=3)
     return models.train(params, target, process, rng=seed, n_steps=n_steps, batch_size=TRAIN["batch_size"],
-                        lr=TRAIN["lr"], uniform_levels=True, callback=None)
+                        lr=TRAIN["lr"], levels="uniform", callback=None)
 
 
 def presentations(state, process):
@@ -91,7 +91,7 @@ def main(argv=None, log=print):
             loaded = so.load_schedule_map(path)
             nu = so.nsr(process, loaded.schedule(10))
             nu_se = np.abs(np.gradient(nu, loaded.schedule(10))) * loaded.schedule_stderr(10)
-            results[model_name, kind] = {"map": loaded, "path": path, "sigmas": {T: loaded.sigmas(T) for T in STEPS}}
+            results[model_name, kind] = {"map": loaded, "path": path, "sigmas": {T: loaded.sigmas(T + 1) for T in STEPS}}
             if process.n_timesteps:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")

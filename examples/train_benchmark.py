@@ -37,7 +37,7 @@ CANTOR_T = 40
 BIMODAL = dict(width=64, depth=3, n_steps=4000, batch_size=256, lr=3e-3)
 BIMODAL_STEPS = (20, 50)
 ONLINE = {"online, intervals (Algorithm 2)": models.OnlineSchedule(every=50, burn_in=1000, gamma=0.1),
-          "online, dense grid": models.OnlineSchedule(every=50, burn_in=1000, gamma=0.1, method="grid")}
+          "online, dense grid": models.OnlineSchedule(every=50, burn_in=1000, gamma=0.1, route="grid")}
 SEED = 0
 
 try:
@@ -103,13 +103,13 @@ def _core_step_ms(params, process, ts):
     rng = np.random.default_rng(SEED)
     x0 = models.bimodal().sample(STEP_BATCH, rng)
     t = models.draw_levels(ts, STEP_BATCH, rng)
-    inputs = models._dsm_inputs(params, x0, t, rng.standard_normal(x0.shape), process, 0.0, 1.0)
-    loss_and_grad = value_and_grad(models._dsm_prepared)
+    batch = models.prepare_dsm(params, x0, t, rng.standard_normal(x0.shape), process, 0.0, 1.0)
+    loss_and_grad = value_and_grad(models.prepared_dsm_loss)
     theta, unflatten = flatten(params)
     adam = models.adam_init(theta)
 
     def step(theta, adam):
-        _, grad = loss_and_grad(unflatten(theta), *inputs)
+        _, grad = loss_and_grad(unflatten(theta), batch)
         return models.adam_step(theta, flatten(grad)[0], adam, 1e-3)
     for _ in range(10):
         theta, adam = step(theta, adam)
@@ -160,7 +160,7 @@ def cantor():
                            batch_size=CANTOR["batch_size"], lr=CANTOR["lr"], callback=None)
         seconds = time.perf_counter() - start
         x, _ = sm.sample(out.score(process), process, ts, sm.prior_sample(process, 20_000, target.variance(), 7),
-                         8, "ancestral")
+                         8, predictor="ancestral")
         goal = target.marginal(process, process.t_min)
         print(f"| {seed} | {seconds:.1f} s | {sm.mode_coverage(x, target.atoms).covered} / 8 | "
               f"{sm.wasserstein1(x, goal.cdf):.4f} |")
@@ -196,7 +196,7 @@ def bimodal():
 
 def _mean_log_p0(score, ts):
     process, target = so.vp_linear(), models.bimodal()
-    x, _ = sm.sample(score, process, ts, sm.prior_sample(process, 20_000, target.variance(), 5), 6, "ancestral")
+    x, _ = sm.sample(score, process, ts, sm.prior_sample(process, 20_000, target.variance(), 5), 6, predictor="ancestral")
     return f"{sm.mean_log_density(x, target):.3f}"
 
 

@@ -187,16 +187,17 @@ def test_a_schedule_map_round_trips_through_json(tmp_path):
     assert back.metadata["seed"] == 7 and back.metadata["process"] == VP.name
     np.testing.assert_array_equal(back.schedule(20), smap.schedule(20))
     # Exported sigmas from the stored nu agree with the process's own conversion to the
-    # resolution of the 50-level grid (two interpolations of the same map).
-    np.testing.assert_allclose(back.sigmas(10), so.to_sigmas(VP, smap.schedule(10)), rtol=1e-3)
-    assert back.sigmas(10)[-1] == 0 and np.all(np.diff(back.sigmas(10)) < 0)
+    # resolution of the 50-level grid (two interpolations of the same map). In k-diffusion's
+    # convention n levels and a 0: the levels of the (n - 1)-step schedule.
+    np.testing.assert_allclose(back.sigmas(11), so.to_sigmas(VP, smap.schedule(10)), rtol=1e-3)
+    assert len(back.sigmas(11)) == 12 and back.sigmas(11)[-1] == 0 and np.all(np.diff(back.sigmas(11)) < 0)
 
 
 @pytest.mark.parametrize("damage, message", [
     (lambda text: text[: len(text) // 2], "not a readable schedule map"),
     (lambda text: text.replace('"format": "scoreopt.ScheduleMap/1"', '"format": "other"'), "format is 'other'"),
     (lambda text: text.replace('"length_stderr"', '"length_error"'), "missing field 'length_stderr'"),
-    (lambda text: text.replace('"order": 2', '"order": -2'), "`order` must be positive"),
+    (lambda text: text.replace('"order": 2', '"order": -2'), r"`order` must be one of \(1, 2, 3, 4, 6, 8\)"),
 ])
 def test_a_damaged_schedule_map_file_is_a_clear_error(tmp_path, damage, message):
     smap = so.estimate_schedule_map(cantor_score, VP, CANTOR.sample(100, 0), 7, n_grid=20)

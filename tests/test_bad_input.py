@@ -5,6 +5,8 @@ rates, 4 callables that misbehave, 5 unstable settings, 6 metrics on degenerate 
 7 checkpoints. Each test reads as the rule; hypothesis draws the spaces of inputs.
 """
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -46,9 +48,9 @@ def test_a_target_score_needs_a_time_in_the_range(t):
 def test_closed_forms_refuse_times_outside_the_range():
     with pytest.raises(ValueError, match="`ts` must be finite"):
         so.gaussian_local_cost(VE, [0.2, np.nan], [0.25])
-    with pytest.raises(ValueError, match="`t_to` must lie in"):
+    with pytest.raises(ValueError, match="`t_next` must lie in"):
         so.gaussian_corrector_cost(VE, 0.5, 1.5, [0.25])
-    with pytest.raises(ValueError, match="`t_from` must lie in"):
+    with pytest.raises(ValueError, match="`t_cur` must lie in"):
         so.corrector_cost(exact(BIMODAL, VE), VE, 2.0, 0.5, BIMODAL.sample(10, 0), 0)
 
 
@@ -58,8 +60,8 @@ def test_costs_are_defined_for_either_order_of_their_times_and_steps_are_not():
     forward = so.gaussian_corrector_cost(VE, 0.4, 0.5, [0.25])
     backward = so.gaussian_corrector_cost(VE, 0.5, 0.4, [0.25])
     assert forward > 0 and backward > 0 and forward != backward
-    with pytest.raises(ValueError, match="`t_to` must be below `t_from`"):
-        so.step_cost(exact(BIMODAL, VE), VE, 0.4, 0.5, BIMODAL.sample(40, 0), 0, sm.euler_step)
+    with pytest.raises(ValueError, match="`t_next` must be below `t_cur`"):
+        sm.step_cost(exact(BIMODAL, VE), VE, 0.4, 0.5, BIMODAL.sample(40, 0), 0, step=sm.euler_step)
 
 
 def test_a_process_needs_t_min_below_t_max():
@@ -112,16 +114,16 @@ def test_online_gamma_is_checked_at_construction(gamma):
 
 
 def test_online_method_and_kind_are_checked_at_construction():
-    with pytest.raises(ValueError, match="`method` must be"):
-        models.OnlineSchedule(method="spline")
-    with pytest.raises(ValueError, match="`kind` must be"):
-        models.OnlineSchedule(kind="both")
+    with pytest.raises(ValueError, match="`route` must be"):
+        models.OnlineSchedule(route="spline")
+    with pytest.raises(ValueError, match="`cost` must be"):
+        models.OnlineSchedule(cost="both")
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(checkpoint_every=0), "`checkpoint_every` must be >= 1"),
     (dict(max_loss_ratio=-1.0), "`max_loss_ratio` must be positive"),
-    (dict(data_var=-1.0), "`data_var` finite and positive"),
+    (dict(data_var=-1.0), "`data_var` must be finite and non-negative; coordinate 0 is -1"),
     (dict(batch_size=0), "`batch_size` must be >= 1"),
     (dict(n_steps=0), "`n_steps` must be >= 1"),
 ])
@@ -137,7 +139,7 @@ def test_training_settings_are_checked_before_any_step(kwargs, message):
 def test_training_without_a_schedule_needs_uniform_levels():
     with pytest.raises(ValueError, match="`ts` is needed"):
         models.train(small_params(), BIMODAL, VP, rng=0, n_steps=1)
-    out = models.train(small_params(), BIMODAL, VP, rng=0, n_steps=3, uniform_levels=True, callback=None)
+    out = models.train(small_params(), BIMODAL, VP, rng=0, n_steps=3, levels="uniform", callback=None)
     assert out.step == 3
 
 
@@ -166,7 +168,7 @@ def test_a_score_that_raises_is_chained_with_the_time_and_the_step():
             raise KeyError("model weights missing")
         return BIMODAL.score(x, t, VP)
     with pytest.raises(so.ScoreEvaluationError, match=r"`score` raised KeyError at t = 0\.4.* \(step 7 of 10") as err:
-        sm.sample(broken, VP, TS, np.zeros((3, 1)), 0, "euler")
+        sm.sample(broken, VP, TS, np.zeros((3, 1)), 0, predictor="euler")
     assert isinstance(err.value.__cause__, KeyError)
     with pytest.raises(so.ScoreEvaluationError, match="`score` raised KeyError"):
         so.corrector_cost(broken, VP, 0.4, 0.3, BIMODAL.sample(10, 0), 0)
@@ -189,18 +191,18 @@ def test_an_exact_score_returning_nan_is_named_in_score_error():
 def test_exploding_samples_stop_the_sampler_naming_the_step():
     x_T = sm.prior_sample(VP, 100, BIMODAL.variance(), 0)
     with pytest.raises(FloatingPointError, match=r"(exploded|non-finite) .*\(step 1 of 10"):
-        sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 1, "euler", corrector_steps=2, corrector_ratio=1e6)
+        sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 1, predictor="euler", corrector_steps=2, corrector_ratio=1e6)
 
 
 def test_growth_can_be_counted_instead_of_refused_but_never_non_finite():
     grow = lambda score, process, x, t_cur, t_next, rng: (x * 1e4, 0)       # a step that throws samples away
     x_T = np.ones((3, 1))
     with pytest.raises(FloatingPointError, match=r"exploded to \|x\| = 1e\+08 \(step 2 of 10"):
-        sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 0, grow)
-    x, _ = sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 0, grow, max_growth=None)
+        sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 0, predictor=grow)
+    x, _ = sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 0, predictor=grow, max_growth=None)
     np.testing.assert_allclose(x, 1e40, rtol=1e-12)
     with np.errstate(over="ignore"), pytest.raises(FloatingPointError, match="non-finite"):
-        sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 0, lambda *a: (a[2] * 1e40, 0), max_growth=None)
+        sm.sample(exact(BIMODAL, VP), VP, TS, x_T, 0, predictor=lambda *a: (a[2] * 1e40, 0), max_growth=None)
 
 
 # --- 6. Metrics on degenerate input ----------------------------------------------------
@@ -228,7 +230,7 @@ def test_metrics_refuse_degenerate_input():
         sm.density_estimate([0.3, 0.3, 0.3], np.linspace(0, 1, 5))
     with pytest.raises(ValueError, match="`modes` must be a non-empty"):
         sm.mode_coverage(np.zeros(5), [])
-    with pytest.raises(ValueError, match="at least 2 samples"):
+    with pytest.raises(ValueError, match="`x0` needs at least 2 rows"):
         sm.score_error(exact(BIMODAL, VP), exact(BIMODAL, VP), VP, TS, BIMODAL.sample(1, 0), 0)
     with pytest.raises(ValueError, match="variances `var`, `target_var` finite and positive"):
         sm.gaussian_kl([0.0], [-1.0], [0.0], [1.0])
@@ -290,19 +292,23 @@ def test_resume_refuses_a_checkpoint_beyond_n_steps(tmp_path):
 def test_a_checkpoint_with_a_reversed_schedule_does_not_load(tmp_path):
     out = run(tmp_path)
     path = str(tmp_path / "bad.npz")
-    models.save_checkpoint(path, out.params, out.ts[::-1], out.adam, out.step, out.rng, out.history,
-                           out.data_mean, out.data_var, out.run)
+    models.save_checkpoint(path, out._replace(ts=out.ts[::-1]))
     with pytest.raises(ValueError, match="is corrupted: `ts` must be strictly increasing"):
         models.load_checkpoint(path)
 
 
 def test_leftover_temporary_files_are_removed_and_the_umask_is_respected(tmp_path):
-    leftover = tmp_path / ".ck.npz.abc123.tmp"
-    leftover.write_bytes(b"half a save")
+    # A temporary file of a killed writer (its process is gone) is removed by the next save;
+    # one of a writer still running (here: this process) is left alone.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / f".ck.npz.{gone.pid}.abc123.tmp").write_bytes(b"half a save")
+    running = tmp_path / f".ck.npz.{os.getpid()}.def456.tmp"
+    running.write_bytes(b"a save in progress")
     old = os.umask(0o027)
     try:
         run(tmp_path)
     finally:
         os.umask(old)
-    assert sorted(os.listdir(tmp_path)) == ["ck.npz"]
+    assert sorted(os.listdir(tmp_path)) == [running.name, "ck.npz"]
     assert os.stat(tmp_path / "ck.npz").st_mode & 0o777 == 0o640

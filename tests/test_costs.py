@@ -22,12 +22,12 @@ def fisher_gaussian(m1, v1, m2, v2):
 
 
 @pytest.mark.parametrize("process", [VE, VP], ids=["ve", "vp_linear"])
-@pytest.mark.parametrize("method", ["fd", "autograd"])
-def test_local_cost_matches_gaussian_closed_form(process, method):
+@pytest.mark.parametrize("derivative", ["central", "autograd"])
+def test_local_cost_matches_gaussian_closed_form(process, derivative):
     nu = so.nsr(process, np.array([process.t_min, process.t_max]))
     ts = so.time_from_nsr(process, np.geomspace(nu[0], nu[1], 9))
     x0 = GAUSS.sample(40_000, 0)
-    delta, se = so.local_cost(exact(GAUSS, process), process, ts, x0, 1, method=method)
+    delta, se = so.local_cost(exact(GAUSS, process), process, ts, x0, 1, derivative=derivative)
     closed = so.gaussian_local_cost(process, ts, GAUSS.var, GAUSS.means[0])
     assert np.all(np.abs(delta - closed) < 4.5 * se), (delta - closed) / se
     assert np.all(se < 0.05 * closed)  # the comparison has power
@@ -45,9 +45,9 @@ def test_gaussian_local_cost_isotropic_ve_formula():
 
 @pytest.mark.parametrize("process", [VE, VP], ids=["ve", "vp_linear"])
 def test_corrector_cost_matches_exact_finite_step(process):
-    t_from, t_to = 0.5, 0.45
-    L, se = so.corrector_cost(exact(GAUSS, process), process, t_from, t_to, GAUSS.sample(40_000, 2), 3)
-    closed = so.gaussian_corrector_cost(process, t_from, t_to, GAUSS.var, GAUSS.means[0])
+    t_cur, t_next = 0.5, 0.45
+    L, se = so.corrector_cost(exact(GAUSS, process), process, t_cur, t_next, GAUSS.sample(40_000, 2), 3)
+    closed = so.gaussian_corrector_cost(process, t_cur, t_next, GAUSS.var, GAUSS.means[0])
     assert abs(L - closed) < 4.5 * se and se < 0.05 * closed
 
 
@@ -161,5 +161,5 @@ def test_interval_costs_and_determinism():
     # in nu, it removes almost none, and on a coarse schedule it can cost more).
     fine = so.uniform_schedule(VP, 40)
     c40, _ = so.interval_costs(score, VP, fine, x0, 3)
-    p40, _ = so.interval_costs(score, VP, fine, x0, 3, kind="predictor")
+    p40, _ = so.interval_costs(score, VP, fine, x0, 3, cost="predictor")
     assert p40.sum() < 0.01 * c40.sum()

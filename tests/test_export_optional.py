@@ -33,7 +33,7 @@ def test_k_diffusion_sample_euler_with_our_sigmas_is_our_euler_sampler_with_deno
     denoiser = lambda x, sigma: m + lam * (x - m) / (lam + sigma[:, None] ** 2)   # D(x, sigma), s = 1 (VE)
     x_T = sm.prior_sample(VE, 64, TARGET.variance(), 0)
     theirs = sampling.sample_euler(denoiser, torch.as_tensor(x_T), torch.as_tensor(sigmas), disable=True).numpy()
-    ours, _ = sm.sample(lambda x, t: TARGET.score(x, t, VE), VE, ts, x_T, 0, "euler", denoise=True)
+    ours, _ = sm.sample(lambda x, t: TARGET.score(x, t, VE), VE, ts, x_T, 0, predictor="euler", denoise=True)
     # smap.sigmas reads nu off the stored grid: equal to the process's to the grid's resolution.
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-6)
 

@@ -190,7 +190,7 @@ def test_predictor_equal_cost_iteration_converges_to_equal_costs():
     cantor = models.mollified_cantor()
     score = lambda x, t: cantor.score(x, t, VP)
     res = so.equal_cost_schedule(score, VP, so.uniform_schedule(VP, 12), cantor.sample(1000, 0), 1,
-                                 kind="predictor", max_iter=100, tol=1e-3)
+                                 cost="predictor", max_iter=100, tol=1e-3)
     assert res.converged and res.n_iter < 100
     assert res.costs.max() / res.costs.min() < 1.03
     so.check_schedule(res.ts, VP)
@@ -213,7 +213,7 @@ def test_corrector_iteration_pitfall_one_huge_last_step():
     g = models.Gaussian([0.0], [0.25])
     score = lambda x, t: g.score(x, t, VE)
     res = so.equal_cost_schedule(score, VE, so.uniform_schedule(VE, 5), g.sample(2000, 0), 1,
-                                 kind="corrector", max_iter=200)
+                                 cost="corrector", max_iter=200)
     assert VE.sigma(res.ts[1]) > 10.0        # from sigma = 0.002 straight to > 10
     assert res.costs.max() / res.costs.min() < 1.05   # and yet its costs "look" equal
     # The dense-grid route does not have this problem: its first level is 25x lower.
@@ -246,4 +246,4 @@ def test_schedule_map_error_bars_are_honest():
     reported = np.mean([m.schedule_stderr(8) for m in maps], axis=0)[1:-1]
     ratio = spread / reported
     assert np.all((0.6 < ratio) & (ratio < 1.6)) and 0.75 < np.mean(ratio) < 1.3
-    assert maps[0].step_cost(8) == pytest.approx((maps[0].length / 8) ** 2)
+    assert maps[0].cost_per_step(8) == pytest.approx((maps[0].length / 8) ** 2)

@@ -21,10 +21,10 @@ def exact(target, process):
 @pytest.mark.parametrize("predictor, m", COMBINATIONS)
 def test_samples_match_exact_gaussian_output_law(process, predictor, m):
     ts = so.edm_schedule(process, 8)
-    mean, var = sm.gaussian_output_law(GAUSS, process, ts, predictor, m, corrector_ratio=0.05)
+    mean, var = sm.gaussian_output_law(GAUSS, process, ts, predictor=predictor, corrector_steps=m, corrector_ratio=0.05)
     n = 100_000
     x_T = sm.prior_sample(process, n, GAUSS.variance(), 1)
-    x, _ = sm.sample(exact(GAUSS, process), process, ts, x_T, 2, predictor, m, corrector_ratio=0.05)
+    x, _ = sm.sample(exact(GAUSS, process), process, ts, x_T, 2, predictor=predictor, corrector_steps=m, corrector_ratio=0.05)
     # Mean: standard error sqrt(var/n). Variance of a Gaussian sample: sqrt(2/n) var.
     assert np.all(np.abs(x.mean(0) - mean) < 4.5 * np.sqrt(var / n))
     assert np.all(np.abs(x.var(0) - var) < 4.5 * np.sqrt(2 / n) * var)
@@ -39,7 +39,7 @@ def test_exact_law_converges_to_the_marginal_first_and_second_order():
     # KL (quadratic in it) falls by ~4 and ~16 when T doubles.
     target = models.Gaussian([0.0], [0.25])
     goal = target.marginal(VE, VE.t_min)
-    kl = {p: [sm.gaussian_kl(*sm.gaussian_output_law(target, VE, so.uniform_schedule(VE, T), p),
+    kl = {p: [sm.gaussian_kl(*sm.gaussian_output_law(target, VE, so.uniform_schedule(VE, T), predictor=p),
                              goal.mean(), goal.var) for T in (20, 40, 80, 160)]
           for p in ("euler", "heun")}
     for p, rate in (("euler", 4.0), ("heun", 16.0)):
@@ -53,7 +53,7 @@ def test_ancestral_and_annealed_langevin_converge_too():
     target = models.Gaussian([0.5], [0.1])
     goal = target.marginal(VP, VP.t_min)
     for predictor, m in (("ancestral", 0), ("euler_maruyama", 0), ("none", 3)):
-        kl = [sm.gaussian_kl(*sm.gaussian_output_law(target, VP, so.uniform_schedule(VP, T), predictor, m,
+        kl = [sm.gaussian_kl(*sm.gaussian_output_law(target, VP, so.uniform_schedule(VP, T), predictor=predictor, corrector_steps=m,
                                                      corrector_ratio=0.05), goal.mean(), goal.var)
               for T in (25, 100, 400)]
         # Annealed Langevin keeps an O(r) bias from the unadjusted corrector.
@@ -87,13 +87,13 @@ def test_flow_density_integrates_to_one_and_matches_histogram(predictor):
     # from the tracked Jacobian, so both checks below test the Jacobian.
     ts = so.loglinear_schedule(VP, 12)
     grid = np.linspace(-6, 6, 100_001)[:, None] * np.sqrt(prior.var)
-    x_out, log_p = sm.flow_log_density(score, VP, ts, grid, prior.log_prob, predictor)
+    x_out, log_p = sm.flow_log_density(score, VP, ts, grid, prior.log_prob, predictor=predictor)
     assert trapezoid(np.exp(log_p), x_out[:, 0]) == pytest.approx(1.0, abs=1e-3)
     slope = np.exp(prior.log_prob(grid) - log_p)             # tracked dx_out / dx_T
     mass = log_p > log_p.max() + np.log(1e-2)                # where the output has mass
     np.testing.assert_allclose(np.gradient(x_out[:, 0], grid[:, 0])[mass], slope[mass], rtol=1e-2)
     # Against a histogram of the sampler's own output: expected counts from the output CDF.
-    x, _ = sm.sample(score, VP, ts, prior.sample(200_000, 3), 4, predictor)
+    x, _ = sm.sample(score, VP, ts, prior.sample(200_000, 3), 4, predictor=predictor)
     cdf = np.concatenate([[0], np.cumsum(0.5 * (np.exp(log_p[1:]) + np.exp(log_p[:-1])) * np.diff(x_out[:, 0]))])
     edges = np.linspace(-1.5, 1.5, 61)
     expected = len(x) * np.diff(np.interp(edges, x_out[:, 0], cdf))
@@ -108,7 +108,7 @@ def test_flow_density_refuses_a_folding_step():
     prior = models.Gaussian([0.0], sm.prior_variance(VP, target.variance()))
     grid = np.linspace(-6, 6, 100_001)[:, None] * np.sqrt(prior.var)   # the fold is narrow
     with pytest.raises(ValueError, match="folds the line"):
-        sm.flow_log_density(exact(target, VP), VP, so.loglinear_schedule(VP, 8), grid, prior.log_prob, "heun")
+        sm.flow_log_density(exact(target, VP), VP, so.loglinear_schedule(VP, 8), grid, prior.log_prob, predictor="heun")
 
 
 def test_flow_kl_is_small_for_a_fine_schedule_and_larger_for_a_coarse_one():
@@ -117,7 +117,7 @@ def test_flow_kl_is_small_for_a_fine_schedule_and_larger_for_a_coarse_one():
     x_T = prior.sample(5000, 5)
     kls = []
     for T in (10, 100):
-        x, log_p = sm.flow_log_density(exact(target, VP), VP, so.uniform_schedule(VP, T), x_T, prior.log_prob, "heun")
+        x, log_p = sm.flow_log_density(exact(target, VP), VP, so.uniform_schedule(VP, T), x_T, prior.log_prob, predictor="heun")
         kls.append(np.mean(log_p - target.log_prob(x)))
     assert kls[1] < 0.05 < kls[0]
 
@@ -128,8 +128,8 @@ def test_cantor_ancestral_twenty_steps_optimised_fills_all_modes_uniform_does_no
     score = exact(cantor, VP)
     smap = so.estimate_schedule_map(score, VP, cantor.sample(4000, 0), 1)
     x_T = sm.prior_sample(VP, 20_000, cantor.variance(), 2)
-    optimised, _ = sm.sample(score, VP, smap.schedule(20), x_T, 3, "ancestral")
-    uniform, _ = sm.sample(score, VP, so.uniform_schedule(VP, 20), x_T, 3, "ancestral")
+    optimised, _ = sm.sample(score, VP, smap.schedule(20), x_T, 3, predictor="ancestral")
+    uniform, _ = sm.sample(score, VP, so.uniform_schedule(VP, 20), x_T, 3, predictor="ancestral")
     assert sm.mode_coverage(optimised, cantor.atoms).covered == 8
     assert sm.mode_coverage(uniform, cantor.atoms).covered <= 2
     assert sm.wasserstein1(optimised, cantor.cdf) < 0.5 * sm.wasserstein1(uniform, cantor.cdf)
@@ -147,10 +147,10 @@ def test_nfe_is_exact_and_seed_determines_samples(predictor, m, denoise):
 
     ts = so.uniform_schedule(VP, 7)
     x_T = sm.prior_sample(VP, 10, GAUSS.variance(), 0)
-    x1, nfe = sm.sample(counting, VP, ts, x_T, 5, predictor, m, denoise=denoise)
+    x1, nfe = sm.sample(counting, VP, ts, x_T, 5, predictor=predictor, corrector_steps=m, denoise=denoise)
     per_step = {"none": 0, "euler": 1, "heun": 2, "ancestral": 1, "euler_maruyama": 1}[predictor]
     assert nfe == len(calls) == 7 * (per_step + m) + denoise
-    x2, _ = sm.sample(counting, VP, ts, x_T, np.random.default_rng(5), predictor, m, denoise=denoise)
+    x2, _ = sm.sample(counting, VP, ts, x_T, np.random.default_rng(5), predictor=predictor, corrector_steps=m, denoise=denoise)
     np.testing.assert_array_equal(x1, x2)
 
 
@@ -161,7 +161,7 @@ def test_heun_has_no_second_stage_on_a_step_to_sigma_zero():
     # x_bar = x1 - x1 / 2 = 0.325 x, and no second stage (it would give 0.75 x1 = 0.4875 x).
     p = so.Process(s=lambda t: 1.0 + 0.0 * t, sigma=lambda t: 2.0 * t, t_min=0.0, t_max=1.0)
     x, nfe = sm.sample(exact(models.Gaussian([0.0], [1.0]), p), p, np.array([0.0, 0.5, 1.0]),
-                       np.ones((3, 1)), 0, "heun")
+                       np.ones((3, 1)), 0, predictor="heun")
     assert nfe == 3
     np.testing.assert_allclose(x, 0.325, rtol=1e-14)
 
@@ -189,7 +189,7 @@ def test_ancestral_step_is_k_diffusions_euler_ancestral(process, make_schedule):
     denoiser = lambda y, nu: m + lam * (y - m) / (lam + nu ** 2)
     ts = make_schedule(process, 9)
     x_T = sm.prior_sample(process, 200, GAUSS.variance(), 0)
-    x, nfe = sm.sample(exact(GAUSS, process), process, ts, x_T, 7, "ancestral")
+    x, nfe = sm.sample(exact(GAUSS, process), process, ts, x_T, 7, predictor="ancestral")
     y = k_diffusion_ancestral(denoiser, x_T / process.s(ts[-1]), so.nsr(process, ts)[::-1],
                               np.random.default_rng(7))
     assert nfe == 9
@@ -203,7 +203,7 @@ def test_ancestral_step_cannot_blow_up_where_euler_maruyama_does():
     target = models.Gaussian([0.0], [0.25])
     goal = target.marginal(VE, VE.t_min)
     ts = so.loglinear_schedule(VE, 10)
-    kl = {p: sm.gaussian_kl(*sm.gaussian_output_law(target, VE, ts, p), goal.mean(), goal.var)
+    kl = {p: sm.gaussian_kl(*sm.gaussian_output_law(target, VE, ts, predictor=p), goal.mean(), goal.var)
           for p in ("ancestral", "euler_maruyama")}
     assert kl["euler_maruyama"] > 1000 and kl["ancestral"] < 0.2   # measured: 1039 and 0.147
 
@@ -227,31 +227,31 @@ def test_user_defined_steps_work_in_sample_output_law_and_flow_density(process):
     ts, score = so.edm_schedule(process, 8), exact(GAUSS, process)
     x_T = sm.prior_sample(process, 100_000, GAUSS.variance(), 1)
     half = eta_step(0.5)
-    x, nfe = sm.sample(score, process, ts, x_T, 2, half, corrector_steps=1, corrector_ratio=0.05)
+    x, nfe = sm.sample(score, process, ts, x_T, 2, predictor=half, corrector_steps=1, corrector_ratio=0.05)
     assert nfe == 16
     # Its exact law (noise draws counted by running it) against Monte Carlo, as above.
-    mean, var = sm.gaussian_output_law(GAUSS, process, ts, half, 1, corrector_ratio=0.05)
+    mean, var = sm.gaussian_output_law(GAUSS, process, ts, predictor=half, corrector_steps=1, corrector_ratio=0.05)
     n = len(x)
     assert np.all(np.abs(x.mean(0) - mean) < 4.5 * np.sqrt(var / n))
     assert np.all(np.abs(x.var(0) - var) < 4.5 * np.sqrt(2 / n) * var)
     # eta = 1 is the built-in ancestral step, eta = 0 DDIM (the built-in Euler step).
     for eta, name in ((1.0, "ancestral"), (0.0, "euler")):
-        a, _ = sm.sample(score, process, ts, x_T[:50], 3, eta_step(eta))
-        b, _ = sm.sample(score, process, ts, x_T[:50], 3, name)
+        a, _ = sm.sample(score, process, ts, x_T[:50], 3, predictor=eta_step(eta))
+        b, _ = sm.sample(score, process, ts, x_T[:50], 3, predictor=name)
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(sm.gaussian_output_law(GAUSS, process, ts, eta_step(eta)),
-                                   sm.gaussian_output_law(GAUSS, process, ts, name), rtol=1e-10)
+        np.testing.assert_allclose(sm.gaussian_output_law(GAUSS, process, ts, predictor=eta_step(eta)),
+                                   sm.gaussian_output_law(GAUSS, process, ts, predictor=name), rtol=1e-10)
     # The flow density follows a deterministic user step and refuses a stochastic one.
     one_d = models.bimodal()
     prior = models.Gaussian([0.0], sm.prior_variance(process, one_d.variance()))
     start = prior.sample(500, 4)
     ddim = eta_step(0.0)
-    out_user = sm.flow_log_density(exact(one_d, process), process, ts, start, prior.log_prob, ddim)
-    out_builtin = sm.flow_log_density(exact(one_d, process), process, ts, start, prior.log_prob, "euler")
+    out_user = sm.flow_log_density(exact(one_d, process), process, ts, start, prior.log_prob, predictor=ddim)
+    out_builtin = sm.flow_log_density(exact(one_d, process), process, ts, start, prior.log_prob, predictor="euler")
     np.testing.assert_allclose(out_user[1], out_builtin[1], rtol=1e-9)
     for stochastic in (half, "ancestral", "euler_maruyama"):
         with pytest.raises(ValueError, match="draws noise"):
-            sm.flow_log_density(exact(one_d, process), process, ts, start, prior.log_prob, stochastic)
+            sm.flow_log_density(exact(one_d, process), process, ts, start, prior.log_prob, predictor=stochastic)
 
 
 def test_tweedie_denoising_is_the_posterior_mean():
@@ -294,10 +294,10 @@ def test_sampler_bad_input():
         sm.sample(score, VP, ts[1:], x_T, 0)
     with pytest.raises(ValueError, match=r"`x_T` must have shape \(n, d\)"):
         sm.sample(score, VP, ts, np.zeros(4), 0)
-    with pytest.raises(ValueError, match=r"returned shape \(4, 2\) at t = 1 \(step 1 of 5, .*\); expected \(4, 1\)"):
+    with pytest.raises(ValueError, match=r"returned shape \(4, 2\) at t = 1; expected \(4, 1\) \(step 1 of 5, "):
         sm.sample(lambda x, t: np.zeros((len(x), 2)), VP, ts, np.zeros((4, 1)), 0)
-    with pytest.raises(so.ScoreEvaluationError, match=r"`score` raised ValueError at t = 1 \(step 1 of 5.*`x` must "
-                       r"have shape \(n, 2\)"):
+    with pytest.raises(so.ScoreEvaluationError, match=r"`score` raised ValueError at t = 1: `x` must have shape "
+                       r"\(n, 2\).* \(step 1 of 5"):
         sm.sample(score, VP, ts, np.zeros((4, 1)), 0)        # the 2-D target refuses 1-D x
     with pytest.raises(ValueError, match="`corrector_steps` must be >= 0"):
         sm.sample(score, VP, ts, x_T, 0, corrector_steps=-1)
@@ -305,7 +305,7 @@ def test_sampler_bad_input():
         sm.sample(score, VP, ts, x_T, 0, corrector_ratio=0.0)
     nan_late = lambda x, t: score(x, t) * (np.nan if t < 0.5 else 1.0)
     with pytest.raises(ValueError, match=r"non-finite values at t = 0\.4"):
-        sm.sample(nan_late, VP, ts, x_T, 0, "euler")
+        sm.sample(nan_late, VP, ts, x_T, 0, predictor="euler")
     with pytest.raises(ValueError, match="Gaussian"):
         sm.gaussian_output_law(models.bimodal(), VP, ts)
     with pytest.raises(ValueError, match="`predictor` must be one of"):
@@ -324,6 +324,6 @@ def test_ode_samplers_depend_on_noise_levels_only(predictor):
     ts_lin = so.time_from_nsr(lin, sigmas)
     ts_lin[0], ts_lin[-1] = 0.0, 1.0
     x_T = sm.prior_sample(VE, 50, GAUSS.variance(), 0)
-    a, _ = sm.sample(exact(GAUSS, VE), VE, so.edm_schedule(VE, 12), x_T, 1, predictor)
-    b, _ = sm.sample(exact(GAUSS, lin), lin, ts_lin, x_T, 1, predictor)
+    a, _ = sm.sample(exact(GAUSS, VE), VE, so.edm_schedule(VE, 12), x_T, 1, predictor=predictor)
+    b, _ = sm.sample(exact(GAUSS, lin), lin, ts_lin, x_T, 1, predictor=predictor)
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

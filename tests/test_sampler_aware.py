@@ -21,7 +21,7 @@ def pushed_variances(target, process, t, t2, predictor):
     sub-process [t2, t], started from the exact marginal at t."""
     sub = process._replace(t_min=t2, t_max=t)
     start = target.marginal(process, t)
-    return sm.gaussian_output_law(target, sub, np.array([t2, t]), predictor, start=(start.mean(), start.var))[1]
+    return sm.gaussian_output_law(target, sub, np.array([t2, t]), predictor=predictor, start=(start.mean(), start.var))[1]
 
 
 @pytest.mark.parametrize("process", PROCESSES)
@@ -30,20 +30,20 @@ def pushed_variances(target, process, t, t2, predictor):
 @pytest.mark.parametrize("predictor", ["euler", "heun", "ancestral"])
 def test_limit_is_at_least_as_good_as_every_baseline(process, target, predictor):
     T = 6
-    limit = sm.gaussian_schedule_kl(target, process, sm.gaussian_optimal_schedule(target, process, T, predictor),
-                                    predictor)
+    limit = sm.gaussian_schedule_kl(target, process, sm.gaussian_optimal_schedule(target, process, T, predictor=predictor),
+                                    predictor=predictor)
     c = float(np.sqrt(np.mean(target.variance())))
     for name, ts in so.baseline_schedules(process, T, c).items():
-        assert limit <= sm.gaussian_schedule_kl(target, process, ts, predictor) * (1 + 1e-9), name
+        assert limit <= sm.gaussian_schedule_kl(target, process, ts, predictor=predictor) * (1 + 1e-9), name
 
 
 def test_limit_improves_on_its_starts_and_heun_beats_the_baselines_by_far():
     # Measured (README): for Heun the limit is several times below the best baseline.
     target = models.Gaussian(np.zeros(8), np.arange(1, 9) ** -1.0)
     start = so.edm_schedule(VE, 8, 5.0)
-    ts = sm.gaussian_optimal_schedule(target, VE, 8, "heun", starts=[start])
+    ts = sm.gaussian_optimal_schedule(target, VE, 8, predictor="heun", starts=[start])
     so.check_schedule(ts, VE)
-    kl = lambda ts: sm.gaussian_schedule_kl(target, VE, ts, "heun")
+    kl = lambda ts: sm.gaussian_schedule_kl(target, VE, ts, predictor="heun")
     best_baseline = min(kl(b) for b in so.baseline_schedules(VE, 8, 0.5).values())
     assert kl(ts) < kl(start) and kl(ts) < 0.5 * best_baseline
 
@@ -51,8 +51,8 @@ def test_limit_improves_on_its_starts_and_heun_beats_the_baselines_by_far():
 def test_euler_maruyama_limit_is_degenerate():
     # Its per-step variance errors change sign: the optimiser cancels them (SPEC 14.1).
     target = models.Gaussian([0.0], [0.25])
-    ts = sm.gaussian_optimal_schedule(target, VE, 6, "euler_maruyama")
-    assert sm.gaussian_schedule_kl(target, VE, ts, "euler_maruyama") < 1e-12
+    ts = sm.gaussian_optimal_schedule(target, VE, 6, predictor="euler_maruyama")
+    assert sm.gaussian_schedule_kl(target, VE, ts, predictor="euler_maruyama") < 1e-9
 
 
 @pytest.mark.parametrize("process", PROCESSES)
@@ -62,9 +62,9 @@ def test_step_cost_matches_its_gaussian_closed_form(process, predictor):
     lam = np.arange(1, 9) ** -1.5
     target = models.Gaussian(np.zeros(8), lam)
     t, t2 = 0.5, 0.2
-    closed = so.gaussian_step_cost(process, t, t2, lam, pushed_variances(target, process, t, t2, predictor))
-    L, se = so.step_cost(exact(target, process), process, t, t2, target.sample(40_000, 0), 1,
-                         sm.PREDICTORS[predictor])
+    closed = sm.gaussian_step_cost(process, t, t2, lam, pushed_variances(target, process, t, t2, predictor))
+    L, se = sm.step_cost(exact(target, process), process, t, t2, target.sample(40_000, 0), 1,
+                         step=sm.PREDICTORS[predictor])
     assert closed > 1e-3 and abs(L - closed) < 4.5 * se and se < 0.05 * closed
 
 
@@ -79,13 +79,13 @@ def test_step_cost_is_zero_for_an_exact_step():
         A = process.s(t_cur) ** 2 * lam + process.sigma(t_cur) ** 2
         A2 = process.s(t_next) ** 2 * lam + process.sigma(t_next) ** 2
         return np.sqrt(A2 / A) * x, 0
-    L, se = so.step_cost(exact(target, VP), VP, 0.5, 0.2, target.sample(1000, 0), 1, exact_step)
+    L, se = sm.step_cost(exact(target, VP), VP, 0.5, 0.2, target.sample(1000, 0), 1, step=exact_step)
     assert abs(L) < 1e-24 and se < 1e-24
 
 
 def test_pair_product_mean_is_the_u_statistic_with_a_jackknife_error():
     M = np.random.default_rng(0).standard_normal((7, 5)) + 0.3
-    U, se = so._pair_product_mean(M)
+    U, se = sm._pair_product_mean(M)
     pairs = [M[g] @ M[h] for g, h in itertools.permutations(range(7), 2)]
     assert U == pytest.approx(np.mean(pairs), rel=1e-12)
     leave_out = [np.mean([M[g] @ M[h] for g, h in itertools.permutations([i for i in range(7) if i != k], 2)])
@@ -99,25 +99,25 @@ def test_equal_step_cost_schedule_is_near_the_limit(predictor, ratio):
     # from scores. Measured here: 1.008 (Euler), 1.024 (Heun), 1.099 (ancestral).
     target = models.Gaussian(np.zeros(16), np.arange(1, 17) ** -1.5)
     res = so.equal_cost_schedule(exact(target, VE), VE, so.loglinear_schedule(VE, 10), target.sample(4000, 0), 1,
-                                 kind="step", step=sm.PREDICTORS[predictor], max_iter=100, tol=1e-3)
+                                 cost=sm.step_cost, step=sm.PREDICTORS[predictor], max_iter=100, tol=1e-3)
     assert res.converged
-    limit = sm.gaussian_schedule_kl(target, VE, sm.gaussian_optimal_schedule(target, VE, 10, predictor), predictor)
-    kl = sm.gaussian_schedule_kl(target, VE, res.ts, predictor)
+    limit = sm.gaussian_schedule_kl(target, VE, sm.gaussian_optimal_schedule(target, VE, 10, predictor=predictor), predictor=predictor)
+    kl = sm.gaussian_schedule_kl(target, VE, res.ts, predictor=predictor)
     assert limit <= kl < ratio * limit
 
 
 def test_step_cost_bad_input():
     target = models.Gaussian([0.0], [0.25])
     score, x0 = exact(target, VE), target.sample(100, 0)
-    with pytest.raises(ValueError, match="`t_to` must be below `t_from`"):
-        so.step_cost(score, VE, 0.5, 0.5, x0, 0, sm.euler_step)
-    with pytest.raises(TypeError, match="`step` must be a sampler step"):
-        so.step_cost(score, VE, 0.5, 0.4, x0, 0, "euler")
-    with pytest.raises(ValueError, match="`test` must be"):
-        so.step_cost(score, VE, 0.5, 0.4, x0, 0, sm.euler_step, test="kernel")
+    with pytest.raises(ValueError, match="`t_next` must be below `t_cur`"):
+        sm.step_cost(score, VE, 0.5, 0.5, x0, 0, step=sm.euler_step)
+    with pytest.raises(ValueError, match="`predictor` must be one of"):
+        sm.step_cost(score, VE, 0.5, 0.4, x0, 0, step="rk4")
+    with pytest.raises(TypeError, match="`affine` must be True or False"):
+        sm.step_cost(score, VE, 0.5, 0.4, x0, 0, step=sm.euler_step, affine="yes")
     with pytest.raises(ValueError, match="at least 20 samples"):
-        so.step_cost(score, VE, 0.5, 0.4, x0[:10], 0, sm.euler_step)
-    with pytest.raises(TypeError, match="`step` must be a sampler step function with kind='step'"):
-        so.equal_cost_schedule(score, VE, so.uniform_schedule(VE, 4), x0, 0, kind="step")
+        sm.step_cost(score, VE, 0.5, 0.4, x0[:10], 0, step=sm.euler_step)
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'step'"):
+        so.equal_cost_schedule(score, VE, so.uniform_schedule(VE, 4), x0, 0, cost=sm.step_cost)
     with pytest.raises(ValueError, match="must have T \\+ 1 = 5 times"):
-        sm.gaussian_optimal_schedule(target, VE, 4, "euler", starts=[so.uniform_schedule(VE, 3)])
+        sm.gaussian_optimal_schedule(target, VE, 4, predictor="euler", starts=[so.uniform_schedule(VE, 3)])

@@ -36,8 +36,10 @@ def score_error(model, target):
 def test_loss_gradient_matches_finite_differences():
     params = small_params()
     x0, rng = BIMODAL.sample(64, 0), np.random.default_rng(1)
-    t, eps = models.draw_levels(TS, 64, rng), rng.standard_normal((64, 1))
-    check_grads(lambda p: models._dsm(p, x0, t, eps, VP, 0.1, 0.5), modes=["rev"], order=1)(params)
+    t, eps = models.schedule_levels(TS, 64, rng, VP), rng.standard_normal((64, 1))
+    for preconditioning in ("edm", "eps"):
+        batch = models.prepare_dsm(params, x0, t, eps, VP, 0.1, 0.5, preconditioning)
+        check_grads(lambda p: models.prepared_dsm_loss(p, batch), modes=["rev"], order=1)(params)
 
 
 def test_score_is_differentiable_in_x_and_t_to_second_order():
@@ -47,18 +49,22 @@ def test_score_is_differentiable_in_x_and_t_to_second_order():
     check_grads(lambda t: models.mlp_score(params, x, t, VP), modes=["fwd", "rev"], order=1)(0.3)
 
 
-def test_initial_model_is_the_gaussian_fit_and_per_row_times_agree():
-    # Zero output layer: eps_hat = sigma c_in x_in, the exact score of N(data_mean, data_var).
+@pytest.mark.parametrize("preconditioning", ["edm", "eps"])
+def test_initial_model_is_the_gaussian_fit_and_per_row_times_agree(preconditioning):
+    # Zero output layer: D = mean + c_skip (y - mean), the exact denoiser of N(data_mean, data_var).
     gauss = models.Gaussian([0.5, -1.0], [0.3, 2.0])
     params = models.init_mlp(0, dim=2)
     x = gauss.marginal(VP, 0.3).sample(6, 0)
-    np.testing.assert_allclose(models.mlp_score(params, x, 0.3, VP, gauss.mean(), gauss.variance()),
+    np.testing.assert_allclose(models.mlp_score(params, x, 0.3, VP, gauss.mean(), gauss.variance(), preconditioning),
                                gauss.score(x, 0.3, VP), rtol=1e-12)
-    # ... so its DSM loss is the Gaussian optimum, E_t sum_k s^2 lam_k / (s^2 lam_k + sigma^2).
+    # ... so its DSM loss is the Gaussian optimum. With EDM's weight every level's target has
+    # unit variance and the optimum is d = 2; with noise prediction it is
+    # E_t sum_k s^2 lam_k / (s^2 lam_k + sigma^2).
     x0 = gauss.sample(40_000, 1)
-    loss = models.dsm_loss(params, x0, VP, TS, 2, data_mean=gauss.mean(), data_var=gauss.variance())
+    loss = models.dsm_loss(params, x0, VP, TS, 2, data_mean=gauss.mean(), data_var=gauss.variance(),
+                           preconditioning=preconditioning)
     s, sig = VP.s(TS)[:, None], VP.sigma(TS)[:, None]
-    optimum = np.mean(np.sum(s ** 2 * gauss.var / (s ** 2 * gauss.var + sig ** 2), axis=1))
+    optimum = 2.0 if preconditioning == "edm" else np.mean(np.sum(s ** 2 * gauss.var / (s ** 2 * gauss.var + sig ** 2), axis=1))
     assert loss == pytest.approx(optimum, rel=0.03)
     p = small_params(dim=2)
     np.testing.assert_allclose(models.mlp_score(p, x[:4], np.full(4, 0.37), VP),
@@ -94,7 +100,7 @@ def train_online(online):
 
 
 def test_online_update_equalises_costs_and_keeps_schedules_valid():
-    out = train_online(models.OnlineSchedule(every=25, burn_in=600, gamma=0.2, kind="corrector", n_samples=500))
+    out = train_online(models.OnlineSchedule(every=25, burn_in=600, gamma=0.2, cost="corrector", n_samples=500))
     costs = out.history["costs"]
     assert len(costs) == 41 and out.history["schedules"].shape == (41, 11)
     spread = costs.max(axis=1) / costs.min(axis=1)
@@ -112,7 +118,7 @@ def test_online_update_is_algorithm_2_on_the_gaussian_closed_form(method):
     # Algorithm 1 target from them and the dense-grid target from the exact delta are
     # known, and the Monte-Carlo update must find them.
     g, ts, gamma = models.Gaussian([0.0], [0.25]), so.uniform_schedule(VP, 10), 0.3
-    up = so.online_update(lambda x, t: g.score(x, t, VP), VP, ts, g.sample(20_000, 0), 1, gamma, method)
+    up = so.online_update(lambda x, t: g.score(x, t, VP), VP, ts, g.sample(20_000, 0), 1, gamma=gamma, route=method)
     np.testing.assert_allclose(up.ts, so.blend(ts, up.ts_star, gamma), rtol=0, atol=0)
     grid = so.loglinear_schedule(VP, 4000)
     delta = so.gaussian_local_cost(VP, grid, [0.25])
@@ -129,7 +135,7 @@ def test_online_update_is_algorithm_2_on_the_gaussian_closed_form(method):
 
 
 def test_online_grid_update_moves_towards_the_dense_grid_optimum():
-    out = train_online(models.OnlineSchedule(every=100, burn_in=600, gamma=0.3, method="grid",
+    out = train_online(models.OnlineSchedule(every=100, burn_in=600, gamma=0.3, route="grid",
                                              n_samples=500, n_grid=100))
     # Per-interval shares of the map's length: far from equal on the uniform schedule,
     # close to equal at the end.
@@ -159,8 +165,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     path = str(tmp_path / "ck.npz")
     out = models.train(small_params(), BIMODAL, VP, TS, rng=5, n_steps=30, batch_size=16, callback=None,
                        online=models.OnlineSchedule(every=10, burn_in=10, n_samples=100))
-    models.save_checkpoint(path, out.params, out.ts, out.adam, out.step, out.rng, out.history,
-                           out.data_mean, out.data_var)
+    models.save_checkpoint(path, out)
     back = models.load_checkpoint(path)
     np.testing.assert_array_equal(back.data_mean, out.data_mean)
     np.testing.assert_array_equal(back.data_var, BIMODAL.variance())
@@ -178,7 +183,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     kwargs = dict(n_steps=90, batch_size=32, lr=1e-2, online=models.OnlineSchedule(every=15, burn_in=30, n_samples=100))
     whole = models.train(small_params(), BIMODAL, VP, TS, rng=6, callback=None, **kwargs)
 
-    def interrupt(step, loss, info):
+    def interrupt(step, n_steps, info):
         if step == 50:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
@@ -195,7 +200,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
 def test_corrupted_or_truncated_checkpoint_is_a_clear_error(tmp_path):
     path = str(tmp_path / "ck.npz")
     out = models.train(small_params(), BIMODAL, VP, TS, rng=5, n_steps=5, batch_size=8, callback=None)
-    models.save_checkpoint(path, out.params, out.ts, out.adam, out.step, out.rng)
+    models.save_checkpoint(path, out)
     file = tmp_path / "ck.npz"
     raw = file.read_bytes()
     file.write_bytes(raw[: len(raw) // 2])
@@ -211,14 +216,14 @@ def test_corrupted_or_truncated_checkpoint_is_a_clear_error(tmp_path):
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ck.npz")
     out = models.train(small_params(), BIMODAL, VP, TS, rng=5, n_steps=5, batch_size=8, callback=None)
-    models.save_checkpoint(path, out.params, out.ts, out.adam, 5, out.rng)
+    models.save_checkpoint(path, out)
 
     def crash(f, **arrays):
         f.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt
     monkeypatch.setattr(models.np, "savez", crash)
     with pytest.raises(KeyboardInterrupt):
-        models.save_checkpoint(path, out.params, out.ts, out.adam, 6, out.rng)
+        models.save_checkpoint(path, out._replace(step=6))
     monkeypatch.undo()
     assert models.load_checkpoint(path).step == 5
     assert os.listdir(tmp_path) == ["ck.npz"]      # no temporary file left behind
@@ -265,13 +270,13 @@ def test_trained_model_plugs_into_costs_and_sampler():
     L, se = so.predictor_cost(score, VP, t, t2, BIMODAL.sample(20_000, 0), 1)
     assert abs(L - quad) < 4.5 * se
     # Forward-mode autograd through t and central differences see the same x (same seed).
-    delta, _ = so.local_cost(score, VP, TS[::6], BIMODAL.sample(2000, 0), 2, method="autograd")
-    delta_fd, _ = so.local_cost(score, VP, TS[::6], BIMODAL.sample(2000, 0), 2, method="fd")
+    delta, _ = so.local_cost(score, VP, TS[::6], BIMODAL.sample(2000, 0), 2, derivative="autograd")
+    delta_fd, _ = so.local_cost(score, VP, TS[::6], BIMODAL.sample(2000, 0), 2, derivative="central")
     np.testing.assert_allclose(delta, delta_fd, rtol=1e-4)
     # Its Heun samples land near the data: compare with the exact score's on the same schedule.
     x_T = sm.prior_sample(VP, 5000, BIMODAL.variance(), 3)
-    x, nfe = sm.sample(score, VP, TS, x_T, 4, "heun")
-    x_exact, _ = sm.sample(lambda y, t: BIMODAL.score(y, t, VP), VP, TS, x_T, 4, "heun")
+    x, nfe = sm.sample(score, VP, TS, x_T, 4, predictor="heun")
+    x_exact, _ = sm.sample(lambda y, t: BIMODAL.score(y, t, VP), VP, TS, x_T, 4, predictor="heun")
     goal = BIMODAL.marginal(VP, VP.t_min).cdf
     assert nfe == 60 and sm.wasserstein1(x, goal) < sm.wasserstein1(x_exact, goal) + 0.05
 
@@ -282,12 +287,12 @@ def test_training_bad_input():
         models.train(p, BIMODAL, VP, TS, rng=0, n_steps=0)
     with pytest.raises(ValueError, match="`lr` must be positive"):
         models.train(p, BIMODAL, VP, TS, rng=0, n_steps=1, lr=-1.0)
-    with pytest.raises(ValueError, match="`lr_decay`"):
-        models.train(p, BIMODAL, VP, TS, rng=0, n_steps=1, lr_decay="step")
+    with pytest.raises(ValueError, match="`lr_schedule`"):
+        models.train(p, BIMODAL, VP, TS, rng=0, n_steps=1, lr_schedule="step")
     with pytest.raises(TypeError, match="`online`"):
         models.train(p, BIMODAL, VP, TS, rng=0, n_steps=1, online={"every": 3})
-    with pytest.raises(ValueError, match="`method` must be 'intervals' or 'grid'"):
-        models.OnlineSchedule(method="spline")          # at construction, not after the burn-in
+    with pytest.raises(ValueError, match="`route` must be 'intervals', 'grid' or a route function"):
+        models.OnlineSchedule(route="spline")          # at construction, not after the burn-in
     with pytest.raises(ValueError, match="strictly increasing"):
         models.train(p, BIMODAL, VP, TS[::-1], rng=0, n_steps=1)
     with pytest.raises(ValueError, match=r"`data` must have shape \(n, d\)"):

@@ -76,11 +76,11 @@ def test_schedule_endpoints_and_range():
         so.to_sigmas(VP, np.linspace(0.01, 1.0, 5))
     with pytest.raises(ValueError, match="must lie in"):
         so.local_cost(SCORE, VP, np.array([0.0005, 0.5]), X0, 0)
-    with pytest.raises(ValueError, match="`t_from`"):
+    with pytest.raises(ValueError, match="`t_cur`"):
         so.corrector_cost(SCORE, VP, 1.5, 0.5, X0, 0)
     with pytest.raises(ValueError, match="`nu` must lie in the process range"):
         so.time_from_nsr(VP, [1e6])
-    with pytest.raises(ValueError, match="`nu` must be positive"):
+    with pytest.raises(ValueError, match="`nu` must be finite and positive"):
         so.time_from_nsr(VP, [-1.0])
 
 
@@ -97,10 +97,10 @@ def test_data_shape_and_types():
         so.corrector_cost(SCORE, VP, 0.5, 0.4, X0, rng=0.5)
     with pytest.raises(ValueError, match="`delta` must be a 1-D array of length 5"):
         so.optimal_schedule(np.linspace(0, 1, 5), np.ones(4), 3)
-    with pytest.raises(ValueError, match="`kind`"):
-        so.interval_costs(SCORE, VP, so.uniform_schedule(VP, 3), X0, 0, kind="heun")
-    with pytest.raises(ValueError, match="`method`"):
-        so.local_cost(SCORE, VP, np.array([0.5]), X0, 0, method="spline")
+    with pytest.raises(ValueError, match="`cost` must be a function or one of"):
+        so.interval_costs(SCORE, VP, so.uniform_schedule(VP, 3), X0, 0, cost="heun")
+    with pytest.raises(ValueError, match="`derivative` must be a function or one of"):
+        so.local_cost(SCORE, VP, np.array([0.5]), X0, 0, derivative="spline")
 
 
 @pytest.mark.parametrize("where", [0.3, 0.7])
