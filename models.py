@@ -41,7 +41,7 @@ from scoreopt import (Process, as_rng, as_real_array, check_bool, check_callable
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "mlp_score", "score_model", "ScoreModel", "preconditioning_coefficients", "silu",
            "noise_features", "dsm_loss", "DSMBatch", "prepare_dsm", "prepared_dsm_loss",
-           "schedule_levels", "between_levels", "uniform_times", "lognormal_levels",
+           "schedule_levels", "between_levels", "uniform_times", "lognormal_levels", "LOSS_WEIGHTS",
            "cosine_rate", "constant_rate", "AdamState", "adam_init", "adam_step", "OnlineSchedule",
            "TrainingState", "TrainingDiverged", "train", "retain_freed_memory", "save_checkpoint",
            "load_checkpoint"]
@@ -475,21 +475,32 @@ class DSMBatch(NamedTuple):
     weight: np.ndarray      # (n, d): 1, or 0 for a coordinate whose c_out is 0 (no error possible)
 
 
-def prepare_dsm(params, x0, t, eps, process, data_mean=0.0, data_var=1.0, preconditioning="edm"):
+LOSS_WEIGHTS = ("dsm", "edm")
+
+
+def prepare_dsm(params, x0, t, eps, process, data_mean=0.0, data_var=1.0, preconditioning="edm",
+                loss_weight="dsm"):
     """The DSM loss's batch for data ``x0`` (n, d), times ``t`` (n,) and noise ``eps`` (n, d).
 
-    With ``y = x0 + nu eps`` (``x_t / s``), EDM's weighted loss ``||D - x0||^2 / c_out^2`` is
-    ``||F - target||^2`` with ``target = (x0 - mean - c_skip (y - mean)) / c_out``: unit
-    variance at every level for ``"edm"`` (docs/derivations.md, section 10), and
-    ``eps - eps_fit`` (the noise prediction's loss ``||eps_hat - eps||^2``) for ``"eps"``.
+    With ``y = x0 + nu eps`` (``x_t / s``) and ``target = (x0 - mean - c_skip (y - mean)) /
+    c_out`` (unit variance at every level for ``"edm"``; ``eps - eps_fit`` for ``"eps"``), the
+    loss ``||D - x0||^2 w(nu)`` is ``sum_k weight_k (F - target)_k^2`` with ``weight =
+    c_out^2 w``. ``loss_weight="dsm"``: ``w = 1 / nu^2``, the classic denoising score
+    matching loss ``||sigma S + eps||^2`` (Vincent 2011), ``weight = c_out^2 / nu^2 =
+    c_skip`` for EDM's ``c_out``. ``loss_weight="edm"``: ``w = 1 / c_out^2`` (Karras et al.
+    2022), ``weight = 1``: every level's target weighs the same (docs/derivations.md, 10).
+    A coordinate whose ``c_out`` is 0 (variance 0) has weight 0.
     """
     nu = process.nsr(t)[:, None]
     y = x0 + nu * eps
     c_skip, c_out, c_in = preconditioning_coefficients(nu, data_var, preconditioning)
+    if loss_weight not in LOSS_WEIGHTS:
+        raise ValueError(f"`loss_weight` must be one of {LOSS_WEIGHTS}, got {loss_weight!r}")
     c_out = np.broadcast_to(c_out, y.shape)
     stuck = c_out == 0
     target = np.where(stuck, 0.0, (x0 - data_mean - c_skip * (y - data_mean)) / np.where(stuck, 1.0, c_out))
-    return DSMBatch(_network_input(params, c_in * (y - data_mean), process, t), target, (~stuck).astype(float))
+    weight = (c_out / nu) ** 2 if loss_weight == "dsm" else (~stuck).astype(float)
+    return DSMBatch(_network_input(params, c_in * (y - data_mean), process, t), target, weight)
 
 
 def prepared_dsm_loss(params, batch):
@@ -497,9 +508,11 @@ def prepared_dsm_loss(params, batch):
     return anp.mean(anp.sum(batch.weight * (_network(params, batch.net_input) - batch.target) ** 2, axis=1))
 
 
-def dsm_loss(params, x0, process, ts, rng, *, levels="levels", data_mean=0.0, data_var=1.0, preconditioning="edm"):
-    """Denoising score matching with EDM's weight, ``E ||D_theta - x0||^2 / c_out^2`` (Vincent 2011;
-    Karras et al. 2022). For ``preconditioning="eps"`` it is ``E ||sigma S_theta + eps||^2``.
+def dsm_loss(params, x0, process, ts, rng, *, levels="levels", data_mean=0.0, data_var=1.0, preconditioning="edm",
+             loss_weight="dsm"):
+    """Denoising score matching, ``E ||sigma S_theta + eps||^2 = E ||D_theta - x0||^2 / nu^2``
+    (``loss_weight="dsm"``, Vincent 2011) or EDM's ``E ||D_theta - x0||^2 / c_out^2``
+    (``loss_weight="edm"``, Karras et al. 2022); see :func:`prepare_dsm`.
 
     ``t`` is drawn per sample by ``levels`` (:func:`schedule_levels` by default: uniformly
     over the ``T + 1`` levels of ``ts``; or :func:`between_levels`, :func:`uniform_times`,
@@ -507,7 +520,8 @@ def dsm_loss(params, x0, process, ts, rng, *, levels="levels", data_mean=0.0, da
     """
     process, rng, x0 = check_process(process), as_rng(rng), check_data(x0)
     t = _resolve_levels(levels)(check_schedule(ts, process), len(x0), rng, process)
-    batch = prepare_dsm(params, x0, t, rng.standard_normal(x0.shape), process, data_mean, data_var, preconditioning)
+    batch = prepare_dsm(params, x0, t, rng.standard_normal(x0.shape), process, data_mean, data_var, preconditioning,
+                        loss_weight)
     return prepared_dsm_loss(params, batch)
 
 
@@ -651,8 +665,8 @@ class TrainingDiverged(FloatingPointError):
 
 
 def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e-3, lr_schedule="cosine",
-          levels="levels", preconditioning="edm", online=None, callback=None, data_mean=None, data_var=None,
-          checkpoint=None, checkpoint_every=1000, resume=False, max_loss_ratio=1e3, allow_changes=()):
+          levels="levels", preconditioning="edm", loss_weight="dsm", online=None, callback=None, data_mean=None,
+          data_var=None, checkpoint=None, checkpoint_every=1000, resume=False, max_loss_ratio=1e3, allow_changes=()):
     """Train an MLP score model by denoising score matching, optionally adapting the schedule.
 
     Parameters
@@ -673,6 +687,7 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
         (``"between"``), :func:`uniform_times` (``"uniform"``), :func:`lognormal_levels`
         (``"lognormal"``)
     preconditioning : ``"edm"`` (default) or ``"eps"`` (:func:`preconditioning_coefficients`)
+    loss_weight : ``"dsm"`` (default, ``||sigma S + eps||^2``) or ``"edm"`` (:func:`prepare_dsm`)
     online : :class:`OnlineSchedule` or None for a fixed schedule
     callback : ``callback(step, n_steps, info)`` after every step, ``info`` holding ``loss``,
         the current ``ts``, ``params``, ``elapsed`` seconds and last ``Lambda`` (None before
@@ -706,7 +721,8 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     applied here: call it first if you want it.
     """
     setup = _train_iv(params, data, process, ts, n_steps, batch_size, lr, lr_schedule, levels, preconditioning,
-                      online, callback, checkpoint, checkpoint_every, resume, max_loss_ratio, data_mean, data_var)
+                      loss_weight, online, callback, checkpoint, checkpoint_every, resume, max_loss_ratio, data_mean,
+                      data_var)
     ts, n_steps, draw, moments, rate, draw_t, run = setup
     state = _start_state(params, ts, as_rng(rng), moments, run, checkpoint if resume else None, allow_changes,
                          preconditioning)
@@ -721,7 +737,7 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
         x0 = draw(batch_size, rng)
         t = draw_t(ts, batch_size, rng, process)
         batch = prepare_dsm(state.params, x0, t, rng.standard_normal(x0.shape), process, data_mean, data_var,
-                            preconditioning)
+                            preconditioning, loss_weight)
         loss, grad = loss_and_grad(unflatten(theta), batch)
         theta_new, adam = adam_step(theta, flatten(grad)[0], adam, lr * rate(step, n_steps))
         _check_divergence(step + 1, loss, losses[0] if losses else loss, theta_new, max_loss_ratio, checkpoint)
@@ -742,8 +758,8 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     return now()
 
 
-def _train_iv(params, data, process, ts, n_steps, batch_size, lr, lr_schedule, levels, preconditioning, online,
-              callback, checkpoint, checkpoint_every, resume, max_loss_ratio, data_mean, data_var):
+def _train_iv(params, data, process, ts, n_steps, batch_size, lr, lr_schedule, levels, preconditioning, loss_weight,
+              online, callback, checkpoint, checkpoint_every, resume, max_loss_ratio, data_mean, data_var):
     """Validate `train`'s arguments once; returns the schedule, ``n_steps``, the data sampler,
     the standardisation moments, the learning-rate and level functions and the run's definition."""
     process = check_process(process)
@@ -761,6 +777,8 @@ def _train_iv(params, data, process, ts, n_steps, batch_size, lr, lr_schedule, l
     check_bool(resume, "resume")
     rate = _resolve(lr_schedule, RATES, "lr_schedule", "lr_schedule(step, n_steps)")
     preconditioning_coefficients(1.0, 1.0, preconditioning)
+    if loss_weight not in LOSS_WEIGHTS:
+        raise ValueError(f"`loss_weight` must be one of {LOSS_WEIGHTS}, got {loss_weight!r}")
     if online is not None and not isinstance(online, OnlineSchedule):
         raise TypeError("`online` must be an OnlineSchedule or None")
     if callback is not None:
@@ -773,7 +791,7 @@ def _train_iv(params, data, process, ts, n_steps, batch_size, lr, lr_schedule, l
     run = {"layer_shapes": [list(W.shape) for W, _ in params], "process": process.name,
            "t_min": float(process.t_min), "t_max": float(process.t_max), "initial_ts": [float(t) for t in ts],
            "n_steps": int(n_steps), "lr": float(lr), "lr_schedule": rate.__name__, "levels": draw_t.__name__,
-           "preconditioning": preconditioning, "batch_size": int(batch_size),
+           "preconditioning": preconditioning, "loss_weight": loss_weight, "batch_size": int(batch_size),
            "online": None if online is None else online.describe(), "max_loss_ratio": float(max_loss_ratio)}
     return ts, n_steps, _data_sampler(data), moments, rate, draw_t, run
 

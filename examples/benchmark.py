@@ -1,4 +1,4 @@
-"""Quality per step: baseline schedules against score-optimised ones (SPEC 11.4).
+"""Quality per step: baseline schedules against score-optimised ones (the paper's Tables 2-3 in spirit).
 
 For each target (Gaussian d = 1, Gaussian d = 64 with a power-law spectrum, bimodal,
 mollified Cantor), process (vp_linear, ve), sampler and number of steps T, the
@@ -18,7 +18,7 @@ and process (re-discretised to every T); the predictor-optimised one from the da
 fixed-point iteration per T (Monte-Carlo L_p through autograd; for the 64-d Gaussian
 the closed-form L_p, since the exact Jacobian would need 64 nested reverse passes).
 
-Sampler-aware rows (derived, SPEC 14), for euler, heun and ancestral at T <= 50: the
+Sampler-aware rows (derived: docs/derivations.md, sections 7-9), for euler, heun and ancestral at T <= 50: the
 equal step-cost schedule of that sampler (`equal_cost_schedule(cost=sampler.step_cost)`, Monte
 Carlo from the exact score, N_STEP_COST samples) and, for Gaussian targets, the
 KL-optimal limit (`sampler.gaussian_optimal_schedule`), against which every schedule's
@@ -130,7 +130,7 @@ def steps_needed(target, process, smap, sampler_name, goal, max_T):
 
 
 def step_schedule(target, process, T, sampler_name, start_ts, test="linear"):
-    """Equal step-cost schedule for one sampler (SPEC 14.2), from exact scores by Monte Carlo."""
+    """Equal step-cost schedule for one sampler (docs/derivations.md, section 8), from exact scores by Monte Carlo."""
     score = Counter(lambda x, t: target.score(x, t, process))
     begin = time.perf_counter()
     res = so.equal_cost_schedule(score, process, start_ts, target.sample(N_STEP_COST, SEED + 6), SEED + 7,
@@ -162,7 +162,7 @@ def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, sampl
                 schedules[T] = dict(so.baseline_schedules(process, T, c), **{"opt-corrector": smap.schedule(T),
                                                                              "opt-predictor": ts_p})
             for sname in samplers:
-                # Sampler-aware rows (derived, SPEC 14): the equal step-cost schedule, and for
+                # Sampler-aware rows (derived: docs/derivations.md, sections 7-9): the equal step-cost schedule, and for
                 # Gaussian data the KL-optimal limit (degenerate for euler_maruyama: left out).
                 own = {T: dict(schedules[T]) for T in steps}
                 for T in (T for T in steps if T in aware_steps and sname in AWARE_SAMPLERS):

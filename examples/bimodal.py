@@ -1,6 +1,6 @@
 """Bimodal target: training with the online schedule update against the fixed linear schedule.
 
-The paper's Figures 2-4 (SPEC 11.3). A 1-D two-mode mixture (`models.bimodal()`:
+The paper's Figures 2-4. A 1-D two-mode mixture (`models.bimodal()`:
 modes at +-1, std 0.1), `vp_linear`, T levels. The same MLP, budget and seed,
 trained three ways from the uniform ("linear") schedule:
 
@@ -9,7 +9,7 @@ trained three ways from the uniform ("linear") schedule:
   "intervals")`): after a burn-in, every EVERY steps the interval corrector costs of
   the current schedule, Algorithm 1, and a blend with rate GAMMA;
 - "online, dense grid": the same loop with the dense-grid map as the target
-  (`route="grid"`, derived here, SPEC 6.1).
+  (`route="grid"`, derived here: docs/derivations.md section 4).
 
 Every EVAL_EVERY steps each run is evaluated: the average log-likelihood under the
 true p_0 of ancestral samples drawn on the run's current schedule, and the

@@ -1,7 +1,7 @@
 """Accuracy of the schedule map against its budget of score evaluations; writes docs/budget.md.
 
 For three targets with exact scores under `vp_linear` (a 64-d Gaussian with spectrum
-k^-1.5, the Cantor variant of SPEC 6.1, `mollified_cantor(level=3, width=0.01,
+k^-1.5, a Cantor variant, `mollified_cantor(level=3, width=0.01,
 interval=(-1, 1))`, and the bimodal target) and several budgets of per-sample score
 evaluations, `estimate_schedule_map(..., budget=N)` is run with SEEDS independent
 seeds, with and without the Gaussian control variate, and with grids of several sizes.

@@ -1,13 +1,13 @@
 """Mollified Cantor target: the linear schedule misses modes that the optimised one fills.
 
-The paper's Figure 1 (SPEC 11.2). Eight narrow modes (`models.mollified_cantor()`),
+The paper's Figure 1. Eight narrow modes (`models.mollified_cantor()`),
 the `vp_linear` process, T steps of the ancestral sampler (the DDPM posterior step).
 
 1. Trained models. The same small MLP, the same budget and seed, trained twice:
    - "linear": on the levels of the uniform-in-t ("linear") schedule, sampled on it;
    - "optimised": the same for BURN_IN steps; then every EVERY steps the
      corrector-optimised schedule is estimated *from the model itself* (dense-grid map,
-     SPEC 6.1) and blended in with rate GAMMA (Algorithm 2, dense-grid route:
+     docs/derivations.md section 5) and blended in with rate GAMMA (Algorithm 2, dense-grid route:
      `OnlineSchedule(route="grid")`), training on its levels; sampled on the final
      schedule.
 2. Exact scores (no training): the same two schedules' effect alone, with the

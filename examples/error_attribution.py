@@ -6,7 +6,7 @@ after every step. Printed: the KL to the marginal just before the last step (int
 clean end) and just after the first step (out of the prior), as shares of the final
 KL. The v(t')^2 = sigma(t')^2 weighting of the cost makes the step into the clean end
 look cheap under VE, and the first step out of the prior under VP with Heun: those
-single steps carry most of the error (derived here; SPEC 14).
+single steps carry most of the error (derived here; docs/derivations.md, sections 7-9).
 
     python examples/error_attribution.py      # about 1 s
 """

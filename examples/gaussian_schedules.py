@@ -1,13 +1,13 @@
 """Gaussian data: the optimised schedule recovers schedules found by manual search.
 
-The paper's observation that score-optimal schedules resemble hand-tuned ones
-(SPEC 11.1 and 11.4), on data whose every quantity is exact. VE process on EDM's
+The paper's observation that score-optimal schedules resemble hand-tuned ones, on data
+whose every quantity is exact. VE process on EDM's
 range (sigma from 0.002 to 80).
 
 (a) Data N(0, c^2 I): the schedule estimated from score evaluations alone
     (`estimate_schedule_map` on a black-box score) against the closed form
     Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) - sigma/sqrt(c^2 + sigma^2)] (derived,
-    SPEC 4.4).
+    docs/derivations.md, section 1).
 (b) Data N(0, diag(lambda_k)), lambda_k = k^-alpha, d = 64: the optimised schedule
     (exact local cost, `gaussian_local_cost`) and the EDM rho whose schedule fits it
     best (least squares in log nu at T = FIT_T), for several alpha: how rho moves with
@@ -44,7 +44,7 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "out", "gau
 
 
 def closed_form_schedule(process, T, c, d):
-    """sigma_i with equal steps of the closed-form Lambda (SPEC 4.4), mapped to times."""
+    """sigma_i with equal steps of the closed-form Lambda (docs/derivations.md, section 1), mapped to times."""
     Lam = lambda s: 2 * np.sqrt(d) * (np.arcsinh(s / c) - s / np.sqrt(c ** 2 + s ** 2))
     grid = np.geomspace(0.002, 80.0, 200_001)
     levels = np.interp(np.linspace(Lam(grid[0]), Lam(grid[-1]), T + 1), Lam(grid), grid)
@@ -92,7 +92,7 @@ def steps_sweep(process, lam, steps):
              "edm rho=7": lambda T: so.edm_schedule(process, T, 7.0),
              "edm rho=100": lambda T: so.edm_schedule(process, T, 100.0),
              "log-linear": lambda T: so.loglinear_schedule(process, T)}
-    # Sampler-aware schedules (the step cost of SPEC 14, a later issue) go here as
+    # Sampler-aware schedules (README, "Which schedule for which sampler") go here as
     # further rules, so that they are measured on the same footing.
     table = {}
     for sampler_name in SAMPLERS:

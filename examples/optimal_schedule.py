@@ -1,7 +1,7 @@
 """Compute score-optimal schedules from score evaluations alone, and check them.
 
 For Gaussian data N(0, c^2 I_d) under the VE process the optimal schedule is known
-in closed form (SPEC 4.4, derived): Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) -
+in closed form (derived: docs/derivations.md, section 1): Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) -
 sigma/sqrt(c^2 + sigma^2)]. This script estimates the schedule map from a black-box
 score (Monte Carlo, dense grid uniform in log nu), prints its length with a
 standard error and the largest relative error of its noise levels against the

@@ -8,7 +8,7 @@
 3. Wall time to train, on the levels of the corrector-optimised 40-step schedule,
    the 3x64 model of the Cantor example, and whether its samples (ancestral, T = 40)
    fill all eight modes; two seeds.
-4. Bimodal target (SPEC 11.3): training on the uniform ("linear") schedule's levels
+4. Bimodal target (the paper's Figures 2-4): training on the uniform ("linear") schedule's levels
    against training with the online schedule update (Algorithm 2): average
    log-likelihood of samples, score error, and the spread of the per-interval costs.
 

@@ -111,6 +111,16 @@ def test_to_timesteps_round_trips_table_times_in_descending_order():
         so.to_timesteps(so.vp_linear(), so.uniform_schedule(so.vp_linear(), 5))
 
 
+def test_merging_timesteps_removes_the_duplicates_and_says_how_many_steps_remain():
+    p = so.process_from_alphas_cumprod(diffusers_linear_table(50))
+    ts = so.uniform_schedule(p, 80)                 # 81 times on a 50-entry table
+    with pytest.warns(RuntimeWarning, match="49 of 80 steps remain"):
+        steps = so.to_timesteps(p, ts, merge=True)
+    np.testing.assert_array_equal(steps, np.arange(50)[::-1])
+    with pytest.raises(TypeError, match="`merge` must be True or False"):
+        so.to_timesteps(p, ts, merge="no")
+
+
 def test_adapters_and_tables_refuse_bad_input():
     with pytest.raises(TypeError, match="`denoiser` must be callable"):
         so.score_from_denoiser("model", so.ve())

@@ -1,4 +1,4 @@
-"""Incremental and local costs against closed forms (SPEC 4)."""
+"""Incremental and local costs against closed forms (docs/derivations.md, sections 1-2)."""
 import autograd.numpy as anp
 import numpy as np
 import pytest
@@ -34,7 +34,7 @@ def test_local_cost_matches_gaussian_closed_form(process, derivative):
 
 
 def test_gaussian_local_cost_isotropic_ve_formula():
-    # SPEC 4.4: in the sigma coordinate delta(sigma) = 4 d sigma^4 / (c^2 + sigma^2)^3;
+    # docs/derivations.md section 1: in the sigma coordinate delta(sigma) = 4 d sigma^4 / (c^2 + sigma^2)^3;
     # with sigma = sigma_min r^t, d sigma / dt = sigma log r, so delta_t = delta_sigma (sigma log r)^2.
     p, c, d = so.ve(0.002, 80.0), 0.7, 5
     t = np.linspace(0, 1, 11)
@@ -70,7 +70,7 @@ def test_corrector_cost_over_h_squared_tends_to_local_cost():
 
 
 def test_costs_scale_as_h2_and_h4_with_exact_scores():
-    # SPEC 4.3: halving h divides L_c by ~4 and the Euler-predictor cost L_p by ~16.
+    # docs/derivations.md section 2: halving h divides L_c by ~4 and the Euler-predictor cost L_p by ~16.
     # A wrong Jacobian or log-det term leaves an O(h^2) error in L_p.
     cantor = models.mollified_cantor()
     score, x0, t = exact(cantor, VP), cantor.sample(4000, 0), 0.3

@@ -1,4 +1,4 @@
-"""Length, Algorithm 1 and the optimal schedule (SPEC 5-6)."""
+"""Length, Algorithm 1 and the optimal schedule (docs/derivations.md, sections 3-5)."""
 
 import numpy as np
 import pytest
@@ -55,7 +55,7 @@ def test_optimal_schedule_does_not_depend_on_dimension():
 
 
 def test_optimal_noise_levels_do_not_depend_on_time_coordinate():
-    # VE with sigma linear in t instead of geometric: the same sigma levels (SPEC 5.1).
+    # VE with sigma linear in t instead of geometric: the same sigma levels (the optimal set of noise levels does not depend on the time coordinate).
     lin = so.Process(s=lambda t: 1.0 + 0.0 * t, sigma=lambda t: 0.002 + (80 - 0.002) * t,
                      t_min=0.0, t_max=1.0, name="ve-linear")
     levels = []
@@ -99,7 +99,7 @@ def test_optimal_schedule_beats_every_baseline_on_finite_step_cost(process, c, T
 
 
 def test_at_five_steps_a_hand_tuned_schedule_can_win():
-    # The inversion rests on L ~ delta h^2; at T = 5 it breaks down (SPEC 6.1): for
+    # The inversion rests on L ~ delta h^2; at T = 5 it breaks down (README, "Measured: exact finite-step cost"): for
     # vp_linear and N(0, 0.5^2), EDM rho = 3 has a lower finite-step cost (measured: 5.7x
     # lower, `examples/finite_step_cost.py`), while from T = 10 on the optimum wins.
     grid = dense_grid(VP, 20000)
@@ -184,7 +184,7 @@ def test_cumulative_cost_orders():
     np.testing.assert_allclose(so.cumulative_cost(ts, 16 * ts ** 4, order=4)[-1], 4.0, rtol=1e-6)
 
 
-# --- The damped fixed-point iteration (SPEC 5.3, 6.3) ------------------------------
+# --- The damped fixed-point iteration (docs/derivations.md, sections 3-4) ------------------------------
 
 def test_predictor_equal_cost_iteration_converges_to_equal_costs():
     cantor = models.mollified_cantor()
@@ -208,7 +208,7 @@ def test_iterate_schedule_with_closed_form_predictor_costs():
 
 
 def test_corrector_iteration_pitfall_one_huge_last_step():
-    # SPEC 6.3: smooth data, few points, v = sigma at the clean end: v(t_min)^2 = sigma_min^2
+    # docs/derivations.md section 4: smooth data, few points, v = sigma at the clean end: v(t_min)^2 = sigma_min^2
     # makes the last step look free, and the iteration puts one huge step there.
     g = models.Gaussian([0.0], [0.25])
     score = lambda x, t: g.score(x, t, VE)

@@ -1,4 +1,4 @@
-"""Processes, noise-level conversions and baseline schedules (SPEC 2-3)."""
+"""Processes, noise-level conversions and baseline schedules."""
 import autograd.numpy as anp
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Predictor-corrector sampler and the exact evaluations (SPEC 7, 10)."""
+"""Predictor-corrector sampler and the exact evaluations (docs/derivations.md, section 6)."""
 import numpy as np
 import pytest
 from scipy.integrate import trapezoid
@@ -261,6 +261,15 @@ def test_tweedie_denoising_is_the_posterior_mean():
     s, sig = VP.s(t), VP.sigma(t)
     expect = GAUSS.means[0] + s * GAUSS.var * (x - s * GAUSS.means[0]) / (s ** 2 * GAUSS.var + sig ** 2)
     np.testing.assert_allclose(sm.tweedie_denoise(exact(GAUSS, VP), VP, x, t), expect, rtol=1e-12)
+
+
+def test_gaussian_kl_is_the_closed_form_with_its_mean_term():
+    # KL(N(m1, v1) || N(m2, v2)) = 0.5 [v1/v2 - 1 - log(v1/v2) + (m1 - m2)^2 / v2], summed.
+    m1, v1, m2, v2 = np.array([0.3, -1.0]), np.array([0.5, 2.0]), np.array([0.0, 0.5]), np.array([1.0, 1.5])
+    closed = 0.5 * np.sum(v1 / v2 - 1 - np.log(v1 / v2) + (m1 - m2) ** 2 / v2)
+    assert sm.gaussian_kl(m1, v1, m2, v2) == pytest.approx(closed, rel=1e-14)
+    assert sm.gaussian_kl(m1, v2, m2, v2) == pytest.approx(0.5 * np.sum((m1 - m2) ** 2 / v2), rel=1e-14)
+    assert sm.gaussian_kl(m1, v1, m1, v1) == 0.0
 
 
 def test_metrics():

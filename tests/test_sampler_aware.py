@@ -1,4 +1,4 @@
-"""Sampler-aware schedules: the KL-optimal limit and the step cost (SPEC 14, derived)."""
+"""Sampler-aware schedules: the KL-optimal limit and the step cost (derived: docs/derivations.md, sections 7-9)."""
 import itertools
 
 import numpy as np
@@ -49,7 +49,7 @@ def test_limit_improves_on_its_starts_and_heun_beats_the_baselines_by_far():
 
 
 def test_euler_maruyama_limit_is_degenerate():
-    # Its per-step variance errors change sign: the optimiser cancels them (SPEC 14.1).
+    # Its per-step variance errors change sign: the optimiser cancels them (docs/derivations.md, section 7).
     target = models.Gaussian([0.0], [0.25])
     ts = sm.gaussian_optimal_schedule(target, VE, 6, predictor="euler_maruyama")
     assert sm.gaussian_schedule_kl(target, VE, ts, predictor="euler_maruyama") < 1e-9
@@ -83,6 +83,26 @@ def test_step_cost_is_zero_for_an_exact_step():
     assert abs(L) < 1e-24 and se < 1e-24
 
 
+def test_the_constant_test_function_sees_a_shift_of_the_mean():
+    # A step exact in variance but shifted by b: the affine cost adds the constant test
+    # function's U-statistic, sigma'^2 ||E S(y, t')||^2 = sigma'^2 sum_k b_k^2 / A'_k^2 (its
+    # linear part is common: the same samples, the same seed, and the columns add).
+    lam, b = np.array([0.3, 0.8]), np.array([0.05, -0.1])
+    target = models.Gaussian(np.zeros(2), lam)
+
+    def shifted_step(score, process, x, t_cur, t_next, rng):
+        A = process.s(t_cur) ** 2 * lam + process.sigma(t_cur) ** 2
+        A2 = process.s(t_next) ** 2 * lam + process.sigma(t_next) ** 2
+        return np.sqrt(A2 / A) * x + b, 0
+    args = (exact(target, VP), VP, 0.5, 0.2, target.sample(40_000, 0), 1)
+    linear = sm.step_cost(*args, step=shifted_step)
+    affine = sm.step_cost(*args, step=shifted_step, affine=True)
+    A2 = VP.s(0.2) ** 2 * lam + VP.sigma(0.2) ** 2
+    closed = VP.sigma(0.2) ** 2 * np.sum(b ** 2 / A2 ** 2)
+    assert abs((affine.value - linear.value) - closed) < 0.05 * closed
+    assert affine.value > linear.value
+
+
 def test_pair_product_mean_is_the_u_statistic_with_a_jackknife_error():
     M = np.random.default_rng(0).standard_normal((7, 5)) + 0.3
     U, se = sm._pair_product_mean(M)
@@ -95,7 +115,7 @@ def test_pair_product_mean_is_the_u_statistic_with_a_jackknife_error():
 
 @pytest.mark.parametrize("predictor, ratio", [("euler", 1.05), ("heun", 1.1), ("ancestral", 1.3)])
 def test_equal_step_cost_schedule_is_near_the_limit(predictor, ratio):
-    # SPEC 14.2: N(0, diag k^-1.5), d = 16, 4,000 samples, T = 10, costs by Monte Carlo
+    # docs/derivations.md section 8: N(0, diag k^-1.5), d = 16, 4,000 samples, T = 10, costs by Monte Carlo
     # from scores. Measured here: 1.008 (Euler), 1.024 (Heun), 1.099 (ancestral).
     target = models.Gaussian(np.zeros(16), np.arange(1, 17) ** -1.5)
     res = so.equal_cost_schedule(exact(target, VE), VE, so.loglinear_schedule(VE, 10), target.sample(4000, 0), 1,

@@ -1,4 +1,4 @@
-"""Targets with exact scores (SPEC 8)."""
+"""Targets with exact scores."""
 import autograd.numpy as anp
 import numpy as np
 import pytest

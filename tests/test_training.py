@@ -1,4 +1,4 @@
-"""MLP score models, DSM training with the online schedule, checkpoints (SPEC 6.3, 9)."""
+"""MLP score models, DSM training with the online schedule, checkpoints (docs/derivations.md, sections 4 and 10)."""
 import os
 
 import numpy as np
@@ -84,16 +84,89 @@ def test_training_reduces_score_error(target):
     assert out.step == 1500 and len(out.history["loss"]) == 1500
 
 
-def test_same_seed_same_parameters():
-    runs = [models.train(small_params(), BIMODAL, VP, TS, rng=4, n_steps=50, batch_size=32, callback=None)
-            for _ in range(2)]
+def test_same_seed_same_parameters_and_another_seed_others():
+    runs = [models.train(small_params(), BIMODAL, VP, TS, rng=seed, n_steps=50, batch_size=32, callback=None)
+            for seed in (4, 4, 5)]
     assert_same_params(runs[0].params, runs[1].params)
+    assert not np.array_equal(runs[0].params[-1][0], runs[2].params[-1][0])
+
+
+def test_preconditioning_is_edms_in_the_process_coordinates():
+    # VE (s = 1, nu = sigma): Karras et al. 2022, Table 1, with sigma_data^2 = v.
+    sigma, v = np.array([0.01, 0.5, 80.0]), 0.25
+    c_skip, c_out, c_in = models.preconditioning_coefficients(sigma, v, "edm")
+    np.testing.assert_allclose(c_skip, v / (sigma ** 2 + v), rtol=1e-14)
+    np.testing.assert_allclose(c_out, sigma * np.sqrt(v) / np.sqrt(sigma ** 2 + v), rtol=1e-14)
+    np.testing.assert_allclose(c_in, 1 / np.sqrt(sigma ** 2 + v), rtol=1e-14)
+    assert np.all(c_out <= np.minimum(sigma, np.sqrt(v)))
+    # Noise prediction differs only in c_out = -nu.
+    eps = models.preconditioning_coefficients(sigma, v, "eps")
+    np.testing.assert_array_equal(eps[0], c_skip)
+    np.testing.assert_array_equal(eps[1], -sigma)
+    # The VP counterpart: the same model in y = x/s. A VP score at (x, t) equals the VE score
+    # (of the same parameters, on a VE process with VP's noise range) at (x/s, t'), divided by
+    # s, where sigma_VE(t') = nu_VP(t).
+    nu_lo, nu_hi = so.nsr(VP, [VP.t_min, VP.t_max])
+    ve = so.ve(nu_lo, nu_hi)
+    params = small_params(dim=2)
+    mean, var = np.array([0.3, -0.2]), np.array([0.5, 1.5])
+    for t in (0.05, 0.4, 0.9):
+        x = np.random.default_rng(0).standard_normal((4, 2))
+        s, nu = VP.s(t), VP.nsr(t)
+        t_ve = float(so.time_from_nsr(ve, [nu])[0])
+        np.testing.assert_allclose(models.mlp_score(params, x, t, VP, mean, var),
+                                   models.mlp_score(params, x / s, t_ve, ve, mean, var) / s, rtol=1e-9)
+
+
+def test_edm_targets_have_unit_variance_at_every_level():
+    # tau = (x0 - m - c_skip (y - m)) / c_out has variance [(1 - c_skip)^2 v + c_skip^2 nu^2] / c_out^2
+    # = 1 for any data of variance v (docs/derivations.md section 10): here the bimodal target,
+    # far from Gaussian. 40,000 samples per level: the sample variance's s.e. is about
+    # sqrt(2/n) * (kurtosis factor) < 0.02.
+    params = models.init_mlp(0, dim=1)
+    for t in (VP.t_min, 0.05, 0.3, 1.0):
+        x0 = BIMODAL.sample(40_000, 1)
+        eps = np.random.default_rng(2).standard_normal(x0.shape)
+        batch = models.prepare_dsm(params, x0, np.full(len(x0), t), eps, VP, BIMODAL.mean(), BIMODAL.variance())
+        assert batch.target.mean() == pytest.approx(0.0, abs=0.03)
+        assert batch.target.var() == pytest.approx(1.0, abs=0.04)
+        np.testing.assert_allclose(batch.weight, np.broadcast_to(BIMODAL.variance() / (BIMODAL.variance() + VP.nsr(t) ** 2), x0.shape))
+
+
+def test_a_constant_coordinate_is_exact_and_left_out_of_the_loss():
+    # Variance 0: c_out = 0, the denoiser is the mean, so the score is -(y - m)/nu^2 / s exactly,
+    # whatever the network; the loss weight of that coordinate is 0.
+    params = small_params(dim=2)
+    x = np.random.default_rng(0).standard_normal((5, 2))
+    mean, var = np.array([0.4, 0.0]), np.array([1.0, 0.0])
+    score = models.mlp_score(params, x, 0.3, VP, mean, var)
+    s, nu = VP.s(0.3), VP.nsr(0.3)
+    np.testing.assert_allclose(score[:, 1], -(x[:, 1] / s - mean[1]) / nu ** 2 / s, rtol=1e-12)
+    batch = models.prepare_dsm(params, np.tile(mean, (5, 1)), np.full(5, 0.3), x, VP, mean, var)
+    assert np.all(batch.weight[:, 1] == 0) and np.all(np.isfinite(batch.target))
+
+
+def test_score_error_by_level_is_the_direct_computation():
+    model = models.train(small_params(), BIMODAL, VP, TS, rng=1, n_steps=20, batch_size=32).score(VP)
+    exact = lambda x, t: BIMODAL.score(x, t, VP)
+    ts, x0 = TS[::10], BIMODAL.sample(300, 3)
+    report = sm.score_error_by_level(model, exact, VP, ts, x0, 4)
+    rng = np.random.default_rng(4)
+    for i, t in enumerate(ts):
+        x = VP.s(t) * x0 + VP.sigma(t) * rng.standard_normal(x0.shape)
+        diff2 = np.sum((model(x, t) - exact(x, t)) ** 2, axis=1)
+        assert report.score_error[i] == pytest.approx(np.mean(VP.sigma(t) ** 2 * diff2), rel=1e-12)
+        assert report.denoiser_error[i] == pytest.approx(np.mean((VP.sigma(t) ** 2 / VP.s(t)) ** 2 * diff2), rel=1e-12)
+        assert report.score_stderr[i] == pytest.approx(np.std(VP.sigma(t) ** 2 * diff2, ddof=1) / np.sqrt(300), rel=1e-10)
+    np.testing.assert_allclose(report.nu, VP.nsr(ts))
+    overall = sm.score_error(model, exact, VP, ts, x0, 4)
+    assert overall.value == pytest.approx(report.score_error.mean(), rel=1e-12)
 
 
 def train_online(online):
     """1,600 steps on the bimodal target from the uniform 10-step schedule, checking
     that every schedule seen by the callback is valid."""
-    def check(step, loss, info):
+    def check(step, n_steps, info):
         so.check_schedule(info["ts"], VP)
     return models.train(models.init_mlp(0, width=32, depth=2), BIMODAL, VP, so.uniform_schedule(VP, 10), rng=2,
                         n_steps=1600, batch_size=128, lr=3e-3, online=online, callback=check)
@@ -114,7 +187,7 @@ def test_online_update_equalises_costs_and_keeps_schedules_valid():
 
 @pytest.mark.parametrize("method", ["intervals", "grid"])
 def test_online_update_is_algorithm_2_on_the_gaussian_closed_form(method):
-    # Exact score of N(0, 0.5^2) data: the interval costs (closed form, SPEC 4.4), the
+    # Exact score of N(0, 0.5^2) data: the interval costs (closed form, docs/derivations.md section 1), the
     # Algorithm 1 target from them and the dense-grid target from the exact delta are
     # known, and the Monte-Carlo update must find them.
     g, ts, gamma = models.Gaussian([0.0], [0.25]), so.uniform_schedule(VP, 10), 0.3

@@ -1,4 +1,4 @@
-"""Bad input raises ValueError/TypeError naming the argument and the rule (SPEC 12)."""
+"""Bad input raises ValueError/TypeError naming the argument and the rule (README, "Reliability")."""
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
