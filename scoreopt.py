@@ -1037,7 +1037,7 @@ def estimate_schedule_map(score, process, x0, rng, *, n_grid=1000, velocity=None
                         control_variate, batch_size, callback)
     (score, process, x0, rng, ts, v, derivative, n_groups, control_variate, mapper, close, chunk,
      batch_size, callback, seed) = args
-    start, calls, evaluations = time.perf_counter(), 0, 0
+    start, calls, evaluations, low_precision = time.perf_counter(), 0, 0, None
     delta, delta_stderr = np.empty(len(ts)), np.empty(len(ts))
     group_delta = np.empty((n_groups, len(ts)))
     moments = _group_moments(x0, n_groups) if control_variate else None
@@ -1047,8 +1047,8 @@ def estimate_schedule_map(score, process, x0, rng, *, n_grid=1000, velocity=None
             levels = range(first, min(first + chunk, len(ts)))
             xs = [noised(process, x0, ts[j], rng) for j in levels]   # the noise is drawn here, in order
             results = _checked_results(mapper(task, [(j, x, ts[j]) for j, x in zip(levels, xs)]), levels, len(x0))
-            for j, x, (values, n_calls, n_evaluations) in zip(levels, xs, results):
-                calls, evaluations = calls + n_calls, evaluations + n_evaluations
+            for j, x, (values, n_calls, n_evaluations, low) in zip(levels, xs, results):
+                calls, evaluations, low_precision = calls + n_calls, evaluations + n_evaluations, low_precision or low
                 values = v(ts[j]) ** 2 * values
                 if control_variate:
                     values = _gaussian_control(values, process, x, ts[j], v(ts[j]) ** 2, *moments)
@@ -1058,6 +1058,8 @@ def estimate_schedule_map(score, process, x0, rng, *, n_grid=1000, velocity=None
                     callback(j + 1, len(ts), {"evaluations": evaluations, "elapsed": time.perf_counter() - start})
     finally:
         close()
+    if low_precision:
+        _warn_low_precision("score", low_precision)
     groups = np.array([_cumulative_in_log_nu(process, ts, g) for g in group_delta])
     Lambda = _cumulative_in_log_nu(process, ts, delta)
     # Richardson: the trapezoid's error falls like h^2, so the full grid's is a third of the
@@ -1109,27 +1111,28 @@ def _estimate_iv(score, process, x0, rng, n_grid, velocity, derivative, n_groups
 
 
 def _level_task(score, process, derivative, batch_size, task):
-    """One level's work, wherever it runs: ``task = (j, x, t)`` -> ``(j, ||dS/dt||^2 per row, calls, rows)``."""
+    """One level's work, wherever it runs: ``task = (j, x, t)`` -> ``(j, ||dS/dt||^2 per row, calls, rows,
+    the dtype of a low-precision score or None)``; the caller warns of low precision once."""
     j, x, t = task
-    checked = checked_score(score, batch_size=batch_size)
+    checked = _CheckedScore(score, "score", batch_size, warn=False)
     values = np.sum(derivative(checked, process, x, t) ** 2, axis=1)
-    return j, values, checked.calls, checked.evaluations
+    return j, values, checked.calls, checked.evaluations, checked.low_precision
 
 
 def _checked_results(results, levels, n):
-    """The map's results, checked: one per task, each ``(j, values (n,), calls, rows)``, finite; put in
+    """The map's results, checked: one per task, each ``(j, values (n,), calls, rows, low)``, finite; put in
     task order (a map that returns in completion order is fine), else a ValueError naming the task."""
     by_level = {}
     for item in results:
-        if not (isinstance(item, tuple) and len(item) == 4):
+        if not (isinstance(item, tuple) and len(item) == 5):
             raise ValueError(f"`workers` returned {type(item).__name__} where a level's result was expected: "
                              "the map must return func(task) for every task")
-        j, values, calls, rows = item
+        j, values, calls, rows, low = item
         values = np.asarray(values, dtype=float)
         if values.shape != (n,) or not np.all(np.isfinite(values)):
             raise ValueError(f"`workers` returned a {'non-finite' if values.shape == (n,) else 'wrong-shaped'} "
                              f"result for level {j}")
-        by_level[int(j)] = (values, int(calls), int(rows))
+        by_level[int(j)] = (values, int(calls), int(rows), low)
     missing = [j for j in levels if j not in by_level]
     if missing or len(by_level) != len(levels):
         raise ValueError(f"`workers` returned {len(by_level)} results for {len(levels)} tasks "
@@ -1343,12 +1346,18 @@ class _Adapter:
 
     def __init__(self, model, process, name):
         self.model, self.process, self.name = check_callable(model, name, f"{name}(x, t)"), check_process(process), name
-        self.warned = False
+        self.warned, self.low_precision, self.warn = False, None, True
 
     def __call__(self, x, t):
         raise NotImplementedError
 
-    def output(self, value, x, t):
+    def run(self, *args, x, t):
+        """The model's output on ``args``, checked; a raise is chained with the model's name and the time."""
+        try:
+            value = self.model(*args)
+        except Exception as err:
+            raise ScoreEvaluationError(f"`{self.name}` raised {type(err).__name__} at {_when(t)}: {err}"
+                                       + _rowwise_hint(t)) from err
         return _checked_array(value, x.shape, t, self.name, self)
 
 
@@ -1356,18 +1365,18 @@ class _DenoiserScore(_Adapter):
     def __call__(self, x, t):
         s, nu = _column(self.process.s(t)), self.process.nsr(t)
         y = x / s
-        return (self.output(self.model(y, nu), x, t) - y) / (s * _column(nu) ** 2)
+        return (self.run(y, nu, x=x, t=t) - y) / (s * _column(nu) ** 2)
 
 
 class _EpsScore(_Adapter):
     def __call__(self, x, t):
-        return -self.output(self.model(x, t), x, t) / _column(self.process.sigma(t))
+        return -self.run(x, t, x=x, t=t) / _column(self.process.sigma(t))
 
 
 class _VScore(_Adapter):
     def __call__(self, x, t):
         s, sigma = _column(self.process.s(t)), _column(self.process.sigma(t))
-        return -(sigma * x + s * self.output(self.model(x, t), x, t)) / ((s ** 2 + sigma ** 2) * sigma)
+        return -(sigma * x + s * self.run(x, t, x=x, t=t)) / ((s ** 2 + sigma ** 2) * sigma)
 
 
 class _FlowScore(_Adapter):
@@ -1375,7 +1384,7 @@ class _FlowScore(_Adapter):
         p = self.process
         s, sigma = _column(p.s(t)), _column(p.sigma(t))
         s_dot, sigma_dot = _column(elementwise_grad(p.s)(t)), _column(elementwise_grad(p.sigma)(t))
-        eps = (s * self.output(self.model(x, t), x, t) - s_dot * x) / (s * sigma_dot - sigma * s_dot)
+        eps = (s * self.run(x, t, x=x, t=t) - s_dot * x) / (s * sigma_dot - sigma * s_dot)
         return -eps / sigma
 
 
@@ -1522,7 +1531,8 @@ def _check_metadata(metadata, ts):
     if "t_min" in metadata or "t_max" in metadata:
         lo, hi = _json_scalar(metadata.get("t_min"), "metadata.t_min", 0), _json_scalar(metadata.get("t_max"),
                                                                                           "metadata.t_max", 0)
-        if not lo < hi or ts[0] < lo or ts[-1] > hi:
+        slack = 1e-6 * (hi - lo)            # bounds saved from float32 values
+        if not lo < hi or ts[0] < lo - slack or ts[-1] > hi + slack:
             raise ValueError(f"`ts` must lie inside the recorded range [`metadata.t_min`, `metadata.t_max`] = "
                              f"[{lo}, {hi}]")
     if "process" in metadata and not isinstance(metadata["process"], str):
@@ -1645,10 +1655,10 @@ class ScoreEvaluationError(RuntimeError):
 class _CheckedScore:
     """``score(x, t)`` checked at every call (:func:`checked_score`)."""
 
-    def __init__(self, score, name, batch_size):
+    def __init__(self, score, name, batch_size, warn=True):
         self.score, self.name, self.batch_size = score, name, batch_size
         self.calls = self.evaluations = 0
-        self.warned = False
+        self.warned, self.low_precision, self.warn = False, None, warn
 
     def __call__(self, x, t):
         n = len(x)
@@ -1658,6 +1668,11 @@ class _CheckedScore:
 
     def _call(self, x, t):
         self.calls, self.evaluations = self.calls + 1, self.evaluations + len(x)
+        if isinstance(self.score, _Adapter):      # it checks and names its model's output itself
+            self.score.warn = self.warn
+            value = self.score(x, t)
+            self.low_precision = self.low_precision or self.score.low_precision
+            return self.check(value, x, t)
         try:
             value = self.score(x, t)
         except Exception as err:
@@ -1702,9 +1717,11 @@ def _rowwise_hint(t):
 
 def _checked_array(value, shape, t, name, owner=None):
     """``value`` as a float64 array of ``shape``, finite; else a TypeError/ValueError naming
-    ``name`` and the time. A dtype below float32 precision is warned of once per ``owner``."""
-    if isinstance(value, tuple) or value is None or isinstance(value, (str, bytes, dict)):
-        raise TypeError(f"`{name}` returned {type(value).__name__} at {_when(t)}; expected an array of shape {shape}")
+    ``name`` and the time. A dtype below float32 precision is warned of once per ``owner``
+    (or recorded in ``owner.low_precision`` for the caller to warn of)."""
+    if not (isinstance(value, np.ndarray) or hasattr(value, "__array__")):      # None, a list, a float, ...
+        raise TypeError(f"`{name}` returned {type(value).__name__} at {_when(t)}; expected an array of shape "
+                        f"{tuple(shape)}")
     if np.iscomplexobj(value):
         raise ValueError(f"`{name}` returned complex values at {_when(t)}")
     dtype = getattr(value, "dtype", None)
@@ -1719,11 +1736,16 @@ def _checked_array(value, shape, t, name, owner=None):
     if not np.all(np.isfinite(array)):
         raise ValueError(f"`{name}` returned non-finite values at {_when(t)}")
     if owner is not None and not owner.warned and _low_precision(dtype):
-        owner.warned = True
-        warnings.warn(f"`{name}` returns {np.dtype(dtype).name}, below float32 precision: costs and schedules "
-                      "computed from it are biased (measured: about 9% in Lambda with float16); cast the model's "
-                      "output to float32 or float64", RuntimeWarning, stacklevel=4)
+        owner.warned, owner.low_precision = True, np.dtype(dtype).name
+        if owner.warn:
+            _warn_low_precision(name, owner.low_precision)
     return array
+
+
+def _warn_low_precision(name, dtype):
+    warnings.warn(f"`{name}` returns {dtype}, below float32 precision: costs and schedules computed from it are "
+                  "biased (measured: about 9% in Lambda with float16); cast the model's output to float32 or "
+                  "float64", RuntimeWarning, stacklevel=5)
 
 
 def _low_precision(dtype):

@@ -55,8 +55,8 @@ def test_a_map_that_returns_in_completion_order_is_put_back_in_order():
 @pytest.mark.parametrize("broken, message", [
     (lambda f, xs: list(map(f, xs))[:-1], r"returned \d+ results for \d+ tasks"),
     (lambda f, xs: [None for _ in xs], "returned NoneType where a level's result was expected"),
-    (lambda f, xs: [(j, v[:-1], c, r) for j, v, c, r in map(f, xs)], "wrong-shaped result for level 0"),
-    (lambda f, xs: [(j, v * np.nan, c, r) for j, v, c, r in map(f, xs)], "non-finite result for level 0"),
+    (lambda f, xs: [(j, v[:-1], c, r, w) for j, v, c, r, w in map(f, xs)], "wrong-shaped result for level 0"),
+    (lambda f, xs: [(j, v * np.nan, c, r, w) for j, v, c, r, w in map(f, xs)], "non-finite result for level 0"),
 ])
 def test_what_a_map_returns_is_checked_and_the_task_named(broken, message):
     with pytest.raises(ValueError, match=message):
