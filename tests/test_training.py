@@ -57,15 +57,18 @@ def test_initial_model_is_the_gaussian_fit_and_per_row_times_agree(preconditioni
     x = gauss.marginal(VP, 0.3).sample(6, 0)
     np.testing.assert_allclose(models.mlp_score(params, x, 0.3, VP, gauss.mean(), gauss.variance(), preconditioning),
                                gauss.score(x, 0.3, VP), rtol=1e-12)
-    # ... so its DSM loss is the Gaussian optimum. With EDM's weight every level's target has
-    # unit variance and the optimum is d = 2; with noise prediction it is
-    # E_t sum_k s^2 lam_k / (s^2 lam_k + sigma^2).
+    # ... so its loss is the Gaussian optimum: the DSM loss ||sigma S + eps||^2 is
+    # E_t sum_k s^2 lam_k / (s^2 lam_k + sigma^2) for either parametrisation (the same
+    # denoiser); with EDM's weight every level's target has unit variance and it is d = 2.
     x0 = gauss.sample(40_000, 1)
-    loss = models.dsm_loss(params, x0, VP, TS, 2, data_mean=gauss.mean(), data_var=gauss.variance(),
-                           preconditioning=preconditioning)
     s, sig = VP.s(TS)[:, None], VP.sigma(TS)[:, None]
-    optimum = 2.0 if preconditioning == "edm" else np.mean(np.sum(s ** 2 * gauss.var / (s ** 2 * gauss.var + sig ** 2), axis=1))
-    assert loss == pytest.approx(optimum, rel=0.03)
+    dsm_optimum = np.mean(np.sum(s ** 2 * gauss.var / (s ** 2 * gauss.var + sig ** 2), axis=1))
+    for loss_weight, optimum in (("dsm", dsm_optimum), ("edm", 2.0 if preconditioning == "edm" else None)):
+        if optimum is None:
+            continue
+        loss = models.dsm_loss(params, x0, VP, TS, 2, data_mean=gauss.mean(), data_var=gauss.variance(),
+                               preconditioning=preconditioning, loss_weight=loss_weight)
+        assert loss == pytest.approx(optimum, rel=0.03)
     p = small_params(dim=2)
     np.testing.assert_allclose(models.mlp_score(p, x[:4], np.full(4, 0.37), VP),
                                models.mlp_score(p, x[:4], 0.37, VP), rtol=1e-14)
