@@ -18,11 +18,14 @@ and process (re-discretised to every T); the predictor-optimised one from the da
 fixed-point iteration per T (Monte-Carlo L_p through autograd; for the 64-d Gaussian
 the closed-form L_p, since the exact Jacobian would need 64 nested reverse passes).
 
-Sampler-aware rows (derived: docs/derivations.md, sections 7-9), for euler, heun and ancestral at T <= 50: the
-equal step-cost schedule of that sampler (`equal_cost_schedule(cost=sampler.step_cost)`, Monte
-Carlo from the exact score, N_STEP_COST samples) and, for Gaussian targets, the
-KL-optimal limit (`sampler.gaussian_optimal_schedule`), against which every schedule's
-KL is reported as a ratio.
+Sampler-aware rows (derived: docs/derivations.md, sections 7-9), for euler, heun, ancestral
+and dpmpp_2m at T <= 50: the equal local-error schedule of that sampler
+(`sampler.equal_error_schedule`, from the exact score: KL weight for Gaussians, data weight
+for mixtures, 32 points), the equal step-cost schedule (`equal_cost_schedule(cost=
+sampler.step_cost)`, N_STEP_COST samples; not for the multistep dpmpp_2m) and, for Gaussian
+targets, the KL-optimal limit (`sampler.gaussian_optimal_schedule`), against which every
+schedule's KL is reported as a ratio (degenerate, and so left out of the summary, for
+dpmpp_2m in 1-D: docs/derivations.md section 7).
 
     python examples/benchmark.py            # full run, writes docs/benchmark.md
     python examples/benchmark.py --quick    # a smoke run, prints only
@@ -39,13 +42,13 @@ import scoreopt as so
 
 STEPS = (5, 10, 20, 50, 100)
 SAMPLERS = {"euler": ("euler", 0), "heun": ("heun", 0), "ancestral": ("ancestral", 0),
-            "euler_maruyama": ("euler_maruyama", 0),
+            "euler_maruyama": ("euler_maruyama", 0), "dpmpp_2m": ("dpmpp_2m", 0),
             "langevin": ("none", 1)}          # annealed Langevin: one corrector step per level
 CORRECTOR_RATIO = 0.1
 N_SAMPLES = 20_000       # samples per quality estimate (mixtures)
 N_COST = 2_000           # data samples behind the corrector map (a quarter for the predictor iteration)
 N_GRID = 1_000           # grid of the corrector schedule map
-AWARE_SAMPLERS = ("euler", "heun", "ancestral")   # samplers with a step-cost schedule and a limit
+AWARE_SAMPLERS = ("euler", "heun", "ancestral", "dpmpp_2m")   # samplers with sampler-aware rows and a limit
 AWARE_STEPS = (5, 10, 20, 50)
 N_STEP_COST = 4_000      # data samples behind the step-cost fixed point
 SEED = 0
@@ -140,6 +143,17 @@ def step_schedule(target, process, T, sampler_name, start_ts, test="linear"):
                     "converged": res.converged, "seconds": time.perf_counter() - begin}
 
 
+def flow_schedule(target, process, T, sampler_name):
+    """Equal local error against the flow (docs/derivations.md, section 9), from the exact score."""
+    begin = time.perf_counter()
+    score = lambda x, t: target.score(x, t, process)
+    weight = "kl" if isinstance(target, models.Gaussian) else "data"
+    res = sm.equal_error_schedule(score, process, T, target.sample(N_STEP_COST, SEED + 8), SEED + 9,
+                                  step=sampler_name, weight=weight, max_iter=30)
+    return res.ts, {"calls": 0, "evaluations": res.n_evaluations, "iterations": res.n_iter,
+                    "converged": res.converged, "seconds": time.perf_counter() - begin}
+
+
 def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, samplers=tuple(SAMPLERS),
         saved_at=(10, 20), aware_steps=AWARE_STEPS):
     """Run the benchmark; returns the Markdown report as a string."""
@@ -166,9 +180,14 @@ def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, sampl
                 # Gaussian data the KL-optimal limit (degenerate for euler_maruyama: left out).
                 own = {T: dict(schedules[T]) for T in steps}
                 for T in (T for T in steps if T in aware_steps and sname in AWARE_SAMPLERS):
-                    own[T]["opt-step"], st_cost = step_schedule(target, process, T, sname, smap.schedule(T))
-                    costs.append(cost_row(tname, pname, f"step-cost fixed point, {sname}, T = {T}", st_cost))
-                    if not gaussian:     # the constant test function too, which sees the mean
+                    own[T]["opt-flow"], fl_cost = flow_schedule(target, process, T, sname)
+                    costs.append(cost_row(tname, pname, f"equal local error, {sname}, T = {T}", fl_cost))
+                    if sname == "dpmpp_2m":      # the step cost takes one-step samplers
+                        own[T]["opt-step"] = own[T]["opt-flow"]
+                    else:
+                        own[T]["opt-step"], st_cost = step_schedule(target, process, T, sname, smap.schedule(T))
+                        costs.append(cost_row(tname, pname, f"step-cost fixed point, {sname}, T = {T}", st_cost))
+                    if not gaussian and sname != "dpmpp_2m":     # the constant test function too, which sees the mean
                         own[T]["opt-step-affine"], st_cost = step_schedule(target, process, T, sname,
                                                                            smap.schedule(T), "affine")
                         costs.append(cost_row(tname, pname, f"affine step-cost fixed point, {sname}, T = {T}",
@@ -177,7 +196,7 @@ def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, sampl
                         begin = time.perf_counter()
                         # Started from every baseline and every rule compared with it, so that
                         # no schedule in the table can beat the limit.
-                        rules = [own[T][n] for n in ("opt-corrector", "opt-predictor", "opt-step")]
+                        rules = [own[T][n] for n in ("opt-corrector", "opt-predictor", "opt-step", "opt-flow")]
                         own[T]["limit"] = sm.gaussian_optimal_schedule(target, process, T, predictor=sname, starts=rules)
                         costs.append(f"| {tname} | {pname} | KL-optimal limit, {sname}, T = {T} | 0 | 0 | "
                                      f"{time.perf_counter() - begin:.2f} | exact law, L-BFGS |")
@@ -207,15 +226,19 @@ def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, sampl
                     base = {n: headline(table[n][T]) for n in table if not n.startswith("opt") and n != "limit"}
                     best = min(base, key=base.get)
                     step_q = headline(table["opt-step"][T])
+                    flow_q = headline(table["opt-flow"][T])
                     affine = (f"{fmt(table['opt-step-affine'][T])} | "
-                              f"{headline(table['opt-step-affine'][T]) / base[best]:.2f}") if not gaussian else "— | —"
+                              f"{headline(table['opt-step-affine'][T]) / base[best]:.2f}") \
+                        if "opt-step-affine" in table else "— | —"
+                    step_cells = "— | —" if sname == "dpmpp_2m" else f"{fmt(table['opt-step'][T])} | {step_q / base[best]:.2f}"
                     aware.append(f"| {tname} | {pname} | {sname} | {T} | {best} {fmt(table[best][T])} | "
-                                 f"{fmt(table['opt-step'][T])} | {step_q / base[best]:.2f} | {affine} |")
+                                 f"{fmt(table['opt-flow'][T])} | {flow_q / base[best]:.2f} | {step_cells} | {affine} |")
                     if gaussian:
                         limit = headline(table["limit"][T])
                         ratios.append((tname, pname, sname, T, limit, base[best] / limit, best,
                                        headline(table["opt-corrector"][T]) / limit,
-                                       headline(table["opt-predictor"][T]) / limit, step_q / limit))
+                                       headline(table["opt-predictor"][T]) / limit,
+                                       np.nan if sname == "dpmpp_2m" else step_q / limit, flow_q / limit))
             print(f"done: {tname} {pname}", flush=True)
     report = ["# Benchmark: quality per step", "",
               "Made by `python examples/benchmark.py` (exact scores; see its docstring for the "
@@ -224,16 +247,19 @@ def run(target_names=None, process_names=("vp_linear", "ve"), steps=STEPS, sampl
               "KL(schedule) / KL(limit), the limit being the exact-KL optimum for that sampler and T "
               "(`sampler.gaussian_optimal_schedule`; not computed for euler_maruyama, where it is "
               "degenerate). `opt-step`: the equal step-cost schedule (Monte Carlo from scores).", "",
-              "| target | process | sampler | T | limit KL | best baseline | opt-corrector | opt-predictor | opt-step |",
-              "|---|---|---|---|---|---|---|---|---|",
-              *(f"| {t} | {p} | {s} | {T} | {lim:.3g} | {b:.2f} ({bn}) | {c:.2f} | {pr:.2f} | {st:.2f} |"
-                for t, p, s, T, lim, b, bn, c, pr, st in ratios), "",
+              "| target | process | sampler | T | limit KL | best baseline | opt-corrector | opt-predictor | opt-step | "
+              "opt-flow |",
+              "|---|---|---|---|---|---|---|---|---|---|",
+              *(f"| {t} | {p} | {s} | {T} | {lim:.3g} | {b:.2f} ({bn}) | {c:.2f} | {pr:.2f} | {st:.2f} | {fl:.2f} |"
+                for t, p, s, T, lim, b, bn, c, pr, st, fl in ratios), "",
               *ratio_summary(ratios), "",
-              "## The equal step-cost schedule against the best baseline", "",
-              "Quality as in the tables below; `ratio` < 1: the step-cost schedule is better. "
-              "`opt-step-affine` adds the constant test function (mixtures only).", "",
-              "| target | process | sampler | T | best baseline | opt-step | ratio | opt-step-affine | ratio |",
-              "|---|---|---|---|---|---|---|---|---|", *aware, "",
+              "## The sampler-aware schedules against the best baseline", "",
+              "Quality as in the tables below; `ratio` < 1: the rule is better. `opt-flow`: equal local error "
+              "against the flow; `opt-step`: equal step cost; `opt-step-affine` adds the constant test function "
+              "(mixtures only).", "",
+              "| target | process | sampler | T | best baseline | opt-flow | ratio | opt-step | ratio | "
+              "opt-step-affine | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|", *aware, "",
               "## Steps needed by the corrector-optimised schedule to match the best baseline", "",
               "Quality is KL for Gaussians and W1 for mixtures (lower is better). `steps needed`: the "
               "smallest T' at which the corrector-optimised schedule is at least as good as the best "
@@ -252,10 +278,12 @@ def ratio_summary(ratios):
     """Geometric mean and worst ratio to the limit, per sampler and rule."""
     out = ["| sampler | rule | geometric mean of KL / limit | worst |", "|---|---|---|---|"]
     for sname in AWARE_SAMPLERS:
-        rows = [r for r in ratios if r[2] == sname]
-        for label, k in (("best baseline", 5), ("opt-corrector", 7), ("opt-predictor", 8), ("opt-step", 9)):
-            if rows:
-                values = np.array([r[k] for r in rows])
+        # DPM-Solver++(2M)'s limit is degenerate in 1-D (errors cancel): summarised in 64-D only.
+        rows = [r for r in ratios if r[2] == sname and not (sname == "dpmpp_2m" and r[0] == "gaussian-1d")]
+        for label, k in (("best baseline", 5), ("opt-corrector", 7), ("opt-predictor", 8), ("opt-step", 9),
+                         ("opt-flow", 10)):
+            values = np.array([r[k] for r in rows])
+            if len(values) and np.all(np.isfinite(values)):
                 out.append(f"| {sname} | {label} | {np.exp(np.mean(np.log(values))):.3f} | {values.max():.2f} |")
     return out
 

@@ -1,18 +1,21 @@
 """Accuracy of the schedule map against its budget of score evaluations; writes docs/budget.md.
 
 For three targets with exact scores under `vp_linear` (a 64-d Gaussian with spectrum
-k^-1.5, a Cantor variant, `mollified_cantor(level=3, width=0.01,
-interval=(-1, 1))`, and the bimodal target) and several budgets of per-sample score
-evaluations, `estimate_schedule_map(..., budget=N)` is run with SEEDS independent
-seeds, with and without the Gaussian control variate, and with grids of several sizes.
-Reported, for T = 10 and T = 50:
+k^-1.5, a Cantor variant, `mollified_cantor(level=3, width=0.01, interval=(-1, 1))`, and
+the bimodal target), and for a trained model (a 3x64 MLP trained on that Cantor variant,
+EDM preconditioning), and several budgets of per-sample score evaluations,
+`estimate_schedule_map(..., budget=N)` is run with SEEDS independent seeds, with and
+without the Gaussian control variate, and with grids of several sizes. Reported, for
+T = 10 and T = 50:
 
 - spread: the largest relative standard deviation over seeds of the levels nu_i
   (the issue's measure of precision);
 - bias: the largest relative error of the seeds' mean nu_i against a reference map
   (REFERENCE_BUDGET evaluations on 1,000 levels), which the spread does not see;
 - coverage: the fraction of seeds whose Lambda lies within 1.96 reported standard
-  errors of the reference Lambda (nominal 0.95; the reference's own error is small).
+  errors of the reference Lambda (nominal 0.95; the reference's own error is small),
+  with the Monte-Carlo standard error alone and with `length_uncertainty`, which adds the
+  grid (quadrature) error.
 
     python examples/budget_benchmark.py           # about 10 minutes on 2 cores
     python examples/budget_benchmark.py --quick   # one target, prints only
@@ -37,7 +40,24 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "bu
 def targets():
     return {"gaussian-64d": models.Gaussian(np.zeros(64), np.arange(1, 65) ** -1.5),
             "cantor": models.mollified_cantor(level=3, width=0.01, interval=(-1, 1)),
-            "bimodal": models.bimodal()}
+            "bimodal": models.bimodal(), "cantor, trained MLP": None}
+
+
+class Trained:
+    """A trained model standing in for a user's: its score, and the data it was trained on."""
+
+    def __init__(self, process):
+        self.data = models.mollified_cantor(level=3, width=0.01, interval=(-1, 1))
+        state = models.train(models.init_mlp(0, width=64, depth=3), self.data, process,
+                             so.loglinear_schedule(process, 64), rng=0, n_steps=6000, batch_size=256, lr=5e-3,
+                             levels="between")
+        self.model = state.score(process)
+
+    def score(self, x, t, process):
+        return self.model(x, t)
+
+    def sample(self, n, rng):
+        return self.data.sample(n, rng)
 
 
 def estimate(target, process, budget, seed, n_grid, control_variate):
@@ -62,17 +82,20 @@ def row(name, target, process, reference, budget, n_grid, control_variate):
         bias = np.max(np.abs(nu.mean(axis=0) / ref - 1))
         cells += [f"{100 * spread:.2f}%", f"{100 * bias:.2f}%"]
     covered = np.mean([abs(m.length - reference.length) < 1.96 * m.length_stderr for m in maps])
+    with_grid = np.mean([abs(m.length - reference.length) < 1.96 * m.length_uncertainty for m in maps])
+    error = np.mean([m.length for m in maps]) / reference.length - 1
     grid = maps[0].metadata["n_grid"]
     return (f"| {name} | {budget:,} | {grid}{'' if n_grid else ' (auto)'} | {maps[0].metadata['n_samples']} | "
             f"{'yes' if control_variate else 'no'} | " + " | ".join(cells) +
-            f" | {covered:.2f} | {max(m.n_evaluations for m in maps):,} | {(time.perf_counter() - begin) / SEEDS:.2f} s |")
+            f" | {100 * error:+.2f}% | {covered:.2f} / {with_grid:.2f} | {max(m.n_evaluations for m in maps):,} | "
+            f"{(time.perf_counter() - begin) / SEEDS:.2f} s |")
 
 
 def run(names, budgets, grids):
     process = so.vp_linear()
     lines = []
     for name in names:
-        target = targets()[name]
+        target = targets()[name] or Trained(process)
         score = lambda x, t: target.score(x, t, process)
         n = REFERENCE_BUDGET // 2002
         reference = so.estimate_schedule_map(score, process, target.sample(n, 999), 999, n_grid=1000)
@@ -83,8 +106,9 @@ def run(names, budgets, grids):
                     lines.append(row(name, target, process, reference, budget, n_grid, cv))
                     print(lines[-1], flush=True)
     header = ["| target | budget | levels | samples | control variate | spread T=10 | bias T=10 | "
-              "spread T=50 | bias T=50 | Λ coverage | evaluations used | seconds per map |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "spread T=50 | bias T=50 | Λ mean error | Λ coverage, s.e. / with grid error | evaluations used | "
+              "seconds per map |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(header + lines)
 
 
@@ -94,7 +118,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     start = time.perf_counter()
     if args.quick:
-        print(run(["cantor"], (100_000,), (None,)))
+        print(run(["cantor, trained MLP"], (100_000,), (None,)))
     else:
         table = run(list(targets()), BUDGETS, GRIDS)
         text = ("# Schedule map: accuracy against the budget of score evaluations\n\n"
