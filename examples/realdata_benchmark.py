@@ -157,10 +157,9 @@ def sampler_aware(score, process, T, sampler_name, train, seed):
         ts, evaluations = find()
         out[name] = (ts, evaluations, time.perf_counter() - start)
 
-    counted = Counted(score)
-    timed("step cost", lambda: counted.result(so.equal_cost_schedule(
-        counted, process, so.loglinear_schedule(process, T), train[:1000], seed, cost=sm.step_cost, step=step,
-        order=4, max_iter=15, tol=1e-3).ts))
+    timed("step cost", lambda: found(so.equal_cost_schedule(
+        score, process, so.loglinear_schedule(process, T), train[:1000], seed, cost=sm.step_cost, step=step,
+        order=4, max_iter=15, tol=1e-3)))
     timed("flow rule", lambda: found(sm.equal_error_schedule(score, process, T, train, seed, step=sampler_name)))
     if sampler_name != "ancestral":
         timed("GITS", lambda: found(sm.teacher_schedule(score, process, T, train, seed, step=sampler_name)))
@@ -172,21 +171,6 @@ def sampler_aware(score, process, T, sampler_name, train, seed):
 
 def found(result):
     return result.ts, result.n_evaluations
-
-
-class Counted:
-    """A score that counts the rows it is given."""
-
-    def __init__(self, score):
-        self.score, self.evaluations = score, 0
-
-    def __call__(self, x, t):
-        self.evaluations += len(x)
-        return self.score(x, t)
-
-    def result(self, ts):
-        evaluations, self.evaluations = self.evaluations, 0
-        return ts, evaluations
 
 
 # --------------------------------------------------------------------------------

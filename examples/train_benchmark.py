@@ -1,27 +1,34 @@
-"""Training benchmark: step time, time to a Cantor model that fills all modes, online schedule.
+"""Training benchmark: step time, and which training choices serve the online schedule.
 
 1. Elementwise activations on a (1024, 128) float64 array (NumPy, and PyTorch if it
-   is installed): why the MLP computes SiLU through tanh.
-2. Time per training step of a 3-layer, width-128 MLP at batch 1024 on 1-D data,
-   and, if PyTorch is installed, the same network, loss and optimiser in PyTorch on
-   the CPU (float64 and float32), measured in the same run.
-3. Wall time to train, on the levels of the corrector-optimised 40-step schedule,
-   the 3x64 model of the Cantor example, and whether its samples (ancestral, T = 40)
-   fill all eight modes; two seeds.
-4. Bimodal target (the paper's Figures 2-4): training on the uniform ("linear") schedule's levels
-   against training with the online schedule update (Algorithm 2): average
-   log-likelihood of samples, score error, and the spread of the per-interval costs.
+   is installed).
+2. Time per training step of a 3-layer, width-128 MLP at batch 1024 on 1-D data, with
+   EDM's preconditioning and with noise prediction, and, if PyTorch is installed, the same
+   network, loss and optimiser in PyTorch on the CPU (float64 and float32), measured in
+   the same run.
+3. Training choices for the online schedule: the Cantor example's optimised run (T = 20,
+   Algorithm 2's dense-grid route from step 1,500, every 500; 9,000 steps at lr 5e-3)
+   with each preconditioning, loss weight and way of drawing the training times; two
+   seeds; modes covered, mass near the atoms, samples escaped and W1 of 20,000 ancestral
+   samples on the run's own schedule. The runs go two at a time, one per core.
 
 PyTorch is not a dependency: it is used only here, only if importable. This script
 opts in to `models.retain_freed_memory()` (a process-wide glibc setting) after
-measuring the step time without it; sections 3 and 4 run with it.
+measuring the step time without it; section 3 runs with it.
 
-    python examples/train_benchmark.py              # about 4 minutes on 2 cores
+    python examples/train_benchmark.py              # about 10 minutes on 2 cores
     python examples/train_benchmark.py --step-time  # section 2 only
 """
+import os
+
+if __name__ == "__main__":            # one BLAS thread per process, before NumPy loads (section 3)
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
+
 import sys
 import time
 import timeit
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from autograd import value_and_grad
@@ -32,12 +39,9 @@ import sampler as sm
 import scoreopt as so
 
 STEP_BATCH, STEP_WIDTH, STEP_DEPTH, TIMED_STEPS = 1024, 128, 3, 100
-CANTOR = dict(width=64, depth=3, n_steps=6000, batch_size=256, lr=3e-3)   # the recipe
-CANTOR_T = 40
-BIMODAL = dict(width=64, depth=3, n_steps=4000, batch_size=256, lr=3e-3)
-BIMODAL_STEPS = (20, 50)
-ONLINE = {"online, intervals (Algorithm 2)": models.OnlineSchedule(every=50, burn_in=1000, gamma=0.1),
-          "online, dense grid": models.OnlineSchedule(every=50, burn_in=1000, gamma=0.1, route="grid")}
+CANTOR = dict(width=64, depth=3, n_steps=9000, batch_size=256, lr=5e-3, T=20)     # cantor.py's budget
+CHOICES = [("eps", "dsm", "levels"),          # the 0.1.0 model: noise prediction, on the schedule's levels
+           ("edm", "edm", "levels"), ("edm", "dsm", "levels"), ("edm", "dsm", "between"), ("edm", "dsm", "lognormal")]
 SEED = 0
 
 try:
@@ -73,20 +77,24 @@ def step_time():
     process, target = so.vp_linear(), models.bimodal()
     ts = so.uniform_schedule(process, 50)
     params = models.init_mlp(SEED, dim=1, width=STEP_WIDTH, depth=STEP_DEPTH)
-    run = lambda n: models.train(params, target, process, ts, rng=SEED, n_steps=n, batch_size=STEP_BATCH, callback=None)
+    run = lambda n, pre: models.train(params, target, process, ts, rng=SEED, n_steps=n, batch_size=STEP_BATCH,
+                                      preconditioning=pre)
 
-    def timed():
-        run(10)                                                  # warm-up
+    def timed(pre):
+        run(10, pre)                                             # warm-up
         start = time.perf_counter()
-        run(TIMED_STEPS)
+        run(TIMED_STEPS, pre)
         return (time.perf_counter() - start) / TIMED_STEPS * 1e3
-    default, core_default = timed(), _core_step_ms(params, process, ts)
+    default, core_default = timed("edm"), _core_step_ms(params, process, ts, "edm")
     applied = models.retain_freed_memory()
-    ours, core = timed(), _core_step_ms(params, process, ts)
+    times = {pre: (timed(pre), _core_step_ms(params, process, ts, pre)) for pre in ("edm", "eps")}
+    ours, core = times["edm"]
     print(f"\n2. Training step, {STEP_DEPTH}x{STEP_WIDTH} MLP, batch {STEP_BATCH}, 1-D, scoreopt (NumPy + "
           f"autograd, float64), ms; whole `train` step / loss+gradient+Adam on prepared inputs (as PyTorch below)")
-    print(f"   default allocator: {default:.2f} / {core_default:.2f}; after retain_freed_memory() "
-          f"(applied: {applied}): {ours:.2f} / {core:.2f}")
+    print(f"   EDM preconditioning, default allocator: {default:.2f} / {core_default:.2f}; after "
+          f"retain_freed_memory() (applied: {applied}): {ours:.2f} / {core:.2f}")
+    print(f"   noise prediction (the 0.1.0 model), after retain_freed_memory(): {times['eps'][0]:.2f} / "
+          f"{times['eps'][1]:.2f}; EDM / noise prediction: {ours / times['eps'][0]:.3f} (whole step)")
     if torch is None:
         print("   PyTorch not installed: no comparison")
         return
@@ -98,12 +106,12 @@ def step_time():
               f"{ours / theirs:.2f}")
 
 
-def _core_step_ms(params, process, ts):
+def _core_step_ms(params, process, ts, preconditioning):
     """Loss, gradient and Adam update on prepared inputs: what `_torch_step_ms` times."""
     rng = np.random.default_rng(SEED)
     x0 = models.bimodal().sample(STEP_BATCH, rng)
-    t = models.draw_levels(ts, STEP_BATCH, rng)
-    batch = models.prepare_dsm(params, x0, t, rng.standard_normal(x0.shape), process, 0.0, 1.0)
+    t = models.schedule_levels(ts, STEP_BATCH, rng, process)
+    batch = models.prepare_dsm(params, x0, t, rng.standard_normal(x0.shape), process, 0.0, 1.0, preconditioning)
     loss_and_grad = value_and_grad(models.prepared_dsm_loss)
     theta, unflatten = flatten(params)
     adam = models.adam_init(theta)
@@ -144,60 +152,35 @@ def _torch_step_ms(dtype):
     return (time.perf_counter() - start) / TIMED_STEPS * 1e3
 
 
-def cantor():
+def choices():
+    print(f"\n3. Training choices for the online schedule: Cantor, vp_linear, T = {CANTOR['T']}, "
+          f"{CANTOR['depth']}x{CANTOR['width']} SiLU, {CANTOR['n_steps']} steps, batch {CANTOR['batch_size']}, lr "
+          f"{CANTOR['lr']} cosine; Algorithm 2, dense-grid route, from step 1,500 every 500; ancestral samples on the "
+          "run's own schedule")
+    print("| preconditioning | loss weight | training times | seed | modes covered | mass near atoms | escaped | W1 | "
+          "time |\n|---|---|---|---|---|---|---|---|---|")
+    runs = [(*choice, seed) for choice in CHOICES for seed in (SEED, SEED + 1)]
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        for row in pool.map(_choice_run, runs):
+            print(row, flush=True)
+
+
+def _choice_run(args):
+    preconditioning, loss_weight, levels, seed = args
     process, target = so.vp_linear(), models.mollified_cantor()
-    smap = so.estimate_schedule_map(lambda x, t: target.score(x, t, process), process,
-                                    target.sample(4000, SEED), SEED + 1)
-    ts = smap.schedule(CANTOR_T)
-    print(f"\n3. Cantor, vp_linear, trained on the optimised {CANTOR_T}-step schedule's levels "
-          f"({CANTOR['depth']}x{CANTOR['width']} SiLU, {CANTOR['n_steps']} steps, batch "
-          f"{CANTOR['batch_size']}, lr {CANTOR['lr']} cosine)")
-    print("| seed | training time | modes covered (ancestral, T = 40, optimised schedule) | W1 |\n|---|---|---|---|")
-    for seed in (SEED, SEED + 1):
-        params = models.init_mlp(seed, width=CANTOR["width"], depth=CANTOR["depth"])
-        start = time.perf_counter()
-        out = models.train(params, target, process, ts, rng=seed, n_steps=CANTOR["n_steps"],
-                           batch_size=CANTOR["batch_size"], lr=CANTOR["lr"], callback=None)
-        seconds = time.perf_counter() - start
-        x, _ = sm.sample(out.score(process), process, ts, sm.prior_sample(process, 20_000, target.variance(), 7),
-                         8, predictor="ancestral")
-        goal = target.marginal(process, process.t_min)
-        print(f"| {seed} | {seconds:.1f} s | {sm.mode_coverage(x, target.atoms).covered} / 8 | "
-              f"{sm.wasserstein1(x, goal.cdf):.4f} |")
-
-
-def bimodal():
-    process, target = so.vp_linear(), models.bimodal()
-    exact = lambda x, t: target.score(x, t, process)
-    smap = so.estimate_schedule_map(exact, process, target.sample(4000, SEED), SEED + 1)
-    print(f"\n4. Bimodal, vp_linear, {BIMODAL['depth']}x{BIMODAL['width']} SiLU, {BIMODAL['n_steps']} steps from "
-          "the uniform schedule; online: burn-in 1000, every 50, gamma 0.1. Mean log p0 of 20,000 "
-          "ancestral samples, on the run's own final schedule / on the uniform one")
-    print("| T | training | first levels of the final schedule | mean log p0, own / uniform schedule | "
-          "score error on the uniform levels | max/min interval cost (final) | time |")
-    print("|---|---|---|---|---|---|---|")
-    for T in BIMODAL_STEPS:
-        uniform = so.uniform_schedule(process, T)
-        print(f"| {T} | exact score | | {_mean_log_p0(exact, smap.schedule(T))} (dense-grid optimum) / "
-              f"{_mean_log_p0(exact, uniform)} | 0 | | |")
-        for name, online in (("fixed uniform schedule", None), *ONLINE.items()):
-            params = models.init_mlp(SEED, width=BIMODAL["width"], depth=BIMODAL["depth"])
-            start = time.perf_counter()
-            out = models.train(params, target, process, uniform, rng=SEED, n_steps=BIMODAL["n_steps"],
-                               batch_size=BIMODAL["batch_size"], lr=BIMODAL["lr"], online=online, callback=None)
-            seconds = time.perf_counter() - start
-            model = out.score(process)
-            err, se = sm.score_error(model, exact, process, uniform, target.sample(4000, 9), 10)
-            costs, _ = so.interval_costs(model, process, out.ts, target.sample(4000, 11), 12)
-            print(f"| {T} | {name} | {np.array2string(out.ts[:4], precision=3)}... | {_mean_log_p0(model, out.ts)} / "
-                  f"{_mean_log_p0(model, uniform)} | {err:.5f} ± {se:.5f} | {costs.max() / costs.min():.1f} | "
-                  f"{seconds:.1f} s |", flush=True)
-
-
-def _mean_log_p0(score, ts):
-    process, target = so.vp_linear(), models.bimodal()
-    x, _ = sm.sample(score, process, ts, sm.prior_sample(process, 20_000, target.variance(), 5), 6, predictor="ancestral")
-    return f"{sm.mean_log_density(x, target):.3f}"
+    online = models.OnlineSchedule(every=500, burn_in=1500, gamma=0.5, route="grid", n_grid=100, n_samples=2000)
+    start = time.perf_counter()
+    out = models.train(models.init_mlp(seed, width=CANTOR["width"], depth=CANTOR["depth"]), target, process,
+                       so.uniform_schedule(process, CANTOR["T"]), rng=seed, n_steps=CANTOR["n_steps"],
+                       batch_size=CANTOR["batch_size"], lr=CANTOR["lr"], levels=levels,
+                       preconditioning=preconditioning, loss_weight=loss_weight, online=online)
+    seconds = time.perf_counter() - start
+    x = sm.sample(out.score(process), process, out.ts, sm.prior_sample(process, 20_000, target.variance(), seed + 10),
+                  seed + 11, predictor="ancestral", max_growth=None).x
+    cover = sm.mode_coverage(x, target.atoms)
+    escaped = int(np.sum((x < -1) | (x > 2)))
+    return (f"| {preconditioning} | {loss_weight} | {levels} | {seed} | {cover.covered} / 8 | {cover.masses.sum():.3f} | "
+            f"{escaped} | {sm.wasserstein1(x, target.cdf):.4g} | {seconds:.0f} s |")
 
 
 if __name__ == "__main__":
@@ -207,6 +190,5 @@ if __name__ == "__main__":
         sys.exit()
     activations()
     step_time()
-    cantor()
-    bimodal()
+    choices()
     print(f"\ntotal {time.perf_counter() - begin:.0f} s")
