@@ -84,13 +84,13 @@ def main(argv=None, log=print):
             log(f"| {model_name} | {kind} | {loaded.length:.3f} ± {loaded.length_stderr:.3f} ({loaded.grid_error:.2g}) | "
                 f"{loaded.n_evaluations:,} | " + ", ".join(f"{v:.3g}" for v in so.nsr(process, loaded.schedule(10))) + " |")
 
-    # 4. Export: n levels = n model calls; the (n - 1)-step schedule, then the final denoising.
+    # 4. Export: n levels = n model calls with Euler; the (n - 1)-step schedule, then the final denoising.
     ddpm_map, flow_map = results["DDPM", "epsilon-prediction"]["map"], results["flow matching", "velocity u = eps - x0"]["map"]
     exports = {"k-diffusion sigmas(11)": ddpm_map.sigmas(11, dtype=np.float32),
                "DDPM timesteps(11)": ddpm_map.timesteps(ddpm, 11),
                "flow times(11)": flow_map.flow_times(flow, 11)}
-    log("\nExport, 11 model calls (the 10-step schedule and the final denoising):")
-    log(f"  k-diffusion: sample_heun(denoiser, x, torch.as_tensor(smap.sigmas(11, dtype=np.float32)))\n"
+    log("\nExport, 11 levels (the 10-step schedule, then the final step to 0: 11 model calls with Euler):")
+    log(f"  k-diffusion: sample_euler(denoiser, x, torch.as_tensor(smap.sigmas(11, dtype=np.float32)))\n"
         f"    {np.array2string(exports['k-diffusion sigmas(11)'], precision=4)}")
     log("  diffusers EulerDiscreteScheduler().set_timesteps(sigmas=smap.sigmas(11).tolist())")
     log(f"  diffusers DDPMScheduler().set_timesteps(timesteps=smap.timesteps(process, 11).tolist())\n"

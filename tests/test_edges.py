@@ -1,0 +1,147 @@
+"""Behaviours that no test reached until mutation testing found them (docs/mutation.md):
+the flow rule's weight in a rotated basis and with a data end below s = 1, the Gaussian
+control variate in several dimensions, maps of a process that ends below t = 1, and small
+contracts of the metrics, the progress printer and the checkpoint folder."""
+import os
+
+import numpy as np
+import pytest
+
+import models
+import sampler as sm
+import scoreopt as so
+
+VP = so.vp_linear()
+
+
+def exact(target, process):
+    return lambda x, t: target.score(x, t, process)
+
+
+# --- The flow rule's weight --------------------------------------------------------------
+
+def test_the_flow_weight_is_the_same_whatever_the_order_of_its_eigenvectors():
+    # The weight is sum_k w(lam_k) (U^T delta)_k^2: permuting U's columns together with the
+    # eigenvalues changes nothing, exactly; using delta's own coordinates would.
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((500, 3)) @ np.array([[1.0, 0.6, 0.0], [0.0, 0.4, 0.3], [0.0, 0.0, 2.0]])
+    weight = sm.flow_weight(x0, "data")
+    permuted = sm.FlowWeight("data", weight.basis[:, [2, 0, 1]], weight.variances[[2, 0, 1]])
+    mean, cov = x0.mean(axis=0), np.cov(x0.T)
+
+    def score(x, t):                          # the exact score of N(mean, cov) under VP, one time per row
+        s, sigma = VP.s(t)[:, None], VP.sigma(t)[:, None]
+        return np.stack([-np.linalg.solve(si ** 2 * cov + sg ** 2 * np.eye(3), xi - si * mean)
+                         for xi, si, sg in zip(x, s[:, 0], sigma[:, 0])])
+
+    costs = [sm.flow_error_cost(score, VP, 0.6, 0.3, x0[:64], 1, step="euler", weight=w).value
+             for w in (weight, permuted)]
+    assert costs[0] == pytest.approx(costs[1], rel=1e-10)
+    plain = sm.flow_error_cost(score, VP, 0.6, 0.3, x0[:64], 1, step="euler",
+                               weight=sm.FlowWeight("data", np.eye(3), weight.variances)).value
+    assert plain != pytest.approx(costs[0], rel=1e-3)          # the basis matters for correlated data
+
+
+def test_the_scalar_flow_weight_is_isotropic_with_the_mean_variance():
+    x0 = np.random.default_rng(1).standard_normal((400, 4)) * np.array([0.1, 1.0, 2.0, 3.0])
+    weight = sm.flow_weight(x0, "scalar")
+    assert weight.kind == "scalar" and weight.basis is None
+    np.testing.assert_allclose(weight.variances, [np.mean(x0.var(axis=0))], rtol=1e-12)
+    assert sm.flow_weight(x0, "data").basis.shape == (4, 4)
+
+
+def test_the_flow_weight_carries_errors_to_a_data_end_where_s_is_below_one():
+    # vp_linear with t_min = 0.2 ends at s(t_min) = 0.81: the gain (s0^2 lam + sigma0^2)/A' is
+    # not the one of s0 = 1, and the closed form (tests/test_flow_rule.py) must see it.
+    process = so.vp_linear(t_min=0.2)
+    lam = np.array([0.05, 2.0])
+    target = models.Gaussian(np.zeros(2), lam)
+    t, t2 = 0.7, 0.35
+    weight = sm.FlowWeight("data", np.eye(2), lam)
+    value, se = sm.flow_error_cost(exact(target, process), process, t, t2, target.sample(20_000, 0), 1,
+                                   step="euler", weight=weight)
+    nu, nu2 = float(process.nsr(t)), float(process.nsr(t2))
+    a = 1 - nu * (nu - nu2) / (lam + nu ** 2)
+    heun = lambda lam, n1, n2: 1 - (n1 - n2) / 2 * (n1 / (lam + n1 ** 2) + n2 / (lam + n2 ** 2)
+                                                      * (1 - n1 * (n1 - n2) / (lam + n1 ** 2)))
+    c = np.sqrt(np.mean(lam))
+    grid = c * np.sinh(np.arcsinh(nu / c) + np.array([0, 0.5, 1]) * (np.arcsinh(nu2 / c) - np.arcsinh(nu / c)))
+    a_K = heun(lam, grid[0], grid[1]) * heun(lam, grid[1], grid[2])
+    s0, sigma0 = float(process.s(process.t_min)), float(process.sigma(process.t_min))
+    s2, sigma2 = float(process.s(t2)), float(process.sigma(t2))
+    assert s0 < 0.85
+    w = (s0 ** 2 * lam + sigma0 ** 2) / (s2 ** 2 * lam + sigma2 ** 2)
+    closed = np.mean(w * s2 ** 2 * (a - a_K) ** 2 * (lam + nu ** 2))
+    assert abs(value - closed) < 4.5 * se and se < 0.05 * closed
+
+
+# --- The control variate in several dimensions ---------------------------------------------
+
+def test_the_control_variate_fits_each_coordinate_its_own_variance():
+    # Anisotropic Gaussian data (variances 0.01 and 4): the Gaussian fit is the exact law, and
+    # the control removes most of the spread only if each coordinate gets its own variance
+    # (a pooled variance leaves the spread at the plain estimate's).
+    target = models.Gaussian(np.zeros(2), [0.01, 4.0])
+    spread = {cv: np.mean([np.mean((m.delta_stderr / m.delta))
+                           for m in (so.estimate_schedule_map(exact(target, VP), VP, target.sample(400, s), 1 + s,
+                                                              n_grid=20, control_variate=cv) for s in range(4))])
+              for cv in (False, True)}
+    assert spread[True] < 0.7 * spread[False]
+
+
+# --- Maps of a process that ends below t = 1, and exact ones --------------------------------
+
+def test_a_flow_matching_map_round_trips_through_json(tmp_path):
+    fm = so.flow_matching()
+    assert fm.t_max < 1.0
+    target = models.Gaussian([0.0], [0.3])
+    smap = so.estimate_schedule_map(exact(target, fm), fm, target.sample(200, 0), 1, n_grid=20)
+    path = str(tmp_path / "flow.json")
+    smap.save(path)
+    back = so.load_schedule_map(path)
+    np.testing.assert_array_equal(back.schedule(8), smap.schedule(8))
+    np.testing.assert_array_equal(back.flow_times(fm, 9), smap.flow_times(fm, 9))
+
+
+def test_a_map_with_zero_error_bars_loads(tmp_path):
+    target = models.Gaussian([0.0], [0.3])
+    smap = so.estimate_schedule_map(exact(target, VP), VP, target.sample(200, 0), 1, n_grid=20)
+    exact_map = smap._replace(length_stderr=0.0, grid_error=0.0)
+    path = str(tmp_path / "exact.json")
+    exact_map.save(path)
+    back = so.load_schedule_map(path)
+    assert back.length_stderr == 0.0 and back.grid_error == 0.0
+
+
+# --- Small contracts ---------------------------------------------------------------------
+
+def test_a_density_estimate_takes_samples_with_ties():
+    density = sm.density_estimate([0.0, 0.0, 1.0, 2.0], np.linspace(-1, 3, 5))
+    assert np.all(np.isfinite(density)) and np.all(density > 0)
+    with pytest.raises(ValueError, match="must not all be equal"):
+        sm.density_estimate([1.0, 1.0, 1.0], [0.0])
+
+
+def test_the_change_of_variables_refuses_a_multistep_step():
+    target = models.Gaussian([0.0], [0.3])
+    prior = models.Gaussian([0.0], [float(VP.s(VP.t_max)) ** 2 * 0.3 + float(VP.sigma(VP.t_max)) ** 2])
+    with pytest.raises(ValueError, match="carries a state"):
+        sm.flow_log_density(exact(target, VP), VP, so.loglinear_schedule(VP, 4), np.zeros((3, 1)),
+                            lambda x: prior.log_prob(x), predictor="dpmpp_2m")
+
+
+def test_the_progress_printer_shows_the_elapsed_time():
+    printed = []
+    out = type("F", (), {"write": lambda self, s: printed.append(s), "flush": lambda self: None})()
+    so.progress_printer("map", lines=1, file=out)(4, 4, {"elapsed": 12.5, "evaluations": 1000})
+    assert "map 4/4" in "".join(printed) and "12.5 s" in "".join(printed)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no one can create a file")
+def test_a_checkpoint_folder_that_takes_no_file_is_refused_before_step_one():
+    steps = []
+    with pytest.raises(ValueError, match="cannot write in `/proc`"):
+        models.train(models.init_mlp(0, width=8, depth=1), models.bimodal(), VP, so.uniform_schedule(VP, 4),
+                     rng=0, n_steps=5, checkpoint="/proc/scoreopt-test.npz",
+                     callback=lambda step, n, info: steps.append(step))
+    assert steps == []
