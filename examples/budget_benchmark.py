@@ -15,7 +15,8 @@ T = 10 and T = 50:
 - coverage: the fraction of seeds whose Lambda lies within 1.96 reported standard
   errors of the reference Lambda (nominal 0.95; the reference's own error is small),
   with the Monte-Carlo standard error alone and with `length_uncertainty`, which adds the
-  grid (quadrature) error.
+  grid (quadrature) error; and the fraction whose `length_interval(0.95)` (the same with
+  the Student-t quantile of the batch means) holds the reference.
 
     python examples/budget_benchmark.py           # about 10 minutes on 2 cores
     python examples/budget_benchmark.py --quick   # one target, prints only
@@ -83,11 +84,12 @@ def row(name, target, process, reference, budget, n_grid, control_variate):
         cells += [f"{100 * spread:.2f}%", f"{100 * bias:.2f}%"]
     covered = np.mean([abs(m.length - reference.length) < 1.96 * m.length_stderr for m in maps])
     with_grid = np.mean([abs(m.length - reference.length) < 1.96 * m.length_uncertainty for m in maps])
+    interval = np.mean([m.length_interval(0.95)[0] < reference.length < m.length_interval(0.95)[1] for m in maps])
     error = np.mean([m.length for m in maps]) / reference.length - 1
     grid = maps[0].metadata["n_grid"]
     return (f"| {name} | {budget:,} | {grid}{'' if n_grid else ' (auto)'} | {maps[0].metadata['n_samples']} | "
             f"{'yes' if control_variate else 'no'} | " + " | ".join(cells) +
-            f" | {100 * error:+.2f}% | {covered:.2f} / {with_grid:.2f} | {max(m.n_evaluations for m in maps):,} | "
+            f" | {100 * error:+.2f}% | {covered:.2f} / {with_grid:.2f} / {interval:.2f} | {max(m.n_evaluations for m in maps):,} | "
             f"{(time.perf_counter() - begin) / SEEDS:.2f} s |")
 
 
@@ -106,10 +108,26 @@ def run(names, budgets, grids):
                     lines.append(row(name, target, process, reference, budget, n_grid, cv))
                     print(lines[-1], flush=True)
     header = ["| target | budget | levels | samples | control variate | spread T=10 | bias T=10 | "
-              "spread T=50 | bias T=50 | Λ mean error | Λ coverage, s.e. / with grid error | evaluations used | "
+              "spread T=50 | bias T=50 | Λ mean error | Λ coverage: 1.96 s.e. / 1.96 with grid error / length_interval | "
+              "evaluations used | "
               "seconds per map |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    return "\n".join(header + lines)
+    return "\n".join(header + lines + [""] + coverage_summary(lines))
+
+
+def coverage_summary(lines):
+    """Pooled coverage of Lambda by its 95% error bar, per target, over every row's seeds."""
+    out = ["Pooled over every row of a target (nominal 0.95; the standard error of a pooled fraction "
+           f"of N seeds is about sqrt(0.95 x 0.05 / N)):", "",
+           "| target | seeds | 1.96 Monte-Carlo s.e. | 1.96 with the grid error | `length_interval(0.95)` |",
+           "|---|---|---|---|---|"]
+    pooled = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        pooled.setdefault(cells[0], []).append([float(v) for v in cells[10].split("/")])
+    for name, values in pooled.items():
+        out.append(f"| {name} | {SEEDS * len(values)} | " + " | ".join(f"{v:.3f}" for v in np.mean(values, axis=0)) + " |")
+    return out
 
 
 if __name__ == "__main__":
@@ -123,7 +141,7 @@ if __name__ == "__main__":
         table = run(list(targets()), BUDGETS, GRIDS)
         text = ("# Schedule map: accuracy against the budget of score evaluations\n\n"
                 "Made by `python examples/budget_benchmark.py` (see its docstring for the protocol; "
-                f"{SEEDS} seeds per row, `vp_linear`, exact scores).\n\n" + table +
+                f"{SEEDS} seeds per row, `vp_linear`; exact scores, and in the last rows a trained MLP's).\n\n" + table +
                 f"\n\nTotal time: {time.perf_counter() - start:.0f} s.\n")
         so.write_atomically(OUT, text)
         print(text)

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from scipy.integrate import trapezoid
 
 import models
 import sampler as sm
@@ -217,3 +218,22 @@ def test_the_command_line_prints_a_saved_map_in_every_convention(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "scoreopt", str(tmp_path / "none.json")], capture_output=True,
                              text=True, env=env)
     assert missing.returncode == 2 and "is not a readable schedule map" in missing.stderr
+
+
+def test_the_length_interval_uses_the_batch_means_degrees_of_freedom_and_covers():
+    # 10 groups: the 95% interval is +-t_9(0.975) = 2.262 uncertainties wide, not 1.96; over
+    # independent seeds it holds the exact length (closed form of N(0, 0.5^2) under VE) about
+    # 95% of the time: at least 34 of 40 (a binomial(40, 0.95) falls below that with
+    # probability 0.02), where +-1.96 standard errors would be expected to hold 36.7.
+    process, target = so.ve(), models.Gaussian([0.0], [0.25])
+    grid = so.uniform_schedule(process, 20_000)
+    exact_length = trapezoid(np.sqrt(so.gaussian_local_cost(process, grid, [0.25])), grid)
+    maps = [so.estimate_schedule_map(lambda x, t: target.score(x, t, process), process, target.sample(200, s), 100 + s,
+                                     n_grid=60) for s in range(40)]
+    low, high = maps[0].length_interval(0.95)
+    assert (high - low) / 2 == pytest.approx(2.2621571627982 * maps[0].length_uncertainty, rel=1e-9)
+    assert maps[0].length_interval(0.5)[1] - maps[0].length < high - maps[0].length
+    covered = sum(lo < exact_length < hi for lo, hi in (m.length_interval(0.95) for m in maps))
+    assert covered >= 34
+    with pytest.raises(ValueError, match="`level` must be in"):
+        maps[0].length_interval(1.0)
