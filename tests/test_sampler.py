@@ -166,6 +166,19 @@ def test_heun_has_no_second_stage_on_a_step_to_sigma_zero():
     np.testing.assert_allclose(x, 0.325, rtol=1e-14)
 
 
+# The peers' samplers, transcribed independently, on three processes and three schedules.
+THREE_PROCESSES = pytest.mark.parametrize("process", [VE, VP, so.vp_cosine()], ids=["ve", "vp_linear", "vp_cosine"])
+THREE_SCHEDULES = pytest.mark.parametrize("make_schedule", [so.uniform_schedule, so.loglinear_schedule,
+                                                            lambda p, T: so.edm_schedule(p, T, 7.0)],
+                                          ids=["uniform", "loglinear", "edm7"])
+
+
+def gauss_denoiser():
+    """Denoiser of N(m, lam) data in y = x/s with noise nu: E[x0 | y] = m + lam (y - m) / (lam + nu^2)."""
+    m, lam = GAUSS.means[0], GAUSS.var
+    return lambda y, nu: m + lam * (y - m) / (lam + nu ** 2)
+
+
 def k_diffusion_ancestral(denoiser, y, sigmas, rng):
     """k-diffusion's sample_euler_ancestral with get_ancestral_step (eta = 1), written out
     independently from its formulas: sigma_up = min(sigma_to, sqrt(sigma_to^2 (sigma_from^2 -
@@ -179,14 +192,10 @@ def k_diffusion_ancestral(denoiser, y, sigmas, rng):
     return y
 
 
-@pytest.mark.parametrize("process", [VE, VP, so.vp_cosine()], ids=["ve", "vp_linear", "vp_cosine"])
-@pytest.mark.parametrize("make_schedule", [so.uniform_schedule, so.loglinear_schedule,
-                                           lambda p, T: so.edm_schedule(p, T, 7.0)],
-                         ids=["uniform", "loglinear", "edm7"])
+@THREE_PROCESSES
+@THREE_SCHEDULES
 def test_ancestral_step_is_k_diffusions_euler_ancestral(process, make_schedule):
-    # Denoiser of N(m, lam) data in y = x/s with noise nu: E[x0 | y] = m + lam (y - m) / (lam + nu^2).
-    m, lam = GAUSS.means[0], GAUSS.var
-    denoiser = lambda y, nu: m + lam * (y - m) / (lam + nu ** 2)
+    denoiser = gauss_denoiser()
     ts = make_schedule(process, 9)
     x_T = sm.prior_sample(process, 200, GAUSS.variance(), 0)
     x, nfe = sm.sample(exact(GAUSS, process), process, ts, x_T, 7, predictor="ancestral")
@@ -217,14 +226,11 @@ def k_diffusion_dpmpp_2m(denoiser, y, sigmas):
     return y
 
 
-@pytest.mark.parametrize("process", [VE, VP, so.vp_cosine()], ids=["ve", "vp_linear", "vp_cosine"])
-@pytest.mark.parametrize("make_schedule", [so.uniform_schedule, so.loglinear_schedule,
-                                           lambda p, T: so.edm_schedule(p, T, 7.0)],
-                         ids=["uniform", "loglinear", "edm7"])
+@THREE_PROCESSES
+@THREE_SCHEDULES
 def test_dpmpp_2m_is_k_diffusions_sample_dpmpp_2m(process, make_schedule):
     # Our T-step schedule plus the final denoising is k-diffusion's T + 1 sigmas and a 0.
-    m, lam = GAUSS.means[0], GAUSS.var
-    denoiser = lambda y, nu: m + lam * (y - m) / (lam + nu ** 2)
+    denoiser = gauss_denoiser()
     ts = make_schedule(process, 9)
     x_T = sm.prior_sample(process, 50, GAUSS.variance(), 0)
     x, nfe = sm.sample(exact(GAUSS, process), process, ts, x_T, 0, predictor="dpmpp_2m", denoise=True)
