@@ -235,7 +235,10 @@ def markdown(rows, floor, cfg, seconds):
         lines.append(f"| {case[0]} | {case[1]} | {case[2]} | {case[3]} | " + " | ".join(cells) + " |")
     lines += ["", "## Seed noise", "",
               "The same case with the other model seed: the spread of each rule's ratio to the best baseline "
-              "between the two seeds (median absolute difference of the two ratios).", ""]
+              "between the two seeds (median absolute difference of the two ratios). Two rules whose ratios "
+              "differ by less than these are within seed noise: among the baselines the order changes from "
+              "seed to seed; between the flow rule, GITS and the oracle (a few hundredths apart in the summary) "
+              "it is not resolved by two seeds.", ""]
     if len(cfg["seeds"]) > 1:
         lines += ["| rule | median |ratio(seed 0) - ratio(seed 1)| |", "|---|---|"]
         for rule in rules:
