@@ -302,7 +302,7 @@ def arctan_schedule(process, T, c):
 
 def baseline_schedules(process, T, c=0.5):
     """Every baseline above for ``T`` steps, by name: ``uniform``, ``cosine``,
-    ``loglinear``, ``arctan`` (with data standard deviation ``c``) and ``edm3``,
+    ``loglinear``, ``arctan`` (with data standard deviation ``c``, default 0.5, EDM's sigma_data) and ``edm3``,
     ``edm7``, ``edm100`` (the rho values the paper compares)."""
     out = {"uniform": uniform_schedule(process, T), "cosine": cosine_schedule(process, T),
            "loglinear": loglinear_schedule(process, T), "arctan": arctan_schedule(process, T, c)}

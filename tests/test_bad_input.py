@@ -268,6 +268,9 @@ def test_a_checkpoint_folder_that_cannot_take_a_file_fails_before_step_one(tmp_p
     (dict(batch_size=16), "batch_size"),
     (dict(n_steps=30), "n_steps"),
     (dict(online=models.OnlineSchedule(every=5, burn_in=0, n_samples=50)), "online"),
+    (dict(levels="between"), "levels"),
+    (dict(preconditioning="eps"), "preconditioning"),
+    (dict(loss_weight="edm"), "loss_weight"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_run_saying_what_differs(tmp_path, change, differs):
     run(tmp_path)

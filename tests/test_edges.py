@@ -145,3 +145,84 @@ def test_a_checkpoint_folder_that_takes_no_file_is_refused_before_step_one():
                      rng=0, n_steps=5, checkpoint="/proc/scoreopt-test.npz",
                      callback=lambda step, n, info: steps.append(step))
     assert steps == []
+
+
+# --- Defaults that results depend on --------------------------------------------------
+
+def test_the_edm_schedule_defaults_to_rho_seven_and_the_baselines_to_c_one_half():
+    # Karras et al.'s formula written out: nu_i = (nu_max^(1/7) + i/T (nu_min^(1/7) - nu_max^(1/7)))^7.
+    process = so.ve()
+    nu = (80.0 ** (1 / 7) + np.arange(9) / 8 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(so.nsr(process, so.edm_schedule(process, 8))[::-1], nu, rtol=1e-9)
+    np.testing.assert_array_equal(so.baseline_schedules(process, 8)["arctan"], so.arctan_schedule(process, 8, 0.5))
+
+
+def test_adams_first_step_moves_every_parameter_by_the_learning_rate():
+    # With bias correction, m_hat = g and v_hat = g^2 at step 1: each parameter moves by
+    # lr * g / (|g| + eps), i.e. by lr against the sign of its gradient.
+    theta, grad = np.zeros(4), np.array([3.0, -0.5, 1e-3, -20.0])
+    new, state = models.adam_step(theta, grad, models.adam_init(theta), 0.01)
+    np.testing.assert_allclose(new, -0.01 * np.sign(grad), rtol=1e-4)
+    assert state.step == 1
+
+
+def test_the_constant_learning_rate_is_the_function_one():
+    run = lambda rate: models.train(models.init_mlp(0, width=8, depth=1), models.bimodal(), VP,
+                                    so.uniform_schedule(VP, 4), rng=0, n_steps=6, lr_schedule=rate).params
+    for (W, b), (W2, b2) in zip(run("constant"), run(lambda step, n_steps: 1.0)):
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
+
+
+def test_the_maps_metadata_names_the_velocity_and_the_groups():
+    target = models.Gaussian([0.0], [0.3])
+
+    def half_sigma(t):
+        return 0.5 * VP.sigma(t)
+    smap = so.estimate_schedule_map(exact(target, VP), VP, target.sample(100, 0), 1, n_grid=10, velocity=half_sigma)
+    assert smap.metadata["velocity"] == "half_sigma" and smap.metadata["n_groups"] == 10
+
+
+def test_a_rowwise_score_calls_the_score_once_per_distinct_time():
+    calls, target = [], models.Gaussian([0.0], [0.3])
+
+    def score(x, t):
+        assert np.ndim(t) == 0
+        calls.append(t)
+        return target.score(x, t, VP)
+    x, t = target.sample(6, 0), np.array([0.2, 0.5, 0.2, 0.9, 0.5, 0.2])
+    out = so.rowwise_score(score)(x, t)
+    np.testing.assert_array_equal(out, np.vstack([target.score(x[i:i + 1], t[i], VP) for i in range(6)]))
+    assert sorted(calls) == [0.2, 0.5, 0.9]
+
+
+@pytest.mark.parametrize("where", ["creating the temporary file", "flushing it"])
+def test_a_full_disk_keeps_the_errno(tmp_path, monkeypatch, where):
+    import errno
+    import tempfile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if where == "flushing it":
+        monkeypatch.setattr(os, "fsync", full)
+    else:
+        monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(OSError) as info:
+        so.write_atomically(str(tmp_path / "out.txt"), "text")
+    assert info.value.errno == errno.ENOSPC and "out.txt" in str(info.value)
+
+
+def test_the_command_line_in_process_prints_every_convention(tmp_path, capsys):
+    # The same as `python -m scoreopt` (tests/test_scaling.py runs it as a subprocess).
+    target = models.Gaussian([0.0], [0.3])
+    smap = so.estimate_schedule_map(exact(target, VP), VP, target.sample(200, 0), 1, n_grid=20)
+    path = str(tmp_path / "map.json")
+    smap.save(path)
+    assert so.main([path, "-n", "6", "--convention", "k-diffusion", "--json"]) == 0
+    import json
+    printed = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(printed["values"], smap.sigmas(6), rtol=1e-12)
+    assert printed["n"] == 6 and printed["process"] == VP.name and len(printed["values"]) == 7
+    for convention, expected in (("diffusers-sigmas", smap.sigmas(6)), ("times", smap.schedule(5))):
+        assert so.main([path, "-n", "6", "--convention", convention, "--json"]) == 0
+        np.testing.assert_allclose(json.loads(capsys.readouterr().out)["values"], expected, rtol=1e-12)
