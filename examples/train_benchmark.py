@@ -5,7 +5,7 @@
 2. Time per training step of a 3-layer, width-128 MLP at batch 1024 on 1-D data, with
    EDM's preconditioning and with noise prediction, and, if PyTorch is installed, the same
    network, loss and optimiser in PyTorch on the CPU (float64 and float32), measured in
-   the same run.
+   the same run; EDM against noise prediction in alternating rounds (median and range).
 3. Training choices for the online schedule: the Cantor example's optimised run (T = 20,
    Algorithm 2's dense-grid route from step 1,500, every 500; 9,000 steps at lr 5e-3)
    with each preconditioning, loss weight and way of drawing the training times; two
@@ -38,7 +38,7 @@ import models
 import sampler as sm
 import scoreopt as so
 
-STEP_BATCH, STEP_WIDTH, STEP_DEPTH, TIMED_STEPS = 1024, 128, 3, 100
+STEP_BATCH, STEP_WIDTH, STEP_DEPTH, TIMED_STEPS, ROUNDS = 1024, 128, 3, 100, 5
 CANTOR = dict(width=64, depth=3, n_steps=9000, batch_size=256, lr=5e-3, T=20)     # cantor.py's budget
 CHOICES = [("eps", "dsm", "levels"),          # the 0.1.0 model: noise prediction, on the schedule's levels
            ("edm", "edm", "levels"), ("edm", "dsm", "levels"), ("edm", "dsm", "between"), ("edm", "dsm", "lognormal")]
@@ -87,14 +87,20 @@ def step_time():
         return (time.perf_counter() - start) / TIMED_STEPS * 1e3
     default, core_default = timed("edm"), _core_step_ms(params, process, ts, "edm")
     applied = models.retain_freed_memory()
-    times = {pre: (timed(pre), _core_step_ms(params, process, ts, pre)) for pre in ("edm", "eps")}
+    rounds = {"edm": [], "eps": []}
+    for _ in range(ROUNDS):             # alternating, so that a change of load hits both alike
+        for pre in rounds:
+            rounds[pre].append((timed(pre), _core_step_ms(params, process, ts, pre)))
+    times = {pre: tuple(np.median(np.array(values), axis=0)) for pre, values in rounds.items()}
+    ratios = [a[0] / b[0] for a, b in zip(rounds["edm"], rounds["eps"])]
     ours, core = times["edm"]
     print(f"\n2. Training step, {STEP_DEPTH}x{STEP_WIDTH} MLP, batch {STEP_BATCH}, 1-D, scoreopt (NumPy + "
           f"autograd, float64), ms; whole `train` step / loss+gradient+Adam on prepared inputs (as PyTorch below)")
     print(f"   EDM preconditioning, default allocator: {default:.2f} / {core_default:.2f}; after "
           f"retain_freed_memory() (applied: {applied}): {ours:.2f} / {core:.2f}")
     print(f"   noise prediction (the 0.1.0 model), after retain_freed_memory(): {times['eps'][0]:.2f} / "
-          f"{times['eps'][1]:.2f}; EDM / noise prediction: {ours / times['eps'][0]:.3f} (whole step)")
+          f"{times['eps'][1]:.2f}; EDM / noise prediction (whole step, median of {ROUNDS} alternating rounds): "
+          f"{np.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
     if torch is None:
         print("   PyTorch not installed: no comparison")
         return
