@@ -226,3 +226,16 @@ def test_the_command_line_in_process_prints_every_convention(tmp_path, capsys):
     for convention, expected in (("diffusers-sigmas", smap.sigmas(6)), ("times", smap.schedule(5))):
         assert so.main([path, "-n", "6", "--convention", convention, "--json"]) == 0
         np.testing.assert_allclose(json.loads(capsys.readouterr().out)["values"], expected, rtol=1e-12)
+
+
+def test_the_command_line_in_process_exports_a_tables_timesteps_and_the_fewest_levels(tmp_path, capsys):
+    import json
+    table = so.process_from_alphas_cumprod(np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000)))
+    target = models.Gaussian([0.0], [0.3])
+    smap = so.estimate_schedule_map(exact(target, table), table, target.sample(200, 0), 1, n_grid=20)
+    path = str(tmp_path / "table.json")
+    smap.save(path)
+    assert so.main([path, "-n", "6", "--convention", "diffusers-timesteps", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["values"] == smap.timesteps(table, 6).tolist()
+    assert so.main([path, "-n", "2", "--convention", "times", "--json"]) == 0      # n = 2: one step
+    np.testing.assert_allclose(json.loads(capsys.readouterr().out)["values"], smap.schedule(1), rtol=1e-12)
