@@ -999,11 +999,10 @@ def teacher_schedule(score, process, T, x0, rng, *, step="euler", n_draws=32, n_
     nu_min, nu_max = (float(v) for v in process.nsr(np.array([process.t_min, process.t_max])))
     nodes = time_from_nsr(process, np.geomspace(nu_max, nu_min, G + 1))
     nodes[0], nodes[-1] = process.t_max, process.t_min
-    m = len(x)
+    m, c = len(x), np.sqrt(np.mean(weight.variances))
     teacher = [x]
     for j in range(G):                                             # the teacher's trajectory
-        teacher.append(_heun_substeps(score, process, teacher[-1], np.full(m, nodes[j]), np.full(m, nodes[j + 1]), K,
-                                      np.sqrt(np.mean(weight.variances))))
+        teacher.append(_heun_substeps(score, process, teacher[-1], np.full(m, nodes[j]), np.full(m, nodes[j + 1]), K, c))
     C = np.full((G + 1, G + 1), np.inf)
     for i in range(G):                                             # one step from node i to every j > i
         ends = nodes[i + 1:]

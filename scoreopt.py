@@ -1048,13 +1048,12 @@ def estimate_schedule_map(score, process, x0, rng, *, n_grid=1000, velocity=None
     """
     args = _estimate_iv(score, process, x0, rng, n_grid, velocity, derivative, n_groups, budget, workers,
                         control_variate, batch_size, callback)
-    (score, process, x0, rng, ts, v, derivative, n_groups, control_variate, mapper, close, chunk,
+    (task, process, x0, rng, ts, v, derivative, n_groups, control_variate, mapper, close, chunk,
      batch_size, callback, seed) = args
     start, calls, evaluations, low_precision = time.perf_counter(), 0, 0, None
     delta, delta_stderr = np.empty(len(ts)), np.empty(len(ts))
     group_delta = np.empty((n_groups, len(ts)))
     moments = _group_moments(x0, n_groups) if control_variate else None
-    task = partial(_level_task, score, process, derivative, batch_size)
     try:
         for first in range(0, len(ts), chunk):         # a few levels in memory at once
             levels = range(first, min(first + chunk, len(ts)))
@@ -1093,7 +1092,8 @@ def estimate_schedule_map(score, process, x0, rng, *, n_grid=1000, velocity=None
 
 def _estimate_iv(score, process, x0, rng, n_grid, velocity, derivative, n_groups, budget, workers,
                  control_variate, batch_size, callback):
-    """Check :func:`estimate_schedule_map`'s arguments once; choose the grid and samples."""
+    """Check :func:`estimate_schedule_map`'s arguments once; choose the grid and samples. Returns the
+    per-level task (the score's work, in a form every ``workers`` map can run) in place of the score."""
     process = check_process(process)
     check_callable(score, "score", "score(x, t)")
     x0 = check_data(x0)
@@ -1118,8 +1118,9 @@ def _estimate_iv(score, process, x0, rng, n_grid, velocity, derivative, n_groups
                          + ("" if budget is None else f" (the budget allows {len(x0)})"))
     v = _checked_velocity(velocity, process)
     batch_size = None if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
-    mapper, close, chunk = _mapper(workers, partial(_level_task, score, process, derivative, batch_size))
-    return (score, process, x0, rng, ts, v, derivative, n_groups, control_variate, mapper, close, chunk,
+    task = partial(_level_task, score, process, derivative, batch_size)
+    mapper, close, chunk = _mapper(workers, task)
+    return (task, process, x0, rng, ts, v, derivative, n_groups, control_variate, mapper, close, chunk,
             batch_size, _check_callback(callback), seed)
 
 
