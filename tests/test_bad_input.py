@@ -17,6 +17,7 @@ from hypothesis import given, strategies as st
 import models
 import sampler as sm
 import scoreopt as so
+from oracles import gaussian_corrector_cost
 
 VE, VP = so.ve(), so.vp_linear()
 BIMODAL = models.bimodal()
@@ -49,7 +50,7 @@ def test_closed_forms_refuse_times_outside_the_range():
     with pytest.raises(ValueError, match="`ts` must be finite"):
         so.gaussian_local_cost(VE, [0.2, np.nan], [0.25])
     with pytest.raises(ValueError, match="`t_next` must lie in"):
-        so.gaussian_corrector_cost(VE, 0.5, 1.5, [0.25])
+        gaussian_corrector_cost(VE, 0.5, 1.5, [0.25])
     with pytest.raises(ValueError, match="`t_cur` must lie in"):
         so.corrector_cost(exact(BIMODAL, VE), VE, 2.0, 0.5, BIMODAL.sample(10, 0), 0)
 
@@ -57,11 +58,11 @@ def test_closed_forms_refuse_times_outside_the_range():
 def test_costs_are_defined_for_either_order_of_their_times_and_steps_are_not():
     # Decided: L(t, t') is a formula in two times (its local expansion is written
     # L(t, t + h)), so both orders are defined; a sampler step must go towards the data.
-    forward = so.gaussian_corrector_cost(VE, 0.4, 0.5, [0.25])
-    backward = so.gaussian_corrector_cost(VE, 0.5, 0.4, [0.25])
+    forward = gaussian_corrector_cost(VE, 0.4, 0.5, [0.25])
+    backward = gaussian_corrector_cost(VE, 0.5, 0.4, [0.25])
     assert forward > 0 and backward > 0 and forward != backward
     with pytest.raises(ValueError, match="`t_next` must be below `t_cur`"):
-        sm.step_cost(exact(BIMODAL, VE), VE, 0.4, 0.5, BIMODAL.sample(40, 0), 0, step=sm.euler_step)
+        sm.flow_error_cost(exact(BIMODAL, VE), VE, 0.4, 0.5, BIMODAL.sample(40, 0), 0, step=sm.euler_step)
 
 
 def test_a_process_needs_t_min_below_t_max():
@@ -69,7 +70,7 @@ def test_a_process_needs_t_min_below_t_max():
     with pytest.raises(ValueError, match="finite t_min < t_max"):
         so.uniform_schedule(backwards, 5)
     with pytest.raises(ValueError, match="finite t_min < t_max"):
-        so.check_schedule([0.0, 1.0], VE._replace(t_max=np.nan))
+        so.nsr(VE._replace(t_max=np.nan), [0.0, 1.0])
 
 
 def test_complex_input_is_refused_not_truncated():
@@ -121,9 +122,8 @@ def test_online_method_and_kind_are_checked_at_construction():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(checkpoint_every=0), "`checkpoint_every` must be >= 1"),
-    (dict(max_loss_ratio=-1.0), "`max_loss_ratio` must be positive"),
-    (dict(data_var=-1.0), "`data_var` must be finite and non-negative; coordinate 0 is -1"),
+    (dict(lr=-1.0), "`lr` must be positive"),
+    (dict(levels="spline"), "`levels` must be a function or one of"),
     (dict(batch_size=0), "`batch_size` must be >= 1"),
     (dict(n_steps=0), "`n_steps` must be >= 1"),
 ])
@@ -243,20 +243,22 @@ def test_metrics_refuse_degenerate_input():
 # --- 7. Checkpoints ----------------------------------------------------------------------
 
 def run(tmp_path, n_steps=20, **kwargs):
-    settings = dict(rng=0, n_steps=n_steps, batch_size=8, callback=None, checkpoint=str(tmp_path / "ck.npz"),
-                    checkpoint_every=10, resume=True)
+    path = str(tmp_path / "ck.npz")
+    settings = dict(rng=0, n_steps=n_steps, batch_size=8, callback=models.checkpointer(path, every=10))
     settings.update(kwargs)
     params = settings.pop("params", small_params())
-    return models.train(params, BIMODAL, settings.pop("process", VP), settings.pop("ts", TS), **settings)
+    return models.resume(path, params, BIMODAL, settings.pop("process", VP), settings.pop("ts", TS), **settings)
 
 
 def test_a_checkpoint_folder_that_cannot_take_a_file_fails_before_step_one(tmp_path):
     calls = []
     for path in (tmp_path / "missing" / "ck.npz", tmp_path / "file" / "ck.npz"):
         (tmp_path / "file").write_text("not a folder")
-        with pytest.raises(ValueError, match="`checkpoint`: the folder .* does not exist"):
-            models.train(small_params(), BIMODAL, VP, TS, rng=0, n_steps=5, checkpoint=str(path),
-                         callback=lambda *a: calls.append(a))
+        with pytest.raises(ValueError, match="`path`: the folder .* does not exist"):
+            models.train(small_params(), BIMODAL, VP, TS, rng=0, n_steps=5,
+                         callback=models.checkpointer(str(path), callback=lambda *a: calls.append(a)))
+    with pytest.raises(ValueError, match="`every` must be >= 1"):
+        models.checkpointer(str(tmp_path / "ck.npz"), every=0)
     assert calls == []
 
 
@@ -270,7 +272,6 @@ def test_a_checkpoint_folder_that_cannot_take_a_file_fails_before_step_one(tmp_p
     (dict(online=models.OnlineSchedule(every=5, burn_in=0, n_samples=50)), "online"),
     (dict(levels="between"), "levels"),
     (dict(preconditioning="eps"), "preconditioning"),
-    (dict(loss_weight="edm"), "loss_weight"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_run_saying_what_differs(tmp_path, change, differs):
     run(tmp_path)
@@ -288,15 +289,22 @@ def test_resume_can_extend_a_run_on_purpose(tmp_path):
 
 def test_resume_refuses_a_checkpoint_beyond_n_steps(tmp_path):
     run(tmp_path, n_steps=20)
-    with pytest.raises(ValueError, match="is at step 20, beyond `n_steps` = 10"):
+    with pytest.raises(ValueError, match="is a training state at step 20, beyond `n_steps` = 10"):
         run(tmp_path, n_steps=10, allow_changes=("n_steps",))
 
 
 def test_a_checkpoint_with_a_reversed_schedule_does_not_load(tmp_path):
     out = run(tmp_path)
     path = str(tmp_path / "bad.npz")
-    models.save_checkpoint(path, out._replace(ts=out.ts[::-1]))
-    with pytest.raises(ValueError, match="is corrupted: `ts` must be strictly increasing"):
+    with pytest.raises(ValueError, match="its loader would refuse it: field `ts` must be strictly increasing"):
+        models.save_checkpoint(path, out._replace(ts=out.ts[::-1]))
+    assert not os.path.exists(path)
+    models.save_checkpoint(path, out)                 # the same file reversed by hand: the loader refuses it too
+    with np.load(path) as f:
+        arrays = dict(f)
+    arrays["ts"] = arrays["ts"][::-1]
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="is not a valid checkpoint: field `ts` must be strictly increasing"):
         models.load_checkpoint(path)
 
 

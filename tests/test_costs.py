@@ -6,6 +6,7 @@ from scipy.integrate import trapezoid
 
 import models
 import scoreopt as so
+from oracles import gaussian_corrector_cost, gaussian_predictor_cost
 
 VE, VP = so.ve(), so.vp_linear()
 GAUSS = models.Gaussian([0.3, -1.0], [0.2, 2.0])      # non-isotropic, non-zero mean
@@ -47,7 +48,7 @@ def test_gaussian_local_cost_isotropic_ve_formula():
 def test_corrector_cost_matches_exact_finite_step(process):
     t_cur, t_next = 0.5, 0.45
     L, se = so.corrector_cost(exact(GAUSS, process), process, t_cur, t_next, GAUSS.sample(40_000, 2), 3)
-    closed = so.gaussian_corrector_cost(process, t_cur, t_next, GAUSS.var, GAUSS.means[0])
+    closed = gaussian_corrector_cost(process, t_cur, t_next, GAUSS.var, GAUSS.means[0])
     assert abs(L - closed) < 4.5 * se and se < 0.05 * closed
 
 
@@ -55,7 +56,7 @@ def test_corrector_cost_over_h_squared_tends_to_local_cost():
     # Exact Gaussian: L_c(t, t + h) / h^2 - delta(t) = O(h): the error halves with h.
     t, var, mean = 0.4, GAUSS.var, GAUSS.means[0]
     delta = so.gaussian_local_cost(VP, np.array([t]), var, mean)[0]
-    errors = [abs(so.gaussian_corrector_cost(VP, t, t + h, var, mean) / h ** 2 - delta)
+    errors = [abs(gaussian_corrector_cost(VP, t, t + h, var, mean) / h ** 2 - delta)
               for h in (4e-3, 2e-3, 1e-3)]
     assert errors[0] / errors[1] == pytest.approx(2, rel=0.05)
     assert errors[1] / errors[2] == pytest.approx(2, rel=0.05)
@@ -95,7 +96,7 @@ def test_predictor_cost_matches_gaussian_fisher_divergence(process):
     coef = s2 * sig ** 2 / s - sig2 * sig          # x' = (s'/s) x + coef * S(x)
     alpha, beta = s2 / s - coef / a, coef * m / a
     closed = process.sigma(t2) ** 2 * fisher_gaussian(m2, a2, alpha * m + beta, alpha ** 2 * a)
-    assert so.gaussian_predictor_cost(process, t, t2, GAUSS.var, GAUSS.means[0]) == pytest.approx(closed, rel=1e-12)
+    assert gaussian_predictor_cost(process, t, t2, GAUSS.var, GAUSS.means[0]) == pytest.approx(closed, rel=1e-12)
     L, se = so.predictor_cost(exact(GAUSS, process), process, t, t2, GAUSS.sample(40_000, 5), 6)
     assert abs(L - closed) < 4.5 * se and se < 0.05 * closed
 

@@ -26,7 +26,7 @@ def test_the_flow_weight_is_the_same_whatever_the_order_of_its_eigenvectors():
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal((500, 3)) @ np.array([[1.0, 0.6, 0.0], [0.0, 0.4, 0.3], [0.0, 0.0, 2.0]])
     weight = sm.flow_weight(x0, "data")
-    permuted = sm.FlowWeight("data", weight.basis[:, [2, 0, 1]], weight.variances[[2, 0, 1]])
+    permuted = sm.FlowWeight("data", weight.basis[:, [2, 0, 1]], weight.variances[[2, 0, 1]], 0.0)
     mean, cov = x0.mean(axis=0), np.cov(x0.T)
 
     def score(x, t):                          # the exact score of N(mean, cov) under VP, one time per row
@@ -38,16 +38,20 @@ def test_the_flow_weight_is_the_same_whatever_the_order_of_its_eigenvectors():
              for w in (weight, permuted)]
     assert costs[0] == pytest.approx(costs[1], rel=1e-10)
     plain = sm.flow_error_cost(score, VP, 0.6, 0.3, x0[:64], 1, step="euler",
-                               weight=sm.FlowWeight("data", np.eye(3), weight.variances)).value
+                               weight=sm.FlowWeight("data", np.eye(3), weight.variances, 0.0)).value
     assert plain != pytest.approx(costs[0], rel=1e-3)          # the basis matters for correlated data
 
 
 def test_the_scalar_flow_weight_is_isotropic_with_the_mean_variance():
+    # "scalar" is the data weight with no eigenpair kept (k = 0): every direction gets the mean
+    # variance, the mean eigenvalue of the covariance the full weight (k = d) decomposes.
     x0 = np.random.default_rng(1).standard_normal((400, 4)) * np.array([0.1, 1.0, 2.0, 3.0])
-    weight = sm.flow_weight(x0, "scalar")
-    assert weight.kind == "scalar" and weight.basis is None
-    np.testing.assert_allclose(weight.variances, [np.mean(x0.var(axis=0))], rtol=1e-12)
-    assert sm.flow_weight(x0, "data").basis.shape == (4, 4)
+    weight, full = sm.flow_weight(x0, "scalar"), sm.flow_weight(x0, "data")
+    assert weight.kind == "data" and weight.basis.shape == (4, 0) and weight.variances.shape == (0,)
+    assert weight.rest == pytest.approx(np.mean(x0.var(axis=0, ddof=1)), rel=1e-12)
+    assert weight.rest == pytest.approx(np.mean(full.variances), rel=1e-12)
+    assert weight.scale == pytest.approx(full.scale, rel=1e-12)
+    assert full.basis.shape == (4, 4) and full.rest == 0.0
 
 
 def test_the_flow_weight_carries_errors_to_a_data_end_where_s_is_below_one():
@@ -57,7 +61,7 @@ def test_the_flow_weight_carries_errors_to_a_data_end_where_s_is_below_one():
     lam = np.array([0.05, 2.0])
     target = models.Gaussian(np.zeros(2), lam)
     t, t2 = 0.7, 0.35
-    weight = sm.FlowWeight("data", np.eye(2), lam)
+    weight = sm.FlowWeight("data", np.eye(2), lam, 0.0)
     value, se = sm.flow_error_cost(exact(target, process), process, t, t2, target.sample(20_000, 0), 1,
                                    step="euler", weight=weight)
     nu, nu2 = float(process.nsr(t)), float(process.nsr(t2))
@@ -142,8 +146,8 @@ def test_a_checkpoint_folder_that_takes_no_file_is_refused_before_step_one():
     steps = []
     with pytest.raises(ValueError, match="cannot write in `/proc`"):
         models.train(models.init_mlp(0, width=8, depth=1), models.bimodal(), VP, so.uniform_schedule(VP, 4),
-                     rng=0, n_steps=5, checkpoint="/proc/scoreopt-test.npz",
-                     callback=lambda step, n, info: steps.append(step))
+                     rng=0, n_steps=5, callback=models.checkpointer("/proc/scoreopt-test.npz",
+                                                                    callback=lambda step, n, info: steps.append(step)))
     assert steps == []
 
 
@@ -166,12 +170,16 @@ def test_adams_first_step_moves_every_parameter_by_the_learning_rate():
     assert state.step == 1
 
 
-def test_the_constant_learning_rate_is_the_function_one():
-    run = lambda rate: models.train(models.init_mlp(0, width=8, depth=1), models.bimodal(), VP,
-                                    so.uniform_schedule(VP, 4), rng=0, n_steps=6, lr_schedule=rate).params
-    for (W, b), (W2, b2) in zip(run("constant"), run(lambda step, n_steps: 1.0)):
-        np.testing.assert_array_equal(W, W2)
-        np.testing.assert_array_equal(b, b2)
+def test_a_float_learning_rate_is_its_cosine_decay_function():
+    # lr = 1e-3 decays as 1e-3 (1 + cos(pi step / n_steps)) / 2; a function lr(step, n_steps) is used as it is.
+    run = lambda lr: models.train(models.init_mlp(0, width=8, depth=1), models.bimodal(), VP,
+                                  so.uniform_schedule(VP, 4), rng=0, n_steps=6, lr=lr).params
+    cosine = lambda step, n_steps: 1e-3 * 0.5 * (1 + np.cos(np.pi * step / n_steps))
+    constant = run(lambda step, n_steps: 1e-3)
+    assert np.max(np.abs(run(1e-3)[0][0] - constant[0][0])) > 1e-4          # the rate does decay
+    for (W, b), (W2, b2) in zip(run(1e-3), run(cosine)):                      # to rounding: the same rate
+        np.testing.assert_allclose(W, W2, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(b, b2, rtol=1e-12, atol=1e-15)
 
 
 def test_the_maps_metadata_names_the_velocity_and_the_groups():
@@ -199,14 +207,17 @@ def test_a_rowwise_score_calls_the_score_once_per_distinct_time():
 @pytest.mark.parametrize("where", ["creating the temporary file", "flushing it"])
 def test_a_full_disk_keeps_the_errno(tmp_path, monkeypatch, where):
     import errno
-    import tempfile
+    real_open = os.open
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_on_create(path, flags, *args, **kwargs):      # the temporary file is created with O_CREAT
+        return full() if flags & os.O_CREAT else real_open(path, flags, *args, **kwargs)
     if where == "flushing it":
         monkeypatch.setattr(os, "fsync", full)
     else:
-        monkeypatch.setattr(tempfile, "mkstemp", full)
+        monkeypatch.setattr(os, "open", full_on_create)
     with pytest.raises(OSError) as info:
         so.write_atomically(str(tmp_path / "out.txt"), "text")
     assert info.value.errno == errno.ENOSPC and "out.txt" in str(info.value)

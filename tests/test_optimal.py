@@ -7,6 +7,7 @@ from scipy.optimize import brentq
 
 import models
 import scoreopt as so
+from oracles import gaussian_corrector_cost, gaussian_predictor_cost
 from strategies import costs, schedules, schedules_with_costs
 
 VE, VP = so.ve(), so.vp_linear()
@@ -85,7 +86,7 @@ def test_optimal_schedule_spends_equal_length_per_step(c):
 
 
 def total_cost(process, ts, c):
-    return so.gaussian_corrector_cost(process, ts[1:], ts[:-1], [c ** 2]).sum()
+    return gaussian_corrector_cost(process, ts[1:], ts[:-1], [c ** 2]).sum()
 
 
 @pytest.mark.parametrize("process", [VE, VP], ids=["ve", "vp_linear"])
@@ -201,7 +202,7 @@ def test_predictor_equal_cost_iteration_converges_to_equal_costs():
 def test_iterate_schedule_with_closed_form_predictor_costs():
     # 64-dimensional power-law spectrum: exact L_p, no Monte Carlo, so equal to 1e-3.
     lam = np.arange(1, 65) ** -1.0
-    costs = lambda ts: so.gaussian_predictor_cost(VE, ts[1:], ts[:-1], lam)
+    costs = lambda ts: gaussian_predictor_cost(VE, ts[1:], ts[:-1], lam)
     res = so.iterate_schedule(costs, so.uniform_schedule(VE, 15), gamma=0.5, order=4, tol=1e-6, max_iter=300)
     assert res.converged and res.costs.max() / res.costs.min() < 1.001
     assert np.all(np.isnan(res.stderr))
@@ -221,7 +222,7 @@ def test_corrector_iteration_pitfall_one_huge_last_step():
     dense = so.optimal_schedule(grid, so.gaussian_local_cost(VE, grid, [0.25]), 5)
     assert VE.sigma(dense[1]) < VE.sigma(res.ts[1]) / 20
     # The finite-step cost itself is fooled: the degenerate schedule's sum of L_c is lower.
-    total = lambda ts: so.gaussian_corrector_cost(VE, ts[1:], ts[:-1], [0.25]).sum()
+    total = lambda ts: gaussian_corrector_cost(VE, ts[1:], ts[:-1], [0.25]).sum()
     assert total(res.ts) < total(dense)
 
 

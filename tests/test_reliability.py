@@ -41,23 +41,39 @@ def test_a_constant_coordinate_and_a_single_row_train():
     assert one.data_mean[0] == 0.5 and one.data_var[0] == 0.0
 
 
+class Moments:
+    """A target that reports its moments (the preconditioning uses them as they are)."""
+
+    def __init__(self, mean, var):
+        self.mean, self.variance = (lambda: np.array(mean, dtype=float)), (lambda: np.array(var, dtype=float))
+
+    def sample(self, n, rng):
+        return np.zeros((n, len(self.mean())))
+
+
 def test_invalid_moments_name_what_the_user_passed():
-    with pytest.raises(ValueError, match="`data_var` must be finite and non-negative; coordinate 1 is -0.5"):
-        models.train(small_params(dim=2), np.zeros((10, 2)), VP, so.uniform_schedule(VP, 5), rng=0, n_steps=1,
-                     data_var=[1.0, -0.5])
-    with pytest.raises(ValueError, match="`data_mean` must be finite; coordinate 0 is nan"):
-        models.train(small_params(), np.zeros((10, 1)), VP, so.uniform_schedule(VP, 5), rng=0, n_steps=1,
-                     data_mean=[np.nan])
-    with pytest.raises(ValueError, match=r"`data_var` must be a scalar or have shape \(2,\)"):
-        models.train(small_params(dim=2), np.zeros((10, 2)), VP, so.uniform_schedule(VP, 5), rng=0, n_steps=1,
-                     data_var=[1.0, 1.0, 1.0])
+    # The moments come from `data`: a target's own, or the samples'.
+    calls = []
+    train = lambda params, data: models.train(params, data, VP, so.uniform_schedule(VP, 5), rng=0, n_steps=1,
+                                              callback=lambda *a: calls.append(a))
+    with pytest.raises(ValueError, match=r"the mean and variance of `data` must be finite \(variance >= 0\); "
+                                         "coordinate 1 has mean 0.0 and variance -0.5"):
+        train(small_params(dim=2), Moments([0.0, 0.0], [1.0, -0.5]))
+    with pytest.raises(ValueError, match="coordinate 0 has mean nan and variance 1.0"):
+        train(small_params(), Moments([np.nan], [1.0]))
+    with pytest.raises(ValueError, match="`data` has 3 columns but `params` model 2"):
+        train(small_params(dim=2), Moments([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="`data` must be finite"):
+        train(small_params(dim=2), np.array([[0.0, np.nan], [1.0, 2.0]]))
+    assert calls == []
 
 
-def test_data_at_a_scale_the_process_never_reaches_is_warned_of():
-    with pytest.warns(RuntimeWarning, match=r"scale \(1e\+06.*above the largest noise-to-signal ratio of `process` "
+def test_data_at_a_scale_the_process_never_reaches_is_warned_of(monkeypatch):
+    monkeypatch.setattr(models, "MAX_LOSS_RATIO", 1e12)
+    with pytest.warns(RuntimeWarning, match=r"scale \(1e\+06.*above the largest noise-to-signal ratio of the process "
                                             r"vp_linear\(0.1, 20\) \(152"):
         models.train(small_params(), np.full((50, 1), 1e6) + np.arange(50)[:, None], VP,
-                     so.uniform_schedule(VP, 5), rng=0, n_steps=2, max_loss_ratio=1e12)
+                     so.uniform_schedule(VP, 5), rng=0, n_steps=2)
     with pytest.warns(RuntimeWarning, match="below the smallest noise-to-signal ratio"):
         models.train(small_params(), np.linspace(0, 1e-4, 50)[:, None], VP, so.uniform_schedule(VP, 5), rng=0,
                      n_steps=2)
@@ -258,7 +274,7 @@ def test_a_step_that_breaks_the_contract_is_named(step, error, message):
         sm.sample(score, VP, TS, X_T, 0, predictor=step)
     if step is not five_arguments:
         with pytest.raises(error, match=message):
-            sm.step_cost(score, VP, 0.5, 0.4, BIMODAL.sample(40, 0), 0, step=step)
+            sm.flow_error_cost(score, VP, 0.5, 0.4, BIMODAL.sample(40, 0), 0, step=step)
 
 
 # --- 7. Flags must be booleans ----------------------------------------------------------
@@ -276,8 +292,6 @@ def test_a_flag_that_is_not_a_boolean_is_refused(value):
         ("merge", lambda: so.to_timesteps(table_process, so.uniform_schedule(table_process, 5), merge=value)),
         ("control_variate", lambda: so.estimate_schedule_map(score, VP, BIMODAL.sample(40, 0), 0, n_grid=4,
                                                              control_variate=value)),
-        ("affine", lambda: sm.step_cost(score, VP, 0.5, 0.4, BIMODAL.sample(40, 0), 0, step="euler", affine=value)),
-        ("resume", lambda: models.train(small_params(), BIMODAL, VP, TS, rng=0, n_steps=1, resume=value)),
     ]
     for name, call in calls:
         if value is None and name == "control_variate":
@@ -322,8 +336,9 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_file(tmp_path, monkey
 
 def test_a_full_disk_during_training_says_which_checkpoint_is_intact(tmp_path, monkeypatch):
     path = str(tmp_path / "ck.npz")
-    settings = dict(rng=0, batch_size=8, checkpoint=path, checkpoint_every=10)
+    settings = dict(rng=0, batch_size=8, callback=models.checkpointer(path, every=10))
     models.train(small_params(), BIMODAL, VP, TS, n_steps=20, **settings)
+    settings["callback"] = models.checkpointer(path, every=10)
     real = np.savez
 
     def full(*args, **kwargs):
@@ -331,11 +346,11 @@ def test_a_full_disk_during_training_says_which_checkpoint_is_intact(tmp_path, m
     monkeypatch.setattr(models.np, "savez", full)
     with pytest.raises(OSError, match=r"could not save the checkpoint at step 30: .*No space left on device.*; the last "
                                       rf"good checkpoint `{path}` \(step 20\) is intact"):
-        models.train(small_params(), BIMODAL, VP, TS, n_steps=40, resume=True, allow_changes=("n_steps",), **settings)
+        models.resume(path, small_params(), BIMODAL, VP, TS, n_steps=40, allow_changes=("n_steps",), **settings)
     monkeypatch.setattr(models.np, "savez", real)
     assert models.load_checkpoint(path).step == 20
 
 
-def test_a_velocity_returning_nan_is_named_not_blamed_on_the_step_size():
-    with pytest.raises(ValueError, match=r"`velocity` returned nan at t = .*\(step 1 of 5"):
-        sm.sample(exact(BIMODAL, VP), VP, TS, X_T, 0, corrector_steps=1, velocity=lambda t: np.nan)
+def test_a_non_finite_corrector_ratio_is_named_not_blamed_on_the_samples():
+    with pytest.raises(ValueError, match="`corrector_ratio` must be positive, got nan"):
+        sm.sample(exact(BIMODAL, VP), VP, TS, X_T, 0, corrector_steps=1, corrector_ratio=np.nan)

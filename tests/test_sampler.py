@@ -159,11 +159,17 @@ def test_heun_has_no_second_stage_on_a_step_to_sigma_zero():
     # is d = nu x / (1 + nu^2). From nu = 2 to 1: Euler stage x_bar = x - 0.4 x = 0.6 x,
     # d_next = 0.3 x, trapezoid x1 = x - 0.5 (0.4 + 0.3) x = 0.65 x. From nu = 1 to 0:
     # x_bar = x1 - x1 / 2 = 0.325 x, and no second stage (it would give 0.75 x1 = 0.4875 x).
+    # A process whose nu is 0 at t_min is no process for the sampler (nu must be positive), so
+    # the steps are taken directly, with the exact score as a plain function.
     p = so.Process(s=lambda t: 1.0 + 0.0 * t, sigma=lambda t: 2.0 * t, t_min=0.0, t_max=1.0)
-    x, nfe = sm.sample(exact(models.Gaussian([0.0], [1.0]), p), p, np.array([0.0, 0.5, 1.0]),
-                       np.ones((3, 1)), 0, predictor="heun")
-    assert nfe == 3
+    score = lambda x, t: -x / (1.0 + so.as_column(p.nsr(t)) ** 2)
+    x1, nfe1 = sm.heun_step(score, p, np.ones((3, 1)), 1.0, 0.5, None)
+    x, nfe = sm.heun_step(score, p, x1, 0.5, 0.0, None)
+    assert (nfe1, nfe) == (2, 1)
+    np.testing.assert_allclose(x1, 0.65, rtol=1e-14)
     np.testing.assert_allclose(x, 0.325, rtol=1e-14)
+    with pytest.raises(ValueError, match="nu = sigma/s must be finite, positive and increasing from t_min to t_max"):
+        sm.sample(score, p, np.array([0.0, 0.5, 1.0]), np.ones((3, 1)), 0, predictor="heun")
 
 
 # The peers' samplers, transcribed independently, on three processes and three schedules.

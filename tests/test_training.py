@@ -4,11 +4,13 @@ import os
 import numpy as np
 import pytest
 from scipy.integrate import trapezoid
+from autograd.misc import flatten
 from autograd.test_util import check_grads
 
 import models
 import sampler as sm
 import scoreopt as so
+from oracles import gaussian_corrector_cost
 
 VP = so.vp_linear()
 BIMODAL = models.bimodal()
@@ -26,6 +28,17 @@ def assert_same_params(a, b):
     for (Wa, ba), (Wb, bb) in zip(a, b):
         np.testing.assert_array_equal(Wa, Wb)
         np.testing.assert_array_equal(ba, bb)
+
+
+def fresh_state(params, data_mean, data_var, seed, ts=TS):
+    """A run at step 0 whose model is standardised with the given moments: ``train`` continues a
+    TrainingState as it is (a fresh run takes its moments from the data)."""
+    T = len(ts) - 1
+    empty = {"loss": np.zeros(0), "update_step": np.zeros(0, int), "Lambda": np.zeros(0),
+             "schedules": np.zeros((0, T + 1)), "costs": np.zeros((0, T))}
+    dim = params[-1][0].shape[1]
+    return models.TrainingState(params, ts, models.adam_init(flatten(params)[0]), 0, np.random.default_rng(seed),
+                                empty, np.full(dim, data_mean), np.full(dim, data_var))
 
 
 def score_error(model, target):
@@ -58,17 +71,13 @@ def test_initial_model_is_the_gaussian_fit_and_per_row_times_agree(preconditioni
     np.testing.assert_allclose(models.mlp_score(params, x, 0.3, VP, gauss.mean(), gauss.variance(), preconditioning),
                                gauss.score(x, 0.3, VP), rtol=1e-12)
     # ... so its loss is the Gaussian optimum: the DSM loss ||sigma S + eps||^2 is
-    # E_t sum_k s^2 lam_k / (s^2 lam_k + sigma^2) for either parametrisation (the same
-    # denoiser); with EDM's weight every level's target has unit variance and it is d = 2.
+    # E_t sum_k s^2 lam_k / (s^2 lam_k + sigma^2) for either parametrisation (the same denoiser).
     x0 = gauss.sample(40_000, 1)
     s, sig = VP.s(TS)[:, None], VP.sigma(TS)[:, None]
     dsm_optimum = np.mean(np.sum(s ** 2 * gauss.var / (s ** 2 * gauss.var + sig ** 2), axis=1))
-    for loss_weight, optimum in (("dsm", dsm_optimum), ("edm", 2.0 if preconditioning == "edm" else None)):
-        if optimum is None:
-            continue
-        loss = models.dsm_loss(params, x0, VP, TS, 2, data_mean=gauss.mean(), data_var=gauss.variance(),
-                               preconditioning=preconditioning, loss_weight=loss_weight)
-        assert loss == pytest.approx(optimum, rel=0.03)
+    loss = models.dsm_loss(params, x0, VP, TS, 2, data_mean=gauss.mean(), data_var=gauss.variance(),
+                           preconditioning=preconditioning)
+    assert loss == pytest.approx(dsm_optimum, rel=0.03)
     p = small_params(dim=2)
     np.testing.assert_allclose(models.mlp_score(p, x[:4], np.full(4, 0.37), VP),
                                models.mlp_score(p, x[:4], 0.37, VP), rtol=1e-14)
@@ -77,11 +86,12 @@ def test_initial_model_is_the_gaussian_fit_and_per_row_times_agree(preconditioni
 @pytest.mark.parametrize("target", [models.Gaussian([0.5], [0.3]), BIMODAL], ids=["gaussian", "bimodal"])
 def test_training_reduces_score_error(target):
     # The initial model is the Gaussian fit of its standardisation, exact for Gaussian
-    # data: standardise with mean 0 and variance 1 instead, so that it starts wrong.
+    # data: standardise with mean 0 and variance 1 instead (a run continued from a state
+    # that has them), so that it starts wrong.
     params = models.init_mlp(0, dim=1, width=32, depth=2)
     before = score_error(models.score_model(params, VP, 0.0, 1.0), target)
-    out = models.train(params, target, VP, TS, rng=1, n_steps=1500, batch_size=128, lr=3e-3, callback=None,
-                       data_mean=0.0, data_var=1.0)
+    out = models.train(fresh_state(params, 0.0, 1.0, 1), target, VP, TS, rng=1, n_steps=1500, batch_size=128,
+                       lr=3e-3, callback=None)
     after = score_error(out.score(VP), target)
     assert after < 0.05 * before
     assert out.step == 1500 and len(out.history["loss"]) == 1500
@@ -199,7 +209,7 @@ def test_online_update_is_algorithm_2_on_the_gaussian_closed_form(method):
     grid = so.loglinear_schedule(VP, 4000)
     delta = so.gaussian_local_cost(VP, grid, [0.25])
     if method == "intervals":
-        exact = so.gaussian_corrector_cost(VP, ts[1:], ts[:-1], [0.25])
+        exact = gaussian_corrector_cost(VP, ts[1:], ts[:-1], [0.25])
         np.testing.assert_allclose(up.costs, exact, rtol=0.05)
         np.testing.assert_allclose(up.ts_star, so.update_schedule(ts, exact), atol=2e-3)
         assert up.length == pytest.approx(so.path_length(exact), rel=0.02)
@@ -263,11 +273,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
         if step == 50:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        models.train(small_params(), BIMODAL, VP, TS, rng=6, callback=interrupt, checkpoint=path,
-                     checkpoint_every=40, **kwargs)
+        models.train(small_params(), BIMODAL, VP, TS, rng=6, callback=models.checkpointer(path, 40, interrupt),
+                     **kwargs)
     assert models.load_checkpoint(path).step == 40
-    resumed = models.train(small_params(), BIMODAL, VP, TS, rng=6, callback=None, checkpoint=path,
-                           checkpoint_every=40, resume=True, **kwargs)
+    resumed = models.resume(path, small_params(), BIMODAL, VP, TS, rng=6, callback=models.checkpointer(path, 40),
+                            **kwargs)
     assert_same_params(whole.params, resumed.params)
     np.testing.assert_array_equal(whole.ts, resumed.ts)
     np.testing.assert_array_equal(whole.history["loss"], resumed.history["loss"])
@@ -322,8 +332,8 @@ def test_divergence_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
         def variance(self):
             return BIMODAL.variance()
     with pytest.raises(models.TrainingDiverged, match="diverged at step 23: the loss is not finite"):
-        models.train(small_params(), Poisoned(), VP, TS, rng=0, n_steps=40, batch_size=8, callback=None,
-                     checkpoint=path, checkpoint_every=10)
+        models.train(small_params(), Poisoned(), VP, TS, rng=0, n_steps=40, batch_size=8,
+                     callback=models.checkpointer(path, every=10))
     assert models.load_checkpoint(path).step == 20
 
 
@@ -363,11 +373,11 @@ def test_training_bad_input():
         models.train(p, BIMODAL, VP, TS, rng=0, n_steps=0)
     with pytest.raises(ValueError, match="`lr` must be positive"):
         models.train(p, BIMODAL, VP, TS, rng=0, n_steps=1, lr=-1.0)
-    with pytest.raises(ValueError, match="`lr_schedule`"):
-        models.train(p, BIMODAL, VP, TS, rng=0, n_steps=1, lr_schedule="step")
+    with pytest.raises(TypeError, match="`lr` must be a real number"):
+        models.train(p, BIMODAL, VP, TS, rng=0, n_steps=1, lr="step")
     with pytest.raises(TypeError, match="`online`"):
         models.train(p, BIMODAL, VP, TS, rng=0, n_steps=1, online={"every": 3})
-    with pytest.raises(ValueError, match="`route` must be 'intervals', 'grid' or a route function"):
+    with pytest.raises(ValueError, match=r"`route` must be a function or one of \['grid', 'intervals'\], got 'spline'"):
         models.OnlineSchedule(route="spline")          # at construction, not after the burn-in
     with pytest.raises(ValueError, match="strictly increasing"):
         models.train(p, BIMODAL, VP, TS[::-1], rng=0, n_steps=1)
