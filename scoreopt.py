@@ -1416,13 +1416,13 @@ def estimate_schedule_map(score, process, x0, rng, *, n_grid=1000, velocity=None
     delta, delta_stderr, groups, counts = _map_levels(plan)
     u = np.log(process.nsr(plan.ts))
     dt_du = 1.0 / np.abs(elementwise_grad(lambda t: anp.log(process.nsr(t)))(plan.ts))
-    Lambda_of = lambda ts, u, delta: np.concatenate([[0.0], np.cumsum(_trapezoid_increments(u, delta, 2))])
+    Lambda_of = lambda u, delta: np.concatenate([[0.0], np.cumsum(_trapezoid_increments(u, delta, 2))])
     metric = dt_du ** 2                       # delta in log nu: delta_u = delta_t (dt/du)^2
     delta, groups = np.maximum(delta, 0.0), np.maximum(groups, 0.0)   # a control variate's mean may dip below 0
-    Lambda = Lambda_of(plan.ts, u, delta * metric)
-    group_Lambda = np.array([Lambda_of(plan.ts, u, g * metric) for g in groups])
-    half = np.unique(np.append(np.arange(0, len(u), 2), len(u) - 1))
-    grid_error = abs(float(Lambda[-1]) - float(Lambda_of(None, u[half], (delta * metric)[half])[-1])) / 3
+    Lambda = Lambda_of(u, delta * metric)
+    group_Lambda = np.array([Lambda_of(u, g * metric) for g in groups])
+    half = np.unique(np.append(np.arange(0, len(u), 2), len(u) - 1))    # Richardson: the same on every other level
+    grid_error = abs(float(Lambda[-1]) - float(Lambda_of(u[half], (delta * metric)[half])[-1])) / 3
     if not np.any(delta > 0):
         warnings.warn("the score does not depend on t: its time derivative is zero (to rounding) at every level, so "
                       "every schedule is free and Lambda = 0; check that the model's time or noise-level input is "
