@@ -1058,7 +1058,7 @@ __all__ += [
     "ScheduleMap", "estimate_schedule_map", "grid_route", "load_schedule_map",
     "flow_matching", "process_from_alphas_cumprod", "to_timesteps", "to_sigmas",
     "score_from_denoiser", "score_from_eps", "score_from_v", "score_from_flow", "rowwise_score",
-    "progress_printer", "main",
+    "write_atomically", "progress_printer", "main",
 ]
 
 

@@ -30,6 +30,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -82,8 +83,10 @@ def main(argv=None, log=print):
 
     # 3. Exact scores: the schedule's effect alone.
     smap = so.estimate_schedule_map(exact, process, target.sample(4000, 0), 1, n_grid=N_GRID)
-    predictor = so.equal_cost_schedule(exact, process, smap.schedule(T), target.sample(1000, 2), 3,
-                                       cost="predictor", max_iter=cfg["predictor_iter"], tol=1e-3)
+    with warnings.catch_warnings():          # a fixed point short of convergence: the table says so
+        warnings.filterwarnings("ignore", "the equal-cost iteration did not converge", RuntimeWarning)
+        predictor = so.equal_cost_schedule(exact, process, smap.schedule(T), target.sample(1000, 2), 3,
+                                           cost="predictor", max_iter=cfg["predictor_iter"], tol=1e-3)
     exact_runs = {name: sample_stats(exact, process, target, ts, cfg["n_final"], 40)
                   for name, ts in (("linear", linear), ("corrector-optimised", smap.schedule(T)),
                                    ("predictor-optimised", predictor.ts))}

@@ -43,6 +43,57 @@ QUICK = dict(alphas=(0.0, 1.0, 2.0), steps=(5, 10, 20), n_samples=2000, n_grid=2
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "out", "gaussian_schedules")
 
 
+def main(argv=None, log=print):
+    """Run the example; returns the numbers it prints (a dict)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="fewer spectra, steps and samples")
+    parser.add_argument("--out", default=OUT, help="folder for the PNG figures")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else dict(alphas=ALPHAS, steps=STEPS, n_samples=N_SAMPLES, n_grid=N_GRID)
+    begin = time.perf_counter()
+    process = so.ve()
+
+    # (a) The schedule map estimated from a black-box score, against the closed form.
+    rec, (Lam, Lam_se, Lam_closed) = recovery(process, cfg["n_samples"], cfg["n_grid"], args.seed)
+    log(f"(a) N(0, {C}^2 I_{D_ISO}), VE on EDM's range: estimated from {cfg['n_samples']} samples on "
+        f"{cfg['n_grid']} levels, Lambda = {Lam:.3f} ± {Lam_se:.3f} (closed form {Lam_closed:.3f})")
+    log("| T | max relative error of sigma_i against the closed form |\n|---|---|")
+    for T, r in rec.items():
+        log(f"| {T} | {100 * r['max_rel_error']:.2f}% |")
+
+    # (b) The optimised schedule for each spectrum, and the EDM rho that fits it best.
+    fits = {}
+    for alpha in cfg["alphas"]:
+        ts = optimised_schedule(process, spectrum(alpha), FIT_T)
+        fits[alpha] = (*fit_rho(process, ts), process.sigma(ts))
+    log(f"\n(b) N(0, diag(k^-alpha)), d = {DIM}: EDM rho fitted to the optimised {FIT_T}-step schedule")
+    log("| alpha | best-fit rho | rms misfit in log nu |\n|---|---|---|")
+    for alpha, (rho, misfit, _) in fits.items():
+        log(f"| {alpha:g} | {rho:.2f} | {misfit:.3f} |")
+
+    # (c) Exact KL of every schedule, sampler and T.
+    table = steps_sweep(process, spectrum(1.0), cfg["steps"])
+    log(f"\n(c) Exact KL(output || p_tmin), N(0, diag(k^-1)), d = {DIM}, VE; * marks the best in its column")
+    log("| sampler | schedule | " + " | ".join(f"T = {T}" for T in cfg["steps"]) + " |")
+    log("|---|---|" + "---|" * len(cfg["steps"]))
+    for sampler_name in SAMPLERS:
+        names = [n for s, n in table if s == sampler_name]
+        best = [min(names, key=lambda n: table[sampler_name, n][j]) for j in range(len(cfg["steps"]))]
+        for name in names:
+            cells = [f"{v:.3g}{'*' if best[j] == name else ''}" for j, v in enumerate(table[sampler_name, name])]
+            log(f"| {sampler_name} | {name} | " + " | ".join(cells) + " |")
+
+    figures = plot(process, rec, fits, table, cfg["steps"], args.out, log)
+    log(f"\ntotal time {time.perf_counter() - begin:.1f} s")
+    return {"recovery": rec, "Lambda": (Lam, Lam_se, Lam_closed), "rho": {a: f[0] for a, f in fits.items()},
+            "kl": table, "figures": figures}
+
+
+# --------------------------------------------------------------------------------
+# (a) recovery, (b) the rho fit, (c) the steps sweep; the figures
+# --------------------------------------------------------------------------------
+
 def closed_form_schedule(process, T, c, d):
     """sigma_i with equal steps of the closed-form Lambda (docs/derivations.md, section 1), mapped to times."""
     Lam = lambda s: 2 * np.sqrt(d) * (np.arcsinh(s / c) - s / np.sqrt(c ** 2 + s ** 2))
@@ -100,50 +151,6 @@ def steps_sweep(process, lam, steps):
             table[sampler_name, name] = [sm.gaussian_kl(*sm.gaussian_output_law(target, process, rule(T), predictor=sampler_name),
                                                         goal.mean(), goal.var) for T in steps]
     return table
-
-
-def main(argv=None, log=print):
-    """Run the example; returns the numbers it prints (a dict)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="fewer spectra, steps and samples")
-    parser.add_argument("--out", default=OUT, help="folder for the PNG figures")
-    args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else dict(alphas=ALPHAS, steps=STEPS, n_samples=N_SAMPLES, n_grid=N_GRID)
-    begin = time.perf_counter()
-    process = so.ve()
-
-    rec, (Lam, Lam_se, Lam_closed) = recovery(process, cfg["n_samples"], cfg["n_grid"], args.seed)
-    log(f"(a) N(0, {C}^2 I_{D_ISO}), VE on EDM's range: estimated from {cfg['n_samples']} samples on "
-        f"{cfg['n_grid']} levels, Lambda = {Lam:.3f} ± {Lam_se:.3f} (closed form {Lam_closed:.3f})")
-    log("| T | max relative error of sigma_i against the closed form |\n|---|---|")
-    for T, r in rec.items():
-        log(f"| {T} | {100 * r['max_rel_error']:.2f}% |")
-
-    fits = {}
-    for alpha in cfg["alphas"]:
-        ts = optimised_schedule(process, spectrum(alpha), FIT_T)
-        fits[alpha] = (*fit_rho(process, ts), process.sigma(ts))
-    log(f"\n(b) N(0, diag(k^-alpha)), d = {DIM}: EDM rho fitted to the optimised {FIT_T}-step schedule")
-    log("| alpha | best-fit rho | rms misfit in log nu |\n|---|---|---|")
-    for alpha, (rho, misfit, _) in fits.items():
-        log(f"| {alpha:g} | {rho:.2f} | {misfit:.3f} |")
-
-    table = steps_sweep(process, spectrum(1.0), cfg["steps"])
-    log(f"\n(c) Exact KL(output || p_tmin), N(0, diag(k^-1)), d = {DIM}, VE; * marks the best in its column")
-    log("| sampler | schedule | " + " | ".join(f"T = {T}" for T in cfg["steps"]) + " |")
-    log("|---|---|" + "---|" * len(cfg["steps"]))
-    for sampler_name in SAMPLERS:
-        names = [n for s, n in table if s == sampler_name]
-        best = [min(names, key=lambda n: table[sampler_name, n][j]) for j in range(len(cfg["steps"]))]
-        for name in names:
-            cells = [f"{v:.3g}{'*' if best[j] == name else ''}" for j, v in enumerate(table[sampler_name, name])]
-            log(f"| {sampler_name} | {name} | " + " | ".join(cells) + " |")
-
-    figures = plot(process, rec, fits, table, cfg["steps"], args.out, log)
-    log(f"\ntotal time {time.perf_counter() - begin:.1f} s")
-    return {"recovery": rec, "Lambda": (Lam, Lam_se, Lam_closed), "rho": {a: f[0] for a, f in fits.items()},
-            "kl": table, "figures": figures}
 
 
 def plot(process, rec, fits, table, steps, out, log):

@@ -10,7 +10,10 @@ where no closed form exists, and compares the optimised 20-step schedule with th
 baselines.
 
     python examples/optimal_schedule.py
+    python examples/optimal_schedule.py --quick     # fewer samples and levels, two Gaussians
 """
+import argparse
+import sys
 import time
 
 import numpy as np
@@ -21,7 +24,23 @@ import scoreopt as so
 
 N_SAMPLES = 4000      # data samples behind each Monte-Carlo estimate
 N_GRID = 400          # grid points, uniform in log nu
+GAUSSIANS = [(0.1, 1), (0.5, 1), (2.0, 1), (0.5, 8)]     # (c, d) of the data N(0, c^2 I_d)
+T = 20                # steps of the Cantor schedule
 SEED = 0
+QUICK = dict(n_samples=1000, n_grid=100, gaussians=[(0.5, 1), (0.5, 8)])
+
+
+def main(argv=None, log=print):
+    """Run the example; returns the numbers it prints (a dict)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples and levels, two Gaussians")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else dict(n_samples=N_SAMPLES, n_grid=N_GRID, gaussians=GAUSSIANS)
+    # 1. Gaussian data: the map from a black-box score against the closed form.
+    gaussian = gaussian_table(cfg, log)
+    # 2. The mollified Cantor target: no closed form; the optimised schedule against the baselines.
+    cantor = cantor_schedule(cfg, log)
+    return {"gaussian": gaussian, "cantor": cantor}
 
 
 def closed_form_sigmas(c, d, lo, hi, T):
@@ -31,46 +50,50 @@ def closed_form_sigmas(c, d, lo, hi, T):
     return np.array(levels), Lam(hi) - Lam(lo)
 
 
-def gaussian_table():
-    process = so.ve()
-    print("VE process, data N(0, c^2 I_d), schedule map from a black-box score")
-    print("| c   | d | Lambda (estimated)  | Lambda (closed form) | max rel. error of sigma_i, T=10 / T=50 | time |")
-    print("|-----|---|---------------------|----------------------|----------------------------------------|------|")
-    for c, d in [(0.1, 1), (0.5, 1), (2.0, 1), (0.5, 8)]:
+def gaussian_table(cfg, log):
+    process, out = so.ve(), {}
+    log("VE process, data N(0, c^2 I_d), schedule map from a black-box score")
+    log("| c   | d | Lambda (estimated)  | Lambda (closed form) | max rel. error of sigma_i, T=10 / T=50 | time |")
+    log("|-----|---|---------------------|----------------------|----------------------------------------|------|")
+    for c, d in cfg["gaussians"]:
         target = models.Gaussian(np.zeros(d), np.full(d, c ** 2))
         start = time.perf_counter()
         smap = so.estimate_schedule_map(lambda x, t: target.score(x, t, process), process,
-                                        target.sample(N_SAMPLES, SEED), SEED + 1, n_grid=N_GRID)
+                                        target.sample(cfg["n_samples"], SEED), SEED + 1, n_grid=cfg["n_grid"])
         seconds = time.perf_counter() - start
         errors = []
-        for T in (10, 50):
-            ref, length = closed_form_sigmas(c, d, 0.002, 80.0, T)
-            errors.append(np.max(np.abs(process.sigma(smap.schedule(T)) / ref - 1)))
-        print(f"| {c:<3} | {d} | {smap.length:7.3f} +- {smap.length_stderr:.3f}   | {length:7.3f}              "
-              f"| {errors[0]:.2%} / {errors[1]:.2%}                          | {seconds:.2f} s |")
+        for steps in (10, 50):
+            ref, length = closed_form_sigmas(c, d, 0.002, 80.0, steps)
+            errors.append(np.max(np.abs(process.sigma(smap.schedule(steps)) / ref - 1)))
+        out[c, d] = (smap.length, smap.length_stderr, length, errors)
+        log(f"| {c:<3} | {d} | {smap.length:7.3f} +- {smap.length_stderr:.3f}   | {length:7.3f}              "
+            f"| {errors[0]:.2%} / {errors[1]:.2%}                          | {seconds:.2f} s |")
+    return out
 
 
-def cantor_schedule(T=20):
+def cantor_schedule(cfg, log):
     process = so.vp_linear()
     target = models.mollified_cantor()
-    smap = so.estimate_schedule_map(lambda x, t: target.score(x, t, process), process,
-                                    target.sample(N_SAMPLES, SEED), SEED + 1, n_grid=N_GRID)
+    score = lambda x, t: target.score(x, t, process)
+    smap = so.estimate_schedule_map(score, process, target.sample(cfg["n_samples"], SEED), SEED + 1,
+                                    n_grid=cfg["n_grid"])
     ts = smap.schedule(T)
-    print(f"\nMollified Cantor (8 modes), vp_linear: Lambda = {smap.length:.2f} +- "
-          f"{smap.length_stderr:.2f}; each of T = {T} steps costs about (Lambda/T)^2 = "
-          f"{smap.cost_per_step(T):.3f}")
-    print("optimised t_i:", np.array2string(ts, precision=4, max_line_width=100))
-    print("its nu_i:     ", np.array2string(so.nsr(process, ts), precision=3, max_line_width=100))
-    x0 = target.sample(N_SAMPLES, SEED + 2)
-    print("total corrector cost sum_i L_c(t_{i+1}, t_i), Monte Carlo:")
+    log(f"\nMollified Cantor (8 modes), vp_linear: Lambda = {smap.length:.2f} +- "
+        f"{smap.length_stderr:.2f}; each of T = {T} steps costs about (Lambda/T)^2 = "
+        f"{smap.cost_per_step(T):.3f}")
+    log("optimised t_i: " + np.array2string(ts, precision=4, max_line_width=100))
+    log("its nu_i:      " + np.array2string(so.nsr(process, ts), precision=3, max_line_width=100))
+    x0 = target.sample(cfg["n_samples"], SEED + 2)
+    log("total corrector cost sum_i L_c(t_{i+1}, t_i), Monte Carlo:")
+    totals = {}
     for name, sched in [("optimised", ts), ("uniform", so.uniform_schedule(process, T)),
                         ("EDM rho=7", so.edm_schedule(process, T)),
                         ("cosine", so.cosine_schedule(process, T))]:
-        costs, _ = so.interval_costs(lambda x, t: target.score(x, t, process), process,
-                                     sched, x0, SEED + 3)
-        print(f"  {name:10s} {costs.sum():8.3f}   (max/min step cost {costs.max() / costs.min():8.1f})")
+        costs, _ = so.interval_costs(score, process, sched, x0, SEED + 3)
+        totals[name] = costs.sum()
+        log(f"  {name:10s} {costs.sum():8.3f}   (max/min step cost {costs.max() / costs.min():8.1f})")
+    return totals
 
 
 if __name__ == "__main__":
-    gaussian_table()
-    cantor_schedule()
+    main(sys.argv[1:])

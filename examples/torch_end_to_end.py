@@ -15,8 +15,10 @@ convention, `D(x, sigma)` in float32 with EDM's preconditioning, is trained on t
 Needs PyTorch and k-diffusion (`pip install torch k-diffusion`; k-diffusion 0.1.1 also needs
 `setuptools<81`); neither is a dependency of this package.
 
-    python examples/torch_end_to_end.py      # about 15 s on 2 cores
+    python examples/torch_end_to_end.py            # about 15 s on 2 cores
+    python examples/torch_end_to_end.py --quick    # a shorter training, fewer samples and a smaller budget
 """
+import argparse
 import sys
 import time
 
@@ -32,8 +34,74 @@ except ImportError as err:
     sys.exit(f"this example needs PyTorch and k-diffusion ({err}): pip install torch k-diffusion 'setuptools<81'")
 
 SIGMA_DATA, N_TRAIN, N_STEPS, N_SAMPLES, N_LEVELS = 0.5, 20_000, 3000, 4000, 11
+BUDGET = 100_000                             # per-sample score evaluations for the paper's map
+QUICK = dict(n_steps=500, n_samples=1000, budget=30_000)
 PROCESS = so.ve()                            # k-diffusion's own convention: x = y, sigma = nu
 
+
+def main(argv=None, log=print):
+    """Run the example; returns the numbers it prints (a dict)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a shorter training, fewer samples, a smaller budget")
+    args = parser.parse_args(argv)
+    n_steps, n_samples, budget = ((QUICK["n_steps"], QUICK["n_samples"], QUICK["budget"]) if args.quick
+                                  else (N_STEPS, N_SAMPLES, BUDGET))
+    torch.set_num_threads(2)
+    data, held_out = moons(N_TRAIN, 0), moons(n_samples, 1)
+
+    # 1. Your model: a float32 PyTorch denoiser, trained.
+    start = time.perf_counter()
+    model = train(data, n_steps)
+    log(f"trained a float32 PyTorch denoiser ({n_steps} steps) in {time.perf_counter() - start:.1f} s")
+
+    @torch.no_grad()
+    def denoiser(y, nu):                       # what a user writes: NumPy in, NumPy out; the model stays float32
+        y = torch.as_tensor(y, dtype=torch.float32)
+        nu = torch.as_tensor(np.array(np.broadcast_to(nu, len(y))), dtype=torch.float32)
+        return model(y, nu).double().numpy()
+
+    # 2. Its schedules: the recommended call, and the paper's map on a budget.
+    score = so.score_from_denoiser(denoiser, PROCESS)
+    x0 = data[:5000].astype(np.float64)
+    start = time.perf_counter()
+    flow = sm.equal_error_schedule(score, PROCESS, N_LEVELS - 1, x0, 0, step="euler", batch_size=1024)
+    log(f"equal_error_schedule, T = {N_LEVELS - 1}: {time.perf_counter() - start:.1f} s, "
+        f"{flow.n_evaluations:,} per-sample evaluations, {flow.n_iter} updates")
+    start = time.perf_counter()
+    smap = so.estimate_schedule_map(score, PROCESS, x0, 0, budget=budget, batch_size=1024)
+    log(f"estimate_schedule_map, budget {budget:,}: {time.perf_counter() - start:.1f} s, "
+        f"{smap.n_evaluations:,} evaluations, Λ = {smap.length:.3f} ± {smap.length_stderr:.3f} "
+        f"(grid error {smap.grid_error:.3f})")
+
+    # 3. Sampling with k-diffusion on each schedule, against its default (Karras, rho = 7).
+    sigma_min, sigma_max = float(PROCESS.nsr(PROCESS.t_min)), float(PROCESS.nsr(PROCESS.t_max))
+    schedules = {
+        "k-diffusion get_sigmas_karras(11) (rho = 7)": sampling.get_sigmas_karras(N_LEVELS, sigma_min, sigma_max),
+        "equal local error, to_sigmas(process, ts)": torch.as_tensor(so.to_sigmas(PROCESS, flow.ts).astype(np.float32)),
+        "corrector map, smap.sigmas(11, float32)": torch.as_tensor(smap.sigmas(N_LEVELS, dtype=np.float32)),
+    }
+    x_T = torch.randn(n_samples, 2, generator=torch.Generator().manual_seed(2)) * sigma_max
+    fine = sampling.sample_heun(model, x_T, sampling.get_sigmas_karras(200, sigma_min, sigma_max), disable=True)
+    log(f"\nk-diffusion sample_euler, {N_LEVELS} model calls each, {n_samples} samples from one float32 prior draw:")
+    log("| schedule | dtype out | coupled error to the model's 200-step solution | sliced W1 to held-out data |")
+    log("|---|---|---|---|")
+    results = {}
+    with torch.no_grad():
+        for name, sigmas in schedules.items():
+            start = time.perf_counter()
+            x = sampling.sample_euler(model, x_T, sigmas.to(torch.float32), disable=True)
+            coupled = float(((x - fine) ** 2).mean())
+            w1 = sm.sliced_wasserstein(x.double().numpy(), held_out.astype(np.float64), 0)
+            results[name] = dict(coupled=coupled, w1=w1, dtype=str(x.dtype), seconds=time.perf_counter() - start)
+            log(f"| {name} | {x.dtype} | {coupled:.3g} | {w1:.4f} |")
+    floor = sm.sliced_wasserstein(data[:n_samples].astype(np.float64), held_out.astype(np.float64), 0)
+    log(f"noise floor (training against held-out data, {n_samples} each): sliced W1 {floor:.4f}")
+    return results
+
+
+# --------------------------------------------------------------------------------
+# The data and the model
+# --------------------------------------------------------------------------------
 
 def moons(n, rng):
     """Two interleaved half circles, scaled to a standard deviation of about 0.5."""
@@ -59,11 +127,11 @@ class Denoiser(torch.nn.Module):
         return c_skip * x + c_out * self.net(torch.cat([c_in * x, sigma.log() / 4], dim=1))
 
 
-def train(data):
+def train(data, n_steps):
     torch.manual_seed(0)
     model, data = Denoiser(), torch.from_numpy(data)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(N_STEPS):
+    for _ in range(n_steps):
         x0 = data[torch.randint(0, len(data), (512,))]
         sigma = (torch.randn(512) * 1.2 - 1.2).exp()
         weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
@@ -74,55 +142,5 @@ def train(data):
     return model.eval()
 
 
-def main(log=print):
-    torch.set_num_threads(2)
-    data, held_out = moons(N_TRAIN, 0), moons(N_SAMPLES, 1)
-    start = time.perf_counter()
-    model = train(data)
-    log(f"trained a float32 PyTorch denoiser ({N_STEPS} steps) in {time.perf_counter() - start:.1f} s")
-
-    @torch.no_grad()
-    def denoiser(y, nu):                       # what a user writes: NumPy in, NumPy out; the model stays float32
-        y = torch.as_tensor(y, dtype=torch.float32)
-        nu = torch.as_tensor(np.array(np.broadcast_to(nu, len(y))), dtype=torch.float32)
-        return model(y, nu).double().numpy()
-
-    score = so.score_from_denoiser(denoiser, PROCESS)
-    x0 = data[:5000].astype(np.float64)
-    start = time.perf_counter()
-    flow = sm.equal_error_schedule(score, PROCESS, N_LEVELS - 1, x0, 0, step="euler", batch_size=1024)
-    log(f"equal_error_schedule, T = {N_LEVELS - 1}: {time.perf_counter() - start:.1f} s, "
-        f"{flow.n_evaluations:,} per-sample evaluations, {flow.n_iter} updates")
-    start = time.perf_counter()
-    smap = so.estimate_schedule_map(score, PROCESS, x0, 0, budget=100_000, batch_size=1024)
-    log(f"estimate_schedule_map, budget 100,000: {time.perf_counter() - start:.1f} s, "
-        f"{smap.n_evaluations:,} evaluations, Λ = {smap.length:.3f} ± {smap.length_stderr:.3f} "
-        f"(grid error {smap.grid_error:.3f})")
-
-    sigma_min, sigma_max = float(PROCESS.nsr(PROCESS.t_min)), float(PROCESS.nsr(PROCESS.t_max))
-    schedules = {
-        "k-diffusion get_sigmas_karras(11) (rho = 7)": sampling.get_sigmas_karras(N_LEVELS, sigma_min, sigma_max),
-        "equal local error, to_sigmas(process, ts)": torch.as_tensor(so.to_sigmas(PROCESS, flow.ts).astype(np.float32)),
-        "corrector map, smap.sigmas(11, float32)": torch.as_tensor(smap.sigmas(N_LEVELS, dtype=np.float32)),
-    }
-    x_T = torch.randn(N_SAMPLES, 2, generator=torch.Generator().manual_seed(2)) * sigma_max
-    fine = sampling.sample_heun(model, x_T, sampling.get_sigmas_karras(200, sigma_min, sigma_max), disable=True)
-    log(f"\nk-diffusion sample_euler, {N_LEVELS} model calls each, {N_SAMPLES} samples from one float32 prior draw:")
-    log("| schedule | dtype out | coupled error to the model's 200-step solution | sliced W1 to held-out data |")
-    log("|---|---|---|---|")
-    results = {}
-    with torch.no_grad():
-        for name, sigmas in schedules.items():
-            start = time.perf_counter()
-            x = sampling.sample_euler(model, x_T, sigmas.to(torch.float32), disable=True)
-            coupled = float(((x - fine) ** 2).mean())
-            w1 = sm.sliced_wasserstein(x.double().numpy(), held_out.astype(np.float64), 0)
-            results[name] = dict(coupled=coupled, w1=w1, dtype=str(x.dtype), seconds=time.perf_counter() - start)
-            log(f"| {name} | {x.dtype} | {coupled:.3g} | {w1:.4f} |")
-    floor = sm.sliced_wasserstein(data[:N_SAMPLES].astype(np.float64), held_out.astype(np.float64), 0)
-    log(f"noise floor (training against held-out data, {N_SAMPLES} each): sliced W1 {floor:.4f}")
-    return results
-
-
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

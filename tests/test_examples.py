@@ -1,22 +1,45 @@
-"""The examples run end to end in --quick mode and show what they claim (issue: examples).
+"""The examples run end to end in --quick mode and show what they claim (issue: examples); every
+script in ``examples/`` and ``examples/benchmarks/`` imports, shows ``--help``, and uses only
+library names and keywords that exist.
 
-Each example's ``main(argv, log)`` returns the numbers it prints; the checks below
-are the qualitative claims of each example, on those numbers.
+Each tutorial's ``main(argv, log)`` returns the numbers it prints; the checks below are the
+qualitative claims of each tutorial, on those numbers. The benchmarks are never run here (their
+``--quick`` runs take minutes): the ``--help`` run and the check of every ``so.name(keyword=...)``
+they write against the library are what make a renamed API break a test.
 """
+import ast
+import glob
+import importlib
 import importlib.util
+import inspect
+import json
 import os
+import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+import models
+import sampler
+import scoreopt
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+EXAMPLES = os.path.join(ROOT, "examples")
+BENCHMARKS = os.path.join(EXAMPLES, "benchmarks")
+TUTORIALS = sorted(glob.glob(os.path.join(EXAMPLES, "*.py")))
+BENCHMARK_SCRIPTS = sorted(p for p in glob.glob(os.path.join(BENCHMARKS, "*.py")) if not p.endswith("retired.py"))
+SCRIPTS = TUTORIALS + BENCHMARK_SCRIPTS
+OPTIONAL = {"torch": "PyTorch"}      # a script that needs one of these may exit at import when it is missing
 
 
 def run_example(name, tmp_path, figures=True):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # so that a process pool can pickle its functions
-    spec.loader.exec_module(module)
+    """The tutorial ``examples/<name>.py`` imported as the module ``name`` (``examples/`` on ``sys.path``,
+    so that the processes of a spawn-context pool, which inherit ``sys.path``, can import it too) and run
+    with ``--quick``."""
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    module = importlib.import_module(name)
     lines = []
     out = module.main(["--quick", "--out", str(tmp_path)], log=lines.append)
     text = "\n".join(lines)
@@ -45,6 +68,9 @@ def test_cantor_linear_schedule_misses_modes_that_the_optimised_one_fills(tmp_pa
     assert trained["optimised"]["w1"] < trained["linear"]["w1"]
     assert trained["optimised"]["mass"] > trained["linear"]["mass"]
     assert trained["optimised"]["per_level"].score_error.shape == (9,)
+    # Each model was sampled on its own final schedule: the optimised one moved away from the linear one.
+    assert not np.allclose(trained["optimised"]["ts"], trained["linear"]["ts"])
+    assert all(r["seconds"] > 0 for r in (trained["linear"], trained["optimised"]))
     assert "| trained | optimised |" in text and "| exact | linear |" in text and "per noise level" in text
 
 
@@ -97,3 +123,152 @@ def test_pretrained_adapters_agree_and_the_exports_are_usable(tmp_path):
     assert len(steps) == 11 and steps[0] == 999 and steps[-1] == 0 and np.all(np.diff(steps) < 0)
     assert len(times) == 11 and times[0] == 1.0 and np.all(np.diff(times) < 0)
     assert "set_timesteps(sigmas=" in text
+
+
+def test_optimal_schedule_from_a_black_box_score_matches_the_closed_form():
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    lines = []
+    out = importlib.import_module("optimal_schedule").main(["--quick"], log=lines.append)
+    for lam, se, closed, errors in out["gaussian"].values():
+        assert abs(lam - closed) < 4.5 * se and max(errors) < 0.03
+    totals = out["cantor"]                  # the optimised schedule has the least total corrector cost
+    assert totals["optimised"] == min(totals.values()) and totals["optimised"] < 0.5 * totals["EDM rho=7"]
+    assert "| c   | d |" in "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------
+# Every script: --help, the library names and keywords it uses, its process pools
+# --------------------------------------------------------------------------------
+
+# Runs each script's `__main__` block with `--help` in one fresh interpreter (the imports shared, so
+# that the check is fast; whatever a script sets process-wide stays in that interpreter).
+HELP_RUNNER = r"""
+import contextlib, io, json, runpy, sys
+out = {}
+for path in sys.argv[1:]:
+    buffer, sys.argv = io.StringIO(), [path, "--help"]
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            runpy.run_path(path, run_name="__main__")
+        code = "returned without exiting"
+    except SystemExit as stop:
+        code = stop.code
+    except BaseException as err:
+        code = f"{type(err).__name__}: {err}"
+    out[path] = [code, buffer.getvalue()]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def help_pages():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               MPLBACKEND="Agg")
+    done = subprocess.run([sys.executable, "-c", HELP_RUNNER, *SCRIPTS], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=[os.path.relpath(p, EXAMPLES) for p in SCRIPTS])
+def test_every_script_imports_and_shows_help(path, help_pages):
+    code, text = help_pages[path]
+    missing = [name for module, name in OPTIONAL.items() if importlib.util.find_spec(module) is None]
+    if code != 0 and missing and any(f"pip install {m}" in str(code) + text for m in OPTIONAL):
+        pytest.skip(f"{os.path.basename(path)} needs {', '.join(missing)}, not installed here")
+    assert code == 0, f"{path} --help: exit {code!r}\n{text[-2000:]}"
+    assert text.startswith("usage:") and "--help" in text and "--quick" in text, text[-2000:]
+
+
+def library_modules():
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    return {"scoreopt": scoreopt, "sampler": sampler, "models": models, "retired": importlib.import_module("retired")}
+
+
+def used_names(path):
+    """``(module, name, keywords, line)`` for every ``alias.name`` (or ``from module import name``) a script
+    writes against the library; ``keywords`` maps each keyword of a direct call ``alias.name(...)`` to what
+    the library function it names passes it on to (a ``cost=`` or ``route=`` given by name), else None."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    modules = library_modules()
+    alias, found = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            alias.update({a.asname or a.name: a.name for a in node.names if a.name in modules})
+        elif isinstance(node, ast.ImportFrom) and node.module in modules:
+            found += [(node.module, a.name, {}, node.lineno) for a in node.names]
+
+    def resolve(value):          # so.name, or a name of scoreopt.COSTS / ROUTES
+        if isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name) and value.value.id in alias:
+            return getattr(modules[alias[value.value.id]], value.attr, None)
+        if isinstance(value, ast.Constant):
+            return {**scoreopt.COSTS, **scoreopt.ROUTES}.get(value.value)
+        return None
+    calls = {id(node.func): node for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in alias:
+            call = calls.get(id(node))
+            keywords = {k.arg: k.value for k in call.keywords if k.arg} if call else {}
+            forward = next((resolve(keywords[k]) for k in ("cost", "route") if k in keywords), None)
+            found.append((alias[node.value.id], node.attr, dict.fromkeys(keywords, forward), node.lineno))
+    return found
+
+
+def accepted_keywords(target, forward):
+    """The keywords ``target`` accepts (those of ``forward`` too where it passes ``**options`` on), or None
+    when that cannot be told."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return None
+    if isinstance(target, type) and getattr(target, "_fields", None) is not None:
+        return set(target._fields)                        # a NamedTuple (OnlineSchedule checks in __new__)
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return set(parameters)
+    further = None if forward is None else accepted_keywords(forward, None)
+    return None if further is None else set(parameters) | further
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=[os.path.relpath(p, EXAMPLES) for p in SCRIPTS])
+def test_every_library_name_and_keyword_a_script_uses_exists(path):
+    modules, problems = library_modules(), []
+    tutorial = path in TUTORIALS
+    for module, name, keywords, line in used_names(path):
+        where = f"{os.path.relpath(path, ROOT)}:{line}: {module}.{name}"
+        if not hasattr(modules[module], name):
+            problems.append(f"{where} does not exist")
+            continue
+        if tutorial and module != "retired" and name not in modules[module].__all__:
+            problems.append(f"{where} is not in {module}.__all__ (a tutorial uses the documented API)")
+        for keyword, forward in keywords.items():
+            accepted = accepted_keywords(getattr(modules[module], name), forward)
+            if accepted is not None and keyword not in accepted:
+                problems.append(f"{where}(..., {keyword}=...): no such argument")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=[os.path.basename(p) for p in TUTORIALS])
+def test_tutorials_start_process_pools_by_spawn_or_forkserver_never_fork(path):
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if name == "get_context":
+            method = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else None
+            assert method in ("spawn", "forkserver"), f"{path}:{node.lineno}: get_context({method!r})"
+        elif name == "ProcessPoolExecutor":
+            assert any(k.arg == "mp_context" for k in node.keywords), \
+                f"{path}:{node.lineno}: a ProcessPoolExecutor without mp_context (the default is fork on Linux)"
+        elif name == "Pool":
+            assert isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Call), \
+                f"{path}:{node.lineno}: a Pool not made from get_context('spawn' or 'forkserver')"
+
+
+def test_the_retired_rules_live_beside_the_benchmarks_only():
+    retired = library_modules()["retired"]
+    assert "docs/derivations.md" in retired.__doc__
+    for name in retired.__all__:
+        assert callable(getattr(retired, name)) and not hasattr(scoreopt, name) and not hasattr(sampler, name)

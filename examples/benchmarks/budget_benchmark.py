@@ -1,4 +1,4 @@
-"""Accuracy of the schedule map against its budget of score evaluations; writes docs/budget.md.
+"""Accuracy of the schedule map against its budget of score evaluations; writes docs/reports/budget.md.
 
 For three targets with exact scores under `vp_linear` (a 64-d Gaussian with spectrum
 k^-1.5, a Cantor variant, `mollified_cantor(level=3, width=0.01, interval=(-1, 1))`, and
@@ -18,11 +18,12 @@ T = 10 and T = 50:
   grid (quadrature) error; and the fraction whose `length_interval(0.95)` (the same with
   the Student-t quantile of the batch means) holds the reference.
 
-    python examples/budget_benchmark.py           # about 10 minutes on 2 cores
-    python examples/budget_benchmark.py --quick   # one target, prints only
+    python examples/benchmarks/budget_benchmark.py           # about 10 minutes on 2 cores
+    python examples/benchmarks/budget_benchmark.py --quick   # a smoke run (3 seeds, one budget), prints only
 """
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -35,7 +36,10 @@ BUDGETS = (30_000, 100_000, 300_000, 1_000_000)
 GRIDS = (None, 20, 100)            # None: the budget's own choice, sqrt(budget / 40) levels
 REFERENCE_BUDGET = 16_000_000
 STEPS = (10, 50)
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "budget.md")
+TRAIN_STEPS = 6000                 # the trained MLP's budget
+QUICK = dict(names=("cantor", "cantor, trained MLP"), budgets=(30_000,), grids=(None,), seeds=3,
+             reference_budget=500_000, train_steps=300)
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "reports", "budget.md")
 
 
 def targets():
@@ -47,10 +51,10 @@ def targets():
 class Trained:
     """A trained model standing in for a user's: its score, and the data it was trained on."""
 
-    def __init__(self, process):
+    def __init__(self, process, n_steps):
         self.data = models.mollified_cantor(level=3, width=0.01, interval=(-1, 1))
         state = models.train(models.init_mlp(0, width=64, depth=3), self.data, process,
-                             so.loglinear_schedule(process, 64), rng=0, n_steps=6000, batch_size=256, lr=5e-3,
+                             so.loglinear_schedule(process, 64), rng=0, n_steps=n_steps, batch_size=256, lr=5e-3,
                              levels="between")
         self.model = state.score(process)
 
@@ -72,9 +76,9 @@ def estimate(target, process, budget, seed, n_grid, control_variate):
                                     control_variate=control_variate)
 
 
-def row(name, target, process, reference, budget, n_grid, control_variate):
+def row(name, target, process, reference, budget, n_grid, control_variate, seeds):
     begin = time.perf_counter()
-    maps = [estimate(target, process, budget, seed, n_grid, control_variate) for seed in range(SEEDS)]
+    maps = [estimate(target, process, budget, seed, n_grid, control_variate) for seed in range(seeds)]
     cells = []
     for T in STEPS:
         nu = np.array([so.nsr(process, m.schedule(T)) for m in maps])[:, 1:-1]
@@ -90,35 +94,35 @@ def row(name, target, process, reference, budget, n_grid, control_variate):
     return (f"| {name} | {budget:,} | {grid}{'' if n_grid else ' (auto)'} | {maps[0].metadata['n_samples']} | "
             f"{'yes' if control_variate else 'no'} | " + " | ".join(cells) +
             f" | {100 * error:+.2f}% | {covered:.2f} / {with_grid:.2f} / {interval:.2f} | {max(m.n_evaluations for m in maps):,} | "
-            f"{(time.perf_counter() - begin) / SEEDS:.2f} s |")
+            f"{(time.perf_counter() - begin) / seeds:.2f} s |")
 
 
-def run(names, budgets, grids):
+def run(names, budgets, grids, seeds=SEEDS, reference_budget=REFERENCE_BUDGET, train_steps=TRAIN_STEPS):
     process = so.vp_linear()
     lines = []
     for name in names:
-        target = targets()[name] or Trained(process)
+        target = targets()[name] or Trained(process, train_steps)
         score = lambda x, t: target.score(x, t, process)
-        n = REFERENCE_BUDGET // 2002
+        n = reference_budget // 2002
         reference = so.estimate_schedule_map(score, process, target.sample(n, 999), 999, n_grid=1000)
         print(f"{name}: reference Lambda {reference.length:.4f} ± {reference.length_stderr:.4f}", flush=True)
         for budget in budgets:
             for n_grid in grids:
                 for cv in (False, True):
-                    lines.append(row(name, target, process, reference, budget, n_grid, cv))
+                    lines.append(row(name, target, process, reference, budget, n_grid, cv, seeds))
                     print(lines[-1], flush=True)
     header = ["| target | budget | levels | samples | control variate | spread T=10 | bias T=10 | "
               "spread T=50 | bias T=50 | Λ mean error | Λ coverage: 1.96 s.e. / 1.96 with grid error / length_interval | "
               "evaluations used | "
               "seconds per map |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    return "\n".join(header + lines + [""] + coverage_summary(lines))
+    return "\n".join(header + lines + [""] + coverage_summary(lines, seeds))
 
 
-def coverage_summary(lines):
+def coverage_summary(lines, seeds):
     """Pooled coverage of Lambda by its 95% error bar, per target, over every row's seeds."""
     out = ["Pooled over every row of a target (nominal 0.95; the standard error of a pooled fraction "
-           f"of N seeds is about sqrt(0.95 x 0.05 / N)):", "",
+           "of N seeds is about sqrt(0.95 x 0.05 / N)):", "",
            "| target | seeds | 1.96 Monte-Carlo s.e. | 1.96 with the grid error | `length_interval(0.95)` |",
            "|---|---|---|---|---|"]
     pooled = {}
@@ -126,22 +130,28 @@ def coverage_summary(lines):
         cells = [c.strip() for c in line.strip("|").split("|")]
         pooled.setdefault(cells[0], []).append([float(v) for v in cells[10].split("/")])
     for name, values in pooled.items():
-        out.append(f"| {name} | {SEEDS * len(values)} | " + " | ".join(f"{v:.3f}" for v in np.mean(values, axis=0)) + " |")
+        out.append(f"| {name} | {seeds * len(values)} | " + " | ".join(f"{v:.3f}" for v in np.mean(values, axis=0)) + " |")
     return out
 
 
-if __name__ == "__main__":
+def main(argv=None, log=print):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="a smoke run (one budget, 3 seeds, small reference "
+                                                             "maps, a short training); prints only")
+    args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.quick:
-        print(run(["cantor, trained MLP"], (100_000,), (None,)))
+        text = run(**QUICK)
     else:
         table = run(list(targets()), BUDGETS, GRIDS)
         text = ("# Schedule map: accuracy against the budget of score evaluations\n\n"
-                "Made by `python examples/budget_benchmark.py` (see its docstring for the protocol; "
+                "Made by `python examples/benchmarks/budget_benchmark.py` (see its docstring for the protocol; "
                 f"{SEEDS} seeds per row, `vp_linear`; exact scores, and in the last rows a trained MLP's).\n\n" + table +
                 f"\n\nTotal time: {time.perf_counter() - start:.0f} s.\n")
         so.write_atomically(OUT, text)
-        print(text)
+    log(text)
+    return text
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

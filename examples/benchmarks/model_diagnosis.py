@@ -15,8 +15,10 @@ the model's own schedule, and, for the samples that end more than one data inter
 the step at which they leave, their level, and the model's denoised estimate there against
 the exact one.
 
-    python examples/model_diagnosis.py      # about 3 minutes on 2 cores
+    python examples/benchmarks/model_diagnosis.py            # about 3 minutes on 2 cores
+    python examples/benchmarks/model_diagnosis.py --quick    # 200 training steps per model, 2,000 samples
 """
+import argparse
 import sys
 import time
 
@@ -33,12 +35,23 @@ CASES = {
     "bimodal": dict(target=models.bimodal, T=50, n_steps=4000, lr=3e-3, batch_size=256,
                     online=dict(every=50, burn_in=1000, gamma=0.1)),
 }
+QUICK = dict(n_steps=200, n_samples=2000, online=dict(every=100, burn_in=100, n_samples=500, n_grid=50))
+
+
+def quick_cases():
+    """The same cases on a short budget (a smoke run): fewer steps and online samples, updates from step 100."""
+    return {case: dict(cfg, n_steps=QUICK["n_steps"], online=dict(cfg["online"], **QUICK["online"]))
+            for case, cfg in CASES.items()}
 
 
 def main(argv=None, log=print):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: short trainings, fewer samples")
+    args = parser.parse_args(argv)
+    cases, n_samples = (quick_cases(), QUICK["n_samples"]) if args.quick else (CASES, N_SAMPLES)
     process, out = so.vp_linear(), {}
     levels = so.loglinear_schedule(process, 8)
-    for case, cfg in CASES.items():
+    for case, cfg in cases.items():
         target = cfg["target"]()
         exact = lambda x, t: target.score(x, t, process)
         for preconditioning in ("eps", "edm"):
@@ -49,17 +62,17 @@ def main(argv=None, log=print):
                                online=models.OnlineSchedule(**cfg["online"]))
             model = run.score(process)
             errors = sm.score_error_by_level(model, exact, process, levels, target.sample(4000, 99), 100)
-            stray = strays(model, exact, process, target, run.ts)
+            stray = strays(model, exact, process, target, run.ts, n_samples)
             out[case, preconditioning] = {"errors": errors, "stray": stray, "seconds": time.perf_counter() - start}
-            log(f"{case}, {preconditioning}: {stray['escaped']} of {N_SAMPLES:,} samples escaped, W1 {stray['w1']:.4g} "
+            log(f"{case}, {preconditioning}: {stray['escaped']} of {n_samples:,} samples escaped, W1 {stray['w1']:.4g} "
                 f"(trained in {out[case, preconditioning]['seconds']:.0f} s)")
     report(out, levels, process, log)
     return out
 
 
-def strays(model, exact, process, target, ts):
+def strays(model, exact, process, target, ts, n_samples):
     """Ancestral samples on ``ts``; for those that end far from the data, the step they leave at."""
-    x_T = sm.prior_sample(process, N_SAMPLES, target.variance(), 10)
+    x_T = sm.prior_sample(process, n_samples, target.variance(), 10)
     x = sm.sample(model, process, ts, x_T, 11, predictor="ancestral", max_growth=None).x
     lo, hi = target.interval if hasattr(target, "interval") else (-1.5, 1.5)
     far = (x[:, 0] < lo - (hi - lo)) | (x[:, 0] > hi + (hi - lo))

@@ -1,4 +1,4 @@
-"""Benchmark: which schedule for a trained model, on real data. Writes docs/realdata.md.
+"""Benchmark: which schedule for a trained model, on real data. Writes docs/reports/realdata.md.
 
 Data: 8x8 grey-level patches of scikit-image's bundled photographs (64-d, values scaled
 to [-1, 1]); the models train on patches from the left 80% of each photograph and are
@@ -8,7 +8,8 @@ process (VE, vp_linear), sampler (Euler, Heun, ancestral) and T (5, 10, 20):
 
 - the six baselines (uniform, cosine, log-linear, arctan, EDM rho = 3 and 7);
 - the paper's corrector-optimised schedule map, estimated from the model;
-- the step cost of the Stein identity (`sampler.step_cost`), equalised;
+- the step cost of the Stein identity (`retired.step_cost`, beside this script: it left the
+  library, docs/derivations.md has its measurements), equalised;
 - the local error against the model's own flow (`sampler.equal_error_schedule`: the
   recommended rule; for the ancestral step its weak-error form);
 - teacher-trajectory dynamic programming (GITS, `sampler.teacher_schedule`; ODE samplers);
@@ -21,8 +22,8 @@ the model's own 200-step Heun solution from the same prior draw. Also the per-sa
 evaluations and the seconds each schedule took to find.
 
     pip install -e '.[examples,realdata]'
-    python examples/realdata_benchmark.py            # about 2 hours on 2 cores
-    python examples/realdata_benchmark.py --quick    # a smoke run, a few minutes; does not write docs/
+    python examples/benchmarks/realdata_benchmark.py            # about 2 hours on 2 cores
+    python examples/benchmarks/realdata_benchmark.py --quick    # a smoke run, a few minutes; does not write docs/
 """
 import argparse
 import itertools
@@ -36,6 +37,9 @@ import models
 import sampler as sm
 import scoreopt as so
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))      # retired.py, beside this script
+import retired  # noqa: E402
+
 PHOTOS = ("camera", "astronaut", "coins", "moon", "chelsea", "coffee", "rocket", "grass", "gravel", "brick", "clock",
           "immunohistochemistry")
 PATCH, STRIDE = 8, 4
@@ -47,10 +51,10 @@ PROCESSES = {"ve": so.ve(), "vp_linear": so.vp_linear()}
 SAMPLERS = ("euler", "heun", "ancestral")
 STEPS = (5, 10, 20)
 BASELINES = ("uniform", "cosine", "loglinear", "arctan", "edm3", "edm7")
-QUICK = dict(n_train=4000, n_held_out=1000, n_samples=500, n_steps=1500, seeds=(0,), processes=("vp_linear",),
+QUICK = dict(n_train=4000, n_held_out=1000, n_samples=500, n_steps=500, seeds=(0,), processes=("vp_linear",),
              samplers=("euler", "ancestral"), steps=(10,))
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "realdata.md")
-FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "out", "realdata")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "reports", "realdata.md")
+FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "out", "realdata")
 
 
 def main(argv=None, log=print):
@@ -85,7 +89,7 @@ def main(argv=None, log=print):
 
 def settings(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run; does not write docs/realdata.md")
+    parser.add_argument("--quick", action="store_true", help="a smoke run; does not write docs/reports/realdata.md")
     parser.add_argument("--figures", default=FIGURES, help="folder for the PNG figures")
     args = parser.parse_args(argv)
     cfg = dict(n_train=N_TRAIN, n_held_out=N_HELD_OUT, n_samples=N_SAMPLES, n_steps=TRAIN["n_steps"], seeds=SEEDS,
@@ -158,7 +162,7 @@ def sampler_aware(score, process, T, sampler_name, train, seed):
         out[name] = (ts, evaluations, time.perf_counter() - start)
 
     timed("step cost", lambda: found(so.equal_cost_schedule(
-        score, process, so.loglinear_schedule(process, T), train[:1000], seed, cost=sm.step_cost, step=step,
+        score, process, so.loglinear_schedule(process, T), train[:1000], seed, cost=retired.step_cost, step=step,
         order=4, max_iter=15, tol=1e-3)))
     timed("flow rule", lambda: found(sm.equal_error_schedule(score, process, T, train, seed, step=sampler_name)))
     if sampler_name != "ancestral":
@@ -179,7 +183,7 @@ def found(result):
 
 def markdown(rows, floor, cfg, seconds):
     lines = ["# Which schedule for a trained model: real data", "",
-             "Written by `python examples/realdata_benchmark.py`; every number below is from that run "
+             "Written by `python examples/benchmarks/realdata_benchmark.py`; every number below is from that run "
              f"({seconds / 60:.0f} minutes on 2 cores).", "",
              f"8x8 grey patches of scikit-image's photographs ({', '.join(PHOTOS)}), in [-1, 1]; {cfg['n_train']} "
              f"training patches (left 80% of each photograph), {cfg['n_held_out']} held out (right 20%). Models: "

@@ -8,16 +8,21 @@
    the same run; EDM against noise prediction in alternating rounds (median and range).
 3. Training choices for the online schedule: the Cantor example's optimised run (T = 20,
    Algorithm 2's dense-grid route from step 1,500, every 500; 9,000 steps at lr 5e-3)
-   with each preconditioning, loss weight and way of drawing the training times; two
-   seeds; modes covered, mass near the atoms, samples escaped and W1 of 20,000 ancestral
-   samples on the run's own schedule. The runs go two at a time, one per core.
+   with each preconditioning (EDM's, and noise prediction) and way of drawing the training
+   times (`levels`: the schedule's levels, between them, EDM's log-normal); two seeds;
+   modes covered, mass near the atoms, samples escaped and W1 of 20,000 ancestral samples
+   on the run's own schedule. The runs go two at a time, one per core, in spawned processes.
+   Until 0.2 this section compared loss weights too: EDM's loss weight `1/c_out^2` was
+   retired from the library in 0.3 (DSM is the only loss); its measured numbers are in
+   docs/derivations.md and the reports of docs/reports.
 
 PyTorch is not a dependency: it is used only here, only if importable. This script
 opts in to `models.retain_freed_memory()` (a process-wide glibc setting) after
 measuring the step time without it; section 3 runs with it.
 
-    python examples/train_benchmark.py              # about 10 minutes on 2 cores
-    python examples/train_benchmark.py --step-time  # section 2 only
+    python examples/benchmarks/train_benchmark.py              # about 10 minutes on 2 cores
+    python examples/benchmarks/train_benchmark.py --step-time  # section 2 only
+    python examples/benchmarks/train_benchmark.py --quick      # every section, short (a smoke run)
 """
 import os
 
@@ -25,6 +30,8 @@ if __name__ == "__main__":            # one BLAS thread per process, before NumP
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
 
+import argparse
+import multiprocessing
 import sys
 import time
 import timeit
@@ -40,9 +47,13 @@ import scoreopt as so
 
 STEP_BATCH, STEP_WIDTH, STEP_DEPTH, TIMED_STEPS, ROUNDS = 1024, 128, 3, 100, 5
 CANTOR = dict(width=64, depth=3, n_steps=9000, batch_size=256, lr=5e-3, T=20)     # cantor.py's budget
-CHOICES = [("eps", "dsm", "levels"),          # the 0.1.0 model: noise prediction, on the schedule's levels
-           ("edm", "edm", "levels"), ("edm", "dsm", "levels"), ("edm", "dsm", "between"), ("edm", "dsm", "lognormal")]
+ONLINE = dict(every=500, burn_in=1500, gamma=0.5, route="grid", n_grid=100, n_samples=2000)
+N_SAMPLES = 20_000
+CHOICES = [("eps", "levels"),                 # the 0.1.0 model: noise prediction, on the schedule's levels
+           ("eps", "between"), ("edm", "levels"), ("edm", "between"), ("edm", "lognormal")]
 SEED = 0
+QUICK = dict(timed_steps=10, rounds=1, n_steps=300, online=dict(ONLINE, every=100, burn_in=100, n_grid=50,
+                                                                n_samples=500), n_samples=2000, seeds=1)
 
 try:
     import torch
@@ -69,7 +80,7 @@ def _best(fn, number=200):
     return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
 
 
-def step_time():
+def step_time(timed_steps=TIMED_STEPS, rounds=ROUNDS):
     """Per-step time of `models.train` (the whole step: data, levels, features, loss,
     gradient, Adam), first with the default allocator (what a library call gets), then
     after this script opts in to `models.retain_freed_memory()` (process-wide, so it
@@ -83,36 +94,36 @@ def step_time():
     def timed(pre):
         run(10, pre)                                             # warm-up
         start = time.perf_counter()
-        run(TIMED_STEPS, pre)
-        return (time.perf_counter() - start) / TIMED_STEPS * 1e3
-    default, core_default = timed("edm"), _core_step_ms(params, process, ts, "edm")
+        run(timed_steps, pre)
+        return (time.perf_counter() - start) / timed_steps * 1e3
+    default, core_default = timed("edm"), _core_step_ms(params, process, ts, "edm", timed_steps)
     applied = models.retain_freed_memory()
-    rounds = {"edm": [], "eps": []}
-    for _ in range(ROUNDS):             # alternating, so that a change of load hits both alike
-        for pre in rounds:
-            rounds[pre].append((timed(pre), _core_step_ms(params, process, ts, pre)))
-    times = {pre: tuple(np.median(np.array(values), axis=0)) for pre, values in rounds.items()}
-    ratios = [a[0] / b[0] for a, b in zip(rounds["edm"], rounds["eps"])]
+    measured = {"edm": [], "eps": []}
+    for _ in range(rounds):             # alternating, so that a change of load hits both alike
+        for pre in measured:
+            measured[pre].append((timed(pre), _core_step_ms(params, process, ts, pre, timed_steps)))
+    times = {pre: tuple(np.median(np.array(values), axis=0)) for pre, values in measured.items()}
+    ratios = [a[0] / b[0] for a, b in zip(measured["edm"], measured["eps"])]
     ours, core = times["edm"]
     print(f"\n2. Training step, {STEP_DEPTH}x{STEP_WIDTH} MLP, batch {STEP_BATCH}, 1-D, scoreopt (NumPy + "
           f"autograd, float64), ms; whole `train` step / loss+gradient+Adam on prepared inputs (as PyTorch below)")
     print(f"   EDM preconditioning, default allocator: {default:.2f} / {core_default:.2f}; after "
           f"retain_freed_memory() (applied: {applied}): {ours:.2f} / {core:.2f}")
     print(f"   noise prediction (the 0.1.0 model), after retain_freed_memory(): {times['eps'][0]:.2f} / "
-          f"{times['eps'][1]:.2f}; EDM / noise prediction (whole step, median of {ROUNDS} alternating rounds): "
+          f"{times['eps'][1]:.2f}; EDM / noise prediction (whole step, median of {rounds} alternating rounds): "
           f"{np.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
     if torch is None:
         print("   PyTorch not installed: no comparison")
         return
     for dtype in (torch.float64, torch.float32):
-        theirs = _torch_step_ms(dtype)
+        theirs = _torch_step_ms(dtype, timed_steps)
         print(f"   PyTorch {torch.__version__} CPU ({torch.get_num_threads()} threads), {dtype}: "
               f"{theirs:.2f} ms; ratio scoreopt / PyTorch, like for like (prepared inputs): "
               f"{core / theirs:.2f} (default allocator {core_default / theirs:.2f}); whole train step: "
               f"{ours / theirs:.2f}")
 
 
-def _core_step_ms(params, process, ts, preconditioning):
+def _core_step_ms(params, process, ts, preconditioning, timed_steps):
     """Loss, gradient and Adam update on prepared inputs: what `_torch_step_ms` times."""
     rng = np.random.default_rng(SEED)
     x0 = models.bimodal().sample(STEP_BATCH, rng)
@@ -128,12 +139,12 @@ def _core_step_ms(params, process, ts, preconditioning):
     for _ in range(10):
         theta, adam = step(theta, adam)
     start = time.perf_counter()
-    for _ in range(TIMED_STEPS):
+    for _ in range(timed_steps):
         theta, adam = step(theta, adam)
-    return (time.perf_counter() - start) / TIMED_STEPS * 1e3
+    return (time.perf_counter() - start) / timed_steps * 1e3
 
 
-def _torch_step_ms(dtype):
+def _torch_step_ms(dtype, timed_steps):
     """The same network (SiLU MLP, 10 inputs), DSM loss on prepared inputs, Adam."""
     torch.manual_seed(SEED)
     sizes = [10] + [STEP_WIDTH] * STEP_DEPTH + [1]
@@ -153,48 +164,61 @@ def _torch_step_ms(dtype):
     for _ in range(10):
         step()
     start = time.perf_counter()
-    for _ in range(TIMED_STEPS):
+    for _ in range(timed_steps):
         step()
-    return (time.perf_counter() - start) / TIMED_STEPS * 1e3
+    return (time.perf_counter() - start) / timed_steps * 1e3
 
 
-def choices():
+def choices(n_steps=CANTOR["n_steps"], online=ONLINE, n_samples=N_SAMPLES, seeds=2):
     print(f"\n3. Training choices for the online schedule: Cantor, vp_linear, T = {CANTOR['T']}, "
-          f"{CANTOR['depth']}x{CANTOR['width']} SiLU, {CANTOR['n_steps']} steps, batch {CANTOR['batch_size']}, lr "
-          f"{CANTOR['lr']} cosine; Algorithm 2, dense-grid route, from step 1,500 every 500; ancestral samples on the "
-          "run's own schedule")
-    print("| preconditioning | loss weight | training times | seed | modes covered | mass near atoms | escaped | W1 | "
-          "time |\n|---|---|---|---|---|---|---|---|---|")
-    runs = [(*choice, seed) for choice in CHOICES for seed in (SEED, SEED + 1)]
-    with ProcessPoolExecutor(max_workers=2) as pool:
+          f"{CANTOR['depth']}x{CANTOR['width']} SiLU, {n_steps} steps, batch {CANTOR['batch_size']}, lr "
+          f"{CANTOR['lr']} cosine, DSM loss; Algorithm 2, dense-grid route, from step {online['burn_in']} every "
+          f"{online['every']}; {n_samples} ancestral samples on the run's own schedule")
+    print("| preconditioning | training times | seed | modes covered | mass near atoms | escaped | W1 | "
+          "time |\n|---|---|---|---|---|---|---|---|")
+    runs = [(*choice, seed, n_steps, online, n_samples) for choice in CHOICES for seed in range(SEED, SEED + seeds)]
+    # Fresh processes (spawn), each with the allocator setting; one BLAS thread each (set at the top).
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=models.retain_freed_memory) as pool:
         for row in pool.map(_choice_run, runs):
             print(row, flush=True)
 
 
 def _choice_run(args):
-    preconditioning, loss_weight, levels, seed = args
+    preconditioning, levels, seed, n_steps, online, n_samples = args
     process, target = so.vp_linear(), models.mollified_cantor()
-    online = models.OnlineSchedule(every=500, burn_in=1500, gamma=0.5, route="grid", n_grid=100, n_samples=2000)
     start = time.perf_counter()
     out = models.train(models.init_mlp(seed, width=CANTOR["width"], depth=CANTOR["depth"]), target, process,
-                       so.uniform_schedule(process, CANTOR["T"]), rng=seed, n_steps=CANTOR["n_steps"],
+                       so.uniform_schedule(process, CANTOR["T"]), rng=seed, n_steps=n_steps,
                        batch_size=CANTOR["batch_size"], lr=CANTOR["lr"], levels=levels,
-                       preconditioning=preconditioning, loss_weight=loss_weight, online=online)
+                       preconditioning=preconditioning, online=models.OnlineSchedule(**online))
     seconds = time.perf_counter() - start
-    x = sm.sample(out.score(process), process, out.ts, sm.prior_sample(process, 20_000, target.variance(), seed + 10),
+    x = sm.sample(out.score(process), process, out.ts, sm.prior_sample(process, n_samples, target.variance(), seed + 10),
                   seed + 11, predictor="ancestral", max_growth=None).x
     cover = sm.mode_coverage(x, target.atoms)
     escaped = int(np.sum((x < -1) | (x > 2)))
-    return (f"| {preconditioning} | {loss_weight} | {levels} | {seed} | {cover.covered} / 8 | {cover.masses.sum():.3f} | "
+    return (f"| {preconditioning} | {levels} | {seed} | {cover.covered} / 8 | {cover.masses.sum():.3f} | "
             f"{escaped} | {sm.wasserstein1(x, target.cdf):.4g} | {seconds:.0f} s |")
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--step-time", action="store_true", help="section 2 only (repeat it to see the spread)")
+    parser.add_argument("--quick", action="store_true", help="every section, short: a smoke run")
+    args = parser.parse_args(argv)
     begin = time.perf_counter()
-    if "--step-time" in sys.argv:      # only section 2 (repeat it to see the spread)
+    if args.step_time:
         step_time()
-        sys.exit()
+        return
     activations()
-    step_time()
-    choices()
+    if args.quick:
+        step_time(QUICK["timed_steps"], QUICK["rounds"])
+        choices(QUICK["n_steps"], QUICK["online"], QUICK["n_samples"], QUICK["seeds"])
+    else:
+        step_time()
+        choices()
     print(f"\ntotal {time.perf_counter() - begin:.0f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
