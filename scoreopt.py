@@ -1133,9 +1133,9 @@ def iterate_schedule(costs, ts, *, gamma=0.5, order=2, max_iter=100, tol=1e-4, c
 
     ``costs(ts)`` returns the interval costs, or ``(costs, stderr)``. Converged when an update
     moves no time by more than ``tol`` times its shorter adjacent step. Safeguard: when an
-    update moves the times further than the one before (the iteration overshoots), ``gamma``
-    is halved, down to 1/64 of its start. If it does not converge, the schedule of most equal
-    costs seen (least spread of ``log L_i``) is returned with a ``RuntimeWarning``.
+    update moves the times further than the one before, or back against it (the iteration
+    overshoots or oscillates), ``gamma`` is halved, down to 1/64 of its start. If it does not
+    converge, the schedule of most equal costs seen (least spread of ``log L_i``) is returned.
     ``callback(iteration, max_iter, info)`` after every update, ``info`` with ``ts``,
     ``costs``, ``moved``, ``gamma`` and ``elapsed``; it may raise ``StopIteration`` to stop.
     """
@@ -1148,6 +1148,7 @@ def iterate_schedule(costs, ts, *, gamma=0.5, order=2, max_iter=100, tol=1e-4, c
 
 def _iterate(costs, ts, gamma, order, max_iter, tol, callback):
     start, history, best, moved_before, moved, floor = time.perf_counter(), [], None, np.inf, np.inf, gamma / 64
+    direction_before = None
 
     def evaluate(ts):
         out = costs(ts)
@@ -1160,7 +1161,9 @@ def _iterate(costs, ts, gamma, order, max_iter, tol, callback):
         spread = float(np.ptp(np.log(np.maximum(L, 1e-300))))
         best = (spread, ts, L, stderr) if best is None or spread < best[0] else best
         ts_new = _blend(ts, _invert_cumulative(ts, L ** (1.0 / order), len(ts) - 1), gamma)
-        moved, ts = _relative_motion(ts, ts_new), ts_new
+        direction = _relative_moves(ts, ts_new)
+        reverses = direction_before is not None and float(direction @ direction_before) < 0.0
+        moved, ts, direction_before = float(np.max(np.abs(direction))), ts_new, direction
         try:
             if callback is not None:
                 callback(it, max_iter, {"ts": ts, "costs": L, "moved": moved, "gamma": gamma,
@@ -1169,7 +1172,7 @@ def _iterate(costs, ts, gamma, order, max_iter, tol, callback):
             break
         if moved <= tol:
             break
-        gamma, moved_before = (max(gamma / 2, floor) if moved > moved_before else gamma), moved
+        gamma, moved_before = (max(gamma / 2, floor) if moved > moved_before or reverses else gamma), moved
     L, stderr = evaluate(ts)
     if moved <= tol:
         return EqualCostResult(ts, L, stderr, True, it, history)
@@ -1178,18 +1181,23 @@ def _iterate(costs, ts, gamma, order, max_iter, tol, callback):
     return EqualCostResult(ts, L, stderr, False, it, history)
 
 
-def _relative_motion(ts, ts_new):
-    """Largest move of a time in units of the shorter of its two adjacent steps."""
+def _relative_moves(ts, ts_new):
+    """Each time's move, signed, in units of the shorter of its two adjacent steps."""
     steps = np.diff(ts)
     local = np.minimum(np.append(steps, np.inf), np.insert(steps, 0, np.inf))
-    return float(np.max(np.abs(ts_new - ts) / local))
+    return (ts_new - ts) / local
+
+
+def _relative_motion(ts, ts_new):
+    """Largest move of a time in units of the shorter of its two adjacent steps."""
+    return float(np.max(np.abs(_relative_moves(ts, ts_new))))
 
 
 def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, max_iter=100, tol=1e-4,
                         batch_size=None, callback=None, **cost_options):
     """The damped Algorithm 1 iterated to its equal-cost fixed point for a fixed score (derived).
 
-    Algorithm 2 with the model held fixed (:func:`iterate_schedule`, ``gamma`` from 0.5): its
+    Algorithm 2 with the model held fixed (:func:`iterate_schedule`, ``gamma`` from 1): its
     fixed points have equal interval costs whatever the order of the cost, which is how
     schedules for costs of higher order are found (docs/derivations.md, 3): the predictor cost
     (``O(h^4)``, the default ``cost``) and ``sampler.flow_error_cost``. Costs are estimated by
@@ -1217,7 +1225,7 @@ def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, m
         if user is not None:
             user(it, total, dict(info, evaluations=score.evaluations))
 
-    result = _iterate(lambda ts: interval_costs(score, process, ts, x0, seed, cost=cost, **cost_options), ts, 0.5,
+    result = _iterate(lambda ts: interval_costs(score, process, ts, x0, seed, cost=cost, **cost_options), ts, 1.0,
                       order, check_int(max_iter, "max_iter", 1), check_positive(tol, "tol"), report)
     if not result.converged:
         warnings.warn(f"the equal-cost iteration did not converge in {result.n_iter} updates (a time still moved by "

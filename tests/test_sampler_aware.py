@@ -1,6 +1,5 @@
 """Sampler-aware schedules: the KL-optimal limit, and the U-statistic of the ancestral step's error in law
 (derived: docs/derivations.md, sections 7-9)."""
-import itertools
 
 import numpy as np
 import pytest
@@ -48,15 +47,17 @@ def test_euler_maruyama_limit_is_degenerate():
     assert sm.gaussian_schedule_kl(target, VE, ts, predictor="euler_maruyama") < 1e-9
 
 
-def test_pair_product_mean_is_the_u_statistic_with_a_jackknife_error():
-    # The unbiased ||E m||^2 behind the ancestral step's error in law (sampler._ancestral_weak_error).
+def test_squared_mean_is_the_square_of_the_mean_with_a_jackknife_error_and_never_negative():
+    # The ||E m||^2 behind the ancestral step's error in law (sampler._ancestral_weak_error): the plain
+    # square of the overall mean, positive, so an interval whose signal is below the noise never looks
+    # free (the unbiased U-statistic could be negative and collapsed a schedule: docs/derivations.md, 9.3).
     M = np.random.default_rng(0).standard_normal((7, 5)) + 0.3
-    U, se = sm._pair_product_mean(M)
-    pairs = [M[g] @ M[h] for g, h in itertools.permutations(range(7), 2)]
-    assert U == pytest.approx(np.mean(pairs), rel=1e-12)
-    leave_out = [np.mean([M[g] @ M[h] for g, h in itertools.permutations([i for i in range(7) if i != k], 2)])
-                 for k in range(7)]
+    value, se = sm._squared_mean(M)
+    assert value == pytest.approx(np.sum(M.mean(axis=0) ** 2), rel=1e-12)
+    leave_out = [np.sum(np.mean(np.delete(M, k, axis=0), axis=0) ** 2) for k in range(7)]
     assert se == pytest.approx(np.sqrt(6 / 7 * np.sum((np.array(leave_out) - np.mean(leave_out)) ** 2)), rel=1e-10)
+    noise = np.random.default_rng(1).standard_normal((4, 3))           # mean zero: the U-statistic can be < 0
+    assert sm._squared_mean(noise).value > 0
 
 
 def test_the_limit_refuses_a_start_of_another_length():

@@ -4,16 +4,18 @@ Data: 8x8 grey-level patches of scikit-image's bundled photographs (64-d, values
 to [-1, 1]); the models train on patches from the left 80% of each photograph and are
 judged against patches from the right 20%. Models: the project's MLP (3 x 128, EDM
 preconditioning), trained with `models.train` for each process and model seed. For every
-process (VE, vp_linear), sampler (Euler, Heun, ancestral) and T (5, 10, 20):
+process (VE, vp_linear), sampler (Euler, Heun, DPM-Solver++(2M), ancestral) and T (5, 10, 20):
 
 - the six baselines (uniform, cosine, log-linear, arctan, EDM rho = 3 and 7);
 - the paper's corrector-optimised schedule map, estimated from the model;
-- the step cost of the Stein identity (`retired.step_cost`, beside this script: it left the
-  library, docs/derivations.md has its measurements), equalised;
 - the local error against the model's own flow (`sampler.equal_error_schedule`: the
   recommended rule; for the ancestral step its weak-error form);
-- teacher-trajectory dynamic programming (GITS, `sampler.teacher_schedule`; ODE samplers);
-- the oracle of least coupled error (`sampler.coupled_optimal_schedule`; ODE samplers).
+- teacher-trajectory dynamic programming (GITS, `sampler.teacher_schedule`; Euler and Heun);
+- the oracle of least coupled error (`sampler.coupled_optimal_schedule`; Euler and Heun).
+
+(The step cost of the Stein identity, compared here in 0.2, left the library; its numbers are
+in docs/derivations.md, section 8.) The ancestral sampler's metrics are means over five noise
+draws of the sampler: one draw moves sliced W1 by about 4% for a fixed schedule.
 
 Metrics against the held-out patches: sliced W1 (256 random directions) and unbiased MMD^2
 (Gaussian kernel, median bandwidth), with the train-vs-held-out value of each as the noise
@@ -22,7 +24,7 @@ the model's own 200-step Heun solution from the same prior draw. Also the per-sa
 evaluations and the seconds each schedule took to find.
 
     pip install -e '.[examples,realdata]'
-    python examples/benchmarks/realdata_benchmark.py            # about 2 hours on 2 cores
+    python examples/benchmarks/realdata_benchmark.py            # about 1.5 hours on 2 cores
     python examples/benchmarks/realdata_benchmark.py --quick    # a smoke run, a few minutes; does not write docs/
 """
 import argparse
@@ -30,6 +32,7 @@ import itertools
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -37,8 +40,6 @@ import models
 import sampler as sm
 import scoreopt as so
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))      # retired.py, beside this script
-import retired  # noqa: E402
 
 PHOTOS = ("camera", "astronaut", "coins", "moon", "chelsea", "coffee", "rocket", "grass", "gravel", "brick", "clock",
           "immunohistochemistry")
@@ -48,7 +49,8 @@ MODEL = dict(width=128, depth=3)
 TRAIN = dict(n_steps=15_000, batch_size=256, lr=1e-3)
 SEEDS = (0, 1)
 PROCESSES = {"ve": so.ve(), "vp_linear": so.vp_linear()}
-SAMPLERS = ("euler", "heun", "ancestral")
+SAMPLERS = ("euler", "heun", "dpmpp_2m", "ancestral")
+NOISE_SEEDS = (7, 8, 9, 10, 11)   # the ancestral sampler's W1 and MMD^2 are averaged over its noise draws
 STEPS = (5, 10, 20)
 BASELINES = ("uniform", "cosine", "loglinear", "arctan", "edm3", "edm7")
 QUICK = dict(n_train=4000, n_held_out=1000, n_samples=500, n_steps=500, seeds=(0,), processes=("vp_linear",),
@@ -133,16 +135,22 @@ def run_cases(score, process, process_name, seed, train, held_out, cfg, log):
     map_seconds = time.perf_counter() - start
     rows = []
     for sampler_name, T in itertools.product(cfg["samplers"], cfg["steps"]):
-        rules = {name: (ts, 0, 0.0) for name, ts in so.baseline_schedules(process, T, c).items() if name in BASELINES}
-        rules["corrector map"] = (corrector_map.schedule(T), corrector_map.n_evaluations, map_seconds)
-        rules.update(sampler_aware(score, process, T, sampler_name, train, seed))
-        for rule, (ts, evaluations, seconds) in rules.items():
-            x = sm.sample(score, process, ts, x_T, 7, predictor=sampler_name, max_growth=None).x
-            ok = np.all(np.isfinite(x)) and np.max(np.abs(x)) < 1e3
+        rules = {name: (ts, 0, 0.0, None) for name, ts in so.baseline_schedules(process, T, c).items()
+                 if name in BASELINES}
+        rules["corrector map"] = (corrector_map.schedule(T), corrector_map.n_evaluations, map_seconds, None)
+        with warnings.catch_warnings():                # non-convergence is counted in the report
+            warnings.filterwarnings("ignore", "the equal-cost iteration did not converge")
+            rules.update(sampler_aware(score, process, T, sampler_name, train, seed))
+        for rule, (ts, evaluations, seconds, converged) in rules.items():
+            # One noise draw moves the ancestral sampler's W1 by about 4% for a fixed schedule: average 5.
+            draws = [sm.sample(score, process, ts, x_T, noise, predictor=sampler_name, max_growth=None).x
+                     for noise in (NOISE_SEEDS if sampler_name == "ancestral" else NOISE_SEEDS[:1])]
+            x = draws[0]
+            ok = all(np.all(np.isfinite(d)) and np.max(np.abs(d)) < 1e3 for d in draws)
             row = dict(process=process_name, seed=seed, sampler=sampler_name, T=T, rule=rule, ts=ts,
-                       evaluations=evaluations, seconds=seconds, x=x[:64],
-                       sliced_w1=sm.sliced_wasserstein(x, held_out[:n], 0) if ok else np.inf,
-                       mmd2=sm.mmd2(x, held_out[:n]) if ok else np.inf,
+                       evaluations=evaluations, seconds=seconds, converged=converged, x=x[:64],
+                       sliced_w1=np.mean([sm.sliced_wasserstein(d, held_out[:n], 0) for d in draws]) if ok else np.inf,
+                       mmd2=np.mean([sm.mmd2(d, held_out[:n]) for d in draws]) if ok else np.inf,
                        coupled=float(np.mean((x - fine) ** 2)) if sampler_name != "ancestral" else np.nan)
             rows.append(row)
         case = {r["rule"]: r for r in rows[-len(rules):]}
@@ -154,18 +162,15 @@ def run_cases(score, process, process_name, seed, train, held_out, cfg, log):
 
 def sampler_aware(score, process, T, sampler_name, train, seed):
     """The rules that depend on the sampler: (schedule, per-sample evaluations, seconds) by name."""
-    out, step = {}, sm.PREDICTORS[sampler_name]
+    out = {}
 
     def timed(name, find):
         start = time.perf_counter()
-        ts, evaluations = find()
-        out[name] = (ts, evaluations, time.perf_counter() - start)
+        ts, evaluations, converged = find()
+        out[name] = (ts, evaluations, time.perf_counter() - start, converged)
 
-    timed("step cost", lambda: found(so.equal_cost_schedule(
-        score, process, so.loglinear_schedule(process, T), train[:1000], seed, cost=retired.step_cost, step=step,
-        order=4, max_iter=15, tol=1e-3)))
     timed("flow rule", lambda: found(sm.equal_error_schedule(score, process, T, train, seed, step=sampler_name)))
-    if sampler_name != "ancestral":
+    if sampler_name in ("euler", "heun"):
         timed("GITS", lambda: found(sm.teacher_schedule(score, process, T, train, seed, step=sampler_name)))
         starts = [out["flow rule"][0], out["GITS"][0]]
         timed("oracle", lambda: found(sm.coupled_optimal_schedule(score, process, T, train, seed, step=sampler_name,
@@ -174,7 +179,7 @@ def sampler_aware(score, process, T, sampler_name, train, seed):
 
 
 def found(result):
-    return result.ts, result.n_evaluations
+    return result.ts, result.n_evaluations, getattr(result, "converged", None)
 
 
 # --------------------------------------------------------------------------------
@@ -197,8 +202,9 @@ def markdown(rows, floor, cfg, seconds):
               "Per case, each rule's sliced W1 divided by the best of the six baselines in that case, and its "
               "coupled error divided by the oracle's; geometric mean over cases (worst in brackets). Evaluations: "
               "per-sample score evaluations to find the schedule (median over cases at T = 10).", "",
-              "| rule | sliced W1 / best baseline, ODE samplers | ancestral | coupled error / oracle | MMD^2 / best "
-              "baseline | evaluations, T = 10 | seconds, T = 10 |", "|---|---|---|---|---|---|---|"]
+              "| rule | sliced W1 / best baseline: Euler | Heun | Euler and Heun | DPM-Solver++(2M) | ancestral | "
+              "coupled error / oracle, Euler and Heun | MMD^2 / best baseline | evaluations, T = 10 | seconds, "
+              "T = 10 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for rule in rules:
         def ratios(metric, samplers, against):
             out = []
@@ -214,15 +220,21 @@ def markdown(rows, floor, cfg, seconds):
         oracle = lambda case, m: by[(*case, "oracle")][m] if (*case, "oracle") in by else np.nan
         fmt = lambda r: "" if len(r) == 0 else (f"{np.exp(np.mean(np.log(r))):.3f} ({np.max(r):.3g})"
                                                 if np.all(np.isfinite(r)) and np.all(r > 0) else "diverged in some cases")
-        ode = ratios("sliced_w1", ("euler", "heun"), best)
-        anc = ratios("sliced_w1", ("ancestral",), best)
+        w1 = {name: ratios("sliced_w1", samplers, best) for name, samplers in (
+            ("euler", ("euler",)), ("heun", ("heun",)), ("ode", ("euler", "heun")), ("dpmpp_2m", ("dpmpp_2m",)),
+            ("ancestral", ("ancestral",)))}
         coupled = ratios("coupled", ("euler", "heun"), oracle)
         mmd = ratios("mmd2", SAMPLERS, best)
         at10 = [by[(*case, rule)] for case in cases if case[3] == 10 and (*case, rule) in by]
         ev = f"{np.median([r['evaluations'] for r in at10]):.3g}" if at10 else ""
         sec = f"{np.median([r['seconds'] for r in at10]):.1f}" if at10 else ""
-        lines.append(f"| {rule} | {fmt(ode)} | {fmt(anc)} | {fmt(coupled)} | {fmt(mmd)} | {ev} | {sec} |")
-    lines += ["", "## Every case", "",
+        lines.append(f"| {rule} | " + " | ".join(fmt(w1[k]) for k in ("euler", "heun", "ode", "dpmpp_2m", "ancestral"))
+                     + f" | {fmt(coupled)} | {fmt(mmd)} | {ev} | {sec} |")
+    flow = [r for r in rows if r["rule"] == "flow rule"]
+    lines += ["", f"The flow rule's fixed point converged in {sum(bool(r['converged']) for r in flow)} of {len(flow)} "
+              "cases (by sampler: " + ", ".join(f"{s} {sum(bool(r['converged']) for r in flow if r['sampler'] == s)}/"
+                                                f"{sum(r['sampler'] == s for r in flow)}" for s in cfg["samplers"]) + ").",
+              "", "## Every case", "",
               "Sliced W1 / MMD^2 / coupled error (ODE samplers) per rule; the best baseline of each case in bold.", ""]
     header = "| process | seed | sampler | T | " + " | ".join(rules) + " |"
     lines += [header, "|---" * (len(rules) + 4) + "|"]
