@@ -58,16 +58,15 @@ class GaussianMixture:
         means = means[:, None] if means.ndim == 1 else means
         weights, stds = np.array(weights, dtype=float).reshape(-1), np.array(stds, dtype=float)
         stds = stds[:, None] if stds.ndim == 1 and len(stds) == len(means) else stds
-        if means.ndim != 2 or len(weights) != len(means):
-            raise ValueError("`means` must have shape (K, d) with K = len(weights)")
         try:
             stds = np.broadcast_to(stds, means.shape).copy()
         except ValueError:
-            raise ValueError(f"`stds` must broadcast to the shape of `means` {means.shape}") from None
-        if not (np.all(np.isfinite(means)) and np.all(np.isfinite(stds)) and np.all(stds > 0)):
-            raise ValueError("`means` must be finite and `stds` finite and positive")
-        if np.any(weights <= 0) or not np.all(np.isfinite(weights)):
-            raise ValueError("`weights` must be positive and finite")
+            stds = None
+        if means.ndim != 2 or len(weights) != len(means) or stds is None:
+            raise ValueError("`means` must have shape (K, d) with K = len(weights), and `stds` broadcast to it")
+        if not (np.all(np.isfinite(means)) and np.all(np.isfinite(stds)) and np.all(stds > 0)
+                and np.all(np.isfinite(weights)) and np.all(weights > 0)):
+            raise ValueError("`means` must be finite, `stds` and `weights` finite and positive")
         self.weights, self.means, self.stds = weights / weights.sum(), means, stds
 
     @property
@@ -599,9 +598,14 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     >>> state.step, len(state.history["loss"]), len(state.history["update_step"])
     (20, 20, 2)
     """
-    process, draw, moments, rate, draw_t, run = _train_iv(params, data, process, ts, n_steps, batch_size, lr, levels,
-                                                          preconditioning, online, callback)
-    state = params if isinstance(params, TrainingState) else _fresh_state(params, run, rng, moments, preconditioning)
+    process, ts, draw_t = _train_iv(params, process, ts, n_steps, batch_size, lr, levels, preconditioning, online,
+                                    callback)
+    run = _run_definition(params, process, ts, n_steps, batch_size, lr, draw_t, preconditioning, online)
+    resumed = isinstance(params, TrainingState)
+    moments = (params.data_mean, params.data_var) if resumed else _data_moments(data, params[-1][0].shape[1])
+    check_data_scale(moments[0] ** 2 + moments[1], process)
+    draw, rate = _data_sampler(data), lr if callable(lr) else partial(_cosine_decay, float(lr))
+    state = params if resumed else _fresh_state(params, run, rng, moments, preconditioning)
     theta, unflatten = flatten(state.params)
     ts, adam, step, rng, history = state.ts, state.adam, state.step, as_rng(state.rng), state.history
     losses, start, loss_and_grad = list(history["loss"]), time.perf_counter(), value_and_grad(prepared_dsm_loss)
@@ -632,9 +636,8 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     return now()
 
 
-def _train_iv(params, data, process, ts, n_steps, batch_size, lr, levels, preconditioning, online, callback):
-    """Check :func:`train`'s arguments once; returns the process, the data sampler, the standardisation
-    moments, the learning rate and level functions, and the run's definition."""
+def _train_iv(params, process, ts, n_steps, batch_size, lr, levels, preconditioning, online, callback):
+    """Check :func:`train`'s arguments once; returns the process, the schedule and the level function."""
     process, draw_t = check_process(process), resolve(levels, LEVELS, "levels")
     if ts is None:
         if draw_t is not uniform_times or online is not None:
@@ -642,23 +645,26 @@ def _train_iv(params, data, process, ts, n_steps, batch_size, lr, levels, precon
         ts = np.array([process.t_min, process.t_max])
     ts, n_steps = check_schedule(ts, process), check_int(n_steps, "n_steps", 1)
     check_int(batch_size, "batch_size", 1)
-    rate = lr if callable(lr) else partial(_cosine_decay, check_positive(lr, "lr"))
+    if not callable(lr):
+        check_positive(lr, "lr")
     preconditioning_coefficients(1.0, 1.0, preconditioning)
     if online is not None and not isinstance(online, OnlineSchedule):
         raise TypeError("`online` must be an OnlineSchedule or None")
     if callback is not None:
         check_callable(callback, "callback", "callback(step, n_steps, info)")
-    state = params if isinstance(params, TrainingState) else None
-    layers = (state.params if state else params)
-    moments = (state.data_mean, state.data_var) if state else _data_moments(data, layers[-1][0].shape[1])
-    check_data_scale(moments[0] ** 2 + moments[1], process)
-    run = {"layer_shapes": [list(W.shape) for W, _ in layers], "process": process.name, "t_min": float(process.t_min),
-           "t_max": float(process.t_max), "initial_ts": [float(t) for t in ts], "n_steps": n_steps,
-           "lr": getattr(lr, "__name__", lr), "levels": draw_t.__name__, "preconditioning": preconditioning,
-           "batch_size": batch_size, "online": None if online is None else online.describe()}
-    if state is not None and state.step > n_steps:
-        raise ValueError(f"`params` is a training state at step {state.step}, beyond `n_steps` = {n_steps}")
-    return process, _data_sampler(data), moments, rate, draw_t, run
+    if isinstance(params, TrainingState) and params.step > n_steps:
+        raise ValueError(f"`params` is a training state at step {params.step}, beyond `n_steps` = {n_steps}")
+    return process, ts, draw_t
+
+
+def _run_definition(params, process, ts, n_steps, batch_size, lr, draw_t, preconditioning, online):
+    """What defines a run, as plain JSON values: a checkpoint records it and :func:`resume` compares it."""
+    layers = params.params if isinstance(params, TrainingState) else params
+    return {"layer_shapes": [list(W.shape) for W, _ in layers], "process": process.name,
+            "t_min": float(process.t_min), "t_max": float(process.t_max), "initial_ts": [float(t) for t in ts],
+            "n_steps": int(n_steps), "lr": getattr(lr, "__name__", lr), "levels": draw_t.__name__,
+            "preconditioning": preconditioning, "batch_size": batch_size,
+            "online": None if online is None else online.describe()}
 
 
 def _cosine_decay(lr, step, n_steps):
@@ -780,14 +786,14 @@ def save_checkpoint(path, state):
         raise TypeError(f"`state` must be a models.TrainingState, got {type(state).__name__}")
     buffer = io.BytesIO()
     try:
-        np.savez(buffer, **_checkpoint_arrays(state))
+        np.savez(buffer, **_arrays_of(state))
         _state_from_arrays(np.load(io.BytesIO(buffer.getvalue()), allow_pickle=False))
     except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"cannot save this training state to `{path}`: its loader would refuse it: {err}") from None
     write_atomically(path, buffer.getvalue())
 
 
-def _checkpoint_arrays(state):
+def _arrays_of(state):
     params, history, dim = state.params, state.history or {}, state.params[-1][0].shape[1]
     T = len(state.ts) - 1
     arrays = {"version": np.array(CHECKPOINT_VERSION), "layer_shapes": np.array([W.shape for W, _ in params]),
@@ -901,9 +907,11 @@ def resume(path, params, data, process, ts=None, *, allow_changes=(), **options)
         return train(params, data, process, ts, **options)
     saved = load_checkpoint(path)
     allow = {allow_changes} if isinstance(allow_changes, str) else set(allow_changes)
-    run = _train_iv(params, data, process, ts, options.get("n_steps"), options.get("batch_size", 256),
-                    options.get("lr", 1e-3), options.get("levels", "levels"), options.get("preconditioning", "edm"),
-                    options.get("online"), options.get("callback"))[-1]
+    settings = [options.get("n_steps"), options.get("batch_size", 256), options.get("lr", 1e-3)]
+    process, ts, draw_t = _train_iv(params, process, ts, *settings, options.get("levels", "levels"),
+                                    options.get("preconditioning", "edm"), options.get("online"), options.get("callback"))
+    run = _run_definition(params, process, ts, *settings, draw_t, options.get("preconditioning", "edm"),
+                          options.get("online"))
     unknown = allow - set(run)
     if unknown:
         raise ValueError(f"`allow_changes` names unknown settings {sorted(unknown)}; known: {sorted(run)}")

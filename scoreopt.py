@@ -2003,20 +2003,17 @@ def _check_metadata(metadata, ts):
 
 
 def _json_numbers(value, name, ndim):
-    """A (nested) list of finite numbers, of ``ndim`` dimensions, as a float array."""
-    def numbers(v, depth):
-        if depth == 0:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"`{name}` must hold numbers, found {type(v).__name__}")
-        elif not isinstance(v, list):
-            raise TypeError(f"`{name}` must be a {ndim}-D list of numbers, found {type(v).__name__}")
-        else:
-            for item in v:
-                numbers(item, depth - 1)
-    numbers(value, ndim)
-    out = np.array(value, dtype=float)
-    if out.ndim != ndim or not np.all(np.isfinite(out)):
-        raise ValueError(f"`{name}` must be a finite {ndim}-D array (rows of one length)")
+    """A (nested) list of finite numbers (not booleans or strings) of ``ndim`` dimensions, as a float array."""
+    out = np.array(value, dtype=object) if isinstance(value, list) else np.array(None, dtype=object)
+    if out.ndim != ndim:
+        raise TypeError(f"`{name}` must be a {ndim}-D list of numbers (rows of one length), found "
+                        f"{type(value).__name__}")
+    bad = [v for v in out.flat if type(v) not in (int, float)]        # booleans and strings are not numbers
+    if bad:
+        raise TypeError(f"`{name}` must hold numbers, found {type(bad[0]).__name__}")
+    out = out.astype(float)
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"`{name}` must be a finite {ndim}-D array")
     return out
 
 
