@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the image benchmark needs PyTorch")
 pytest.importorskip("skimage", reason="the image benchmark needs scikit-image")
 try:                                    # k-diffusion can fail on import in other ways (pkg_resources, torchvision)
-    import k_diffusion.sampling  # noqa: F401
+    import k_diffusion.sampling  # noqa: F401  (imported to skip where it fails)
 except Exception as err:
     pytest.skip(f"the image benchmark needs k-diffusion ({type(err).__name__}: {err})", allow_module_level=True)
 

@@ -26,7 +26,7 @@ What a user with an image model does, end to end, at two image sizes:
    coordinate to the model's own 200-level Karras-sigma Heun solution from the same draw;
    deterministic samplers), sliced W1 and MMD^2 to the held-out patches; floors.
 
-    pip install torch k-diffusion 'setuptools<81' scikit-image matplotlib
+    pip install -e '.[image]'     # torch, k-diffusion (and setuptools<81, which it imports), scikit-image, matplotlib
     python examples/benchmarks/image_benchmark.py                 # trains 4 models or reuses them; writes docs/reports/
     python examples/benchmarks/image_benchmark.py --quick         # a smoke run, a few minutes; does not write docs/
     python examples/benchmarks/image_benchmark.py --train-only --sizes 16 --seeds 0    # one model
@@ -57,7 +57,7 @@ try:
     from k_diffusion import sampling
 except Exception as err:           # ImportError, or k-diffusion's own imports failing (pkg_resources, torchvision)
     sys.exit(f"this benchmark needs PyTorch, k-diffusion and scikit-image ({type(err).__name__}: {err}): "
-             "pip install torch k-diffusion 'setuptools<81' scikit-image matplotlib")
+             "pip install -e '.[image]' (torch, k-diffusion, 'setuptools<81', scikit-image, matplotlib)")
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 REPORT = os.path.join(ROOT, "docs", "reports", "image.md")
@@ -579,7 +579,7 @@ def _reset_peak_rss():
 # --------------------------------------------------------------------------------
 
 def evaluate(model, size, seed, train, held_out, cfg, results, log):
-    n, d = min(cfg["n_samples"][size], len(held_out)), 3 * size * size
+    n = min(cfg["n_samples"][size], len(held_out))
     denoiser = numpy_denoiser(model, size)
     ctx = SimpleNamespace(score=so.score_from_denoiser(denoiser, PROCESS), process=PROCESS, sigma_data=model.sigma_data,
                           x0=train[:cfg["n_x0"]].astype(np.float64), rng=RULE_SEED + seed, size=size)
