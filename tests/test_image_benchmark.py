@@ -79,3 +79,12 @@ def test_tiny_image_benchmark_runs_and_our_sampler_is_k_diffusions(tmp_path):
         assert report.count(f"| {rule} |") >= 3, rule          # coupled error, sliced W1, MMD^2
     assert "| equal error (rank 64) | heun | 0 |" in report      # the cost of finding it
     assert (tmp_path / "image.md").read_text() == report
+
+    # The figure draws every rule of the benchmark (each with its own colour), here from the tiny run's
+    # schedules relabelled as each rule in turn.
+    pytest.importorskip("matplotlib", reason="the figure needs matplotlib")
+    colours = module.rule_colours()
+    assert set(colours) == set(module.RULES) and len({str(c) for c in colours.values()}) == len(colours)
+    every = dict(out, found=[dict(r, rule=name) for name in module.RULES for r in out["found"]])
+    drawn = module.figures(every, dict(cfg, rules=tuple(module.RULES)), str(tmp_path / "image.png"), lines.append)
+    assert drawn and (tmp_path / "image.png").stat().st_size > 10_000

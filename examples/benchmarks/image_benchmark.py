@@ -26,7 +26,9 @@ What a user with an image model does, end to end, at two image sizes:
    coordinate to the model's own 200-level Karras-sigma Heun solution from the same draw;
    deterministic samplers), sliced W1 and MMD^2 to the held-out patches; floors.
 
+    pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu   # CPU wheels, a few hundred MB
     pip install -e '.[image]'     # torch, k-diffusion (and setuptools<81, which it imports), scikit-image, matplotlib
+    # (without the first line, k-diffusion's unpinned torchvision can pull the newest CUDA torch: several GB)
     python examples/benchmarks/image_benchmark.py                 # trains 4 models or reuses them; writes docs/reports/
     python examples/benchmarks/image_benchmark.py --quick         # a smoke run, a few minutes; does not write docs/
     python examples/benchmarks/image_benchmark.py --train-only --sizes 16 --seeds 0    # one model
@@ -947,9 +949,9 @@ def figures(results, cfg, path, log):
         return []
     samplers = list(cfg["samplers"])
     grid_sampler = "heun" if "heun" in samplers else samplers[0]
-    colours = dict(zip(RULES, plt.cm.tab10(np.linspace(0, 1, 10))))
+    colours = rule_colours()
     n_tiles = len(cfg["rules"]) + 2
-    fig = plt.figure(figsize=(max(14, 1.3 * n_tiles), 6.2 * len(sizes)))
+    fig = plt.figure(figsize=(max(16, 1.7 * n_tiles), 6.8 * len(sizes)))
     outer = fig.add_gridspec(2 * len(sizes), 1, height_ratios=[2.6, 1.3] * len(sizes), hspace=0.3)
     for k, size in enumerate(sizes):
         found = [r for r in results["found"] if r["size"] == size and r["seed"] == seed]
@@ -999,18 +1001,25 @@ def figures(results, cfg, path, log):
         for j, (title, x) in enumerate(tiles):
             ax = fig.add_subplot(inner[j])
             ax.imshow(tile(x[:16], size))
-            ax.set_title(title, fontsize=7)
+            ax.set_title(title.replace(" (", "\n("), fontsize=7)
             ax.axis("off")
             if j == 0:
                 ax.text(-0.12, 0.5, f"{size}x{size}\n{grid_sampler}\nT = {T}", transform=ax.transAxes, ha="right",
                         va="center", fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=100, bbox_inches="tight", format="png")
+    fig.savefig(buffer, dpi=130, bbox_inches="tight", format="png")
     plt.close(fig)
     so.write_atomically(path, buffer.getvalue())
     log(f"figure: {os.path.abspath(path)}")
     return [path]
+
+
+def rule_colours():
+    """A distinct colour for every rule in RULES (tab10, then darker ones)."""
+    import matplotlib.pyplot as plt
+    palette = list(plt.cm.tab10.colors) + ["black", "navy", "darkgoldenrod", "darkslategray", "indigo"]
+    return {rule: palette[i % len(palette)] for i, rule in enumerate(RULES)}
 
 
 def tile(x, size, per_row=4):
