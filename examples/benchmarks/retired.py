@@ -7,8 +7,8 @@ their measurements are in docs/derivations.md.
   well as the step's; ``sampler.flow_error_cost`` replaced it.
 - :func:`gaussian_corrector_cost` and :func:`gaussian_predictor_cost`, the exact finite-step
   corrector and DDIM-predictor costs for Gaussian data (they were ``scoreopt.gaussian_corrector_cost``
-  and ``scoreopt.gaussian_predictor_cost``; docs/derivations.md, section 1; the tests keep their own
-  copy in ``tests/oracles.py``).
+  and ``scoreopt.gaussian_predictor_cost``; docs/derivations.md, section 1; the tests load them from
+  here, through ``tests/oracles.py``, as the oracles of the Monte-Carlo costs).
 
 Imported by the scripts of this folder as ``import retired`` (each puts its own folder on
 ``sys.path``). It uses only names that ``scoreopt`` and ``sampler`` still share.
