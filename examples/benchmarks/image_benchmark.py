@@ -883,6 +883,9 @@ def seed_noise(results, cfg, rules, samplers):
              "differences between seeds are not). `better`/`worse`: resolved; `≈`: within seed noise. Cells: "
              "ratio to the best baseline, seed 0 / seed 1.", ""]
     for size in cfg["sizes"]:
+        if not all(any(r["size"] == size and r["seed"] == seed for r in results["rows"]) for seed in (s0, s1)):
+            lines += [f"**{size}x{size}**: one model seed only, no seed-to-seed comparison.", ""]
+            continue
         for metric, which in (("coupled", [s for s in samplers if s in DETERMINISTIC]), ("sliced_w1", samplers)):
             if not which:
                 continue
