@@ -1228,7 +1228,7 @@ def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, m
     result = _iterate(lambda ts: interval_costs(score, process, ts, x0, seed, cost=cost, **cost_options), ts, 1.0,
                       order, check_int(max_iter, "max_iter", 1), check_positive(tol, "tol"), report)
     if not result.converged:
-        warnings.warn(f"the equal-cost iteration did not converge in {result.n_iter} updates (a time still moved by "
+        warnings.warn(f"the equal-cost iteration did not converge in {result.n_iter} update{'s' * (result.n_iter != 1)} (a time still moved by "
                       f"more than tol = {tol:g} of its local step); returning the schedule of most equal costs seen",
                       RuntimeWarning, stacklevel=2)
     return result._replace(n_evaluations=score.evaluations)

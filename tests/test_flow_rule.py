@@ -136,6 +136,7 @@ def test_the_equalised_schedule_does_not_change_when_the_cost_is_scaled():
     np.testing.assert_allclose(runs[0].ts, runs[1].ts, rtol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:the equal-cost iteration did not converge")  # few updates on purpose
 def test_equal_error_schedule_is_deterministic_in_its_seed_and_counts_its_evaluations():
     target = models.Gaussian(np.zeros(2), [0.2, 1.0])
     score, x0 = exact(target, VP), target.sample(1000, 0)
