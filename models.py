@@ -908,10 +908,10 @@ def resume(path, params, data, process, ts=None, *, allow_changes=(), **options)
     saved = load_checkpoint(path)
     allow = {allow_changes} if isinstance(allow_changes, str) else set(allow_changes)
     settings = [options.get("n_steps"), options.get("batch_size", 256), options.get("lr", 1e-3)]
-    process, ts, draw_t = _train_iv(params, process, ts, *settings, options.get("levels", "levels"),
-                                    options.get("preconditioning", "edm"), options.get("online"), options.get("callback"))
-    run = _run_definition(params, process, ts, *settings, draw_t, options.get("preconditioning", "edm"),
-                          options.get("online"))
+    preconditioning, online = options.get("preconditioning", "edm"), options.get("online")
+    process, ts, draw_t = _train_iv(params, process, ts, *settings, options.get("levels", "levels"), preconditioning,
+                                    online, options.get("callback"))
+    run = _run_definition(params, process, ts, *settings, draw_t, preconditioning, online)
     unknown = allow - set(run)
     if unknown:
         raise ValueError(f"`allow_changes` names unknown settings {sorted(unknown)}; known: {sorted(run)}")

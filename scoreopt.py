@@ -1188,11 +1188,6 @@ def _relative_moves(ts, ts_new):
     return (ts_new - ts) / local
 
 
-def _relative_motion(ts, ts_new):
-    """Largest move of a time in units of the shorter of its two adjacent steps."""
-    return float(np.max(np.abs(_relative_moves(ts, ts_new))))
-
-
 def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, max_iter=100, tol=1e-4,
                         batch_size=None, callback=None, **cost_options):
     """The damped Algorithm 1 iterated to its equal-cost fixed point for a fixed score (derived).
@@ -1228,8 +1223,9 @@ def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, m
     result = _iterate(lambda ts: interval_costs(score, process, ts, x0, seed, cost=cost, **cost_options), ts, 1.0,
                       order, check_int(max_iter, "max_iter", 1), check_positive(tol, "tol"), report)
     if not result.converged:
-        warnings.warn(f"the equal-cost iteration did not converge in {result.n_iter} update{'s' * (result.n_iter != 1)} (a time still moved by "
-                      f"more than tol = {tol:g} of its local step); returning the schedule of most equal costs seen",
+        updates = f"{result.n_iter} update" + "s" * (result.n_iter != 1)
+        warnings.warn(f"the equal-cost iteration did not converge in {updates} (a time still moved by more than "
+                      f"tol = {tol:g} of its local step); returning the schedule of most equal costs seen",
                       RuntimeWarning, stacklevel=2)
     return result._replace(n_evaluations=score.evaluations)
 

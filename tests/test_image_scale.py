@@ -133,8 +133,9 @@ def test_the_fixed_point_halves_its_step_when_an_update_overshoots():
         return h ** 4 * (1.0 + 30.0 * t_next), np.zeros_like(h)
 
     seen = []
-    result = so.equal_cost_schedule(lambda x, t: -x, process, so.uniform_schedule(process, 8), np.ones((4, 1)), 0, cost=cost,
-                                    order=1, max_iter=200, tol=1e-6,
+    ts = so.uniform_schedule(process, 8)
+    result = so.equal_cost_schedule(lambda x, t: -x, process, ts, np.ones((4, 1)), 0, cost=cost, order=1, max_iter=200,
+                                    tol=1e-6,
                                     callback=lambda it, n, info: seen.append(info["gamma"]))
     assert result.converged
     assert result.costs.max() / result.costs.min() < 1.001
