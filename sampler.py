@@ -316,19 +316,23 @@ def prior_variance(process, data_var):
 # PART II. DERIVED OR ADDED HERE (docs/derivations.md)
 # ================================================================================
 
+import warnings                                                             # noqa: E402
+
 from autograd import elementwise_grad, value_and_grad                       # noqa: E402
 from scipy.integrate import trapezoid                                       # noqa: E402
 from scipy.optimize import minimize                                         # noqa: E402
 from scipy.spatial.distance import cdist                                    # noqa: E402
 from scipy.stats import gaussian_kde                                        # noqa: E402
 
-from scoreopt import (Estimate, baseline_schedules, check_data_scale, equal_cost_schedule,  # noqa: E402
-                      loglinear_schedule, mean_stderr, nsr_range, stop_at_budget, time_from_nsr, check_step_times)
+from scoreopt import (Estimate, EqualCostResult, baseline_schedules, check_data_scale, equal_cost_schedule,  # noqa: E402
+                      loglinear_schedule, mean_stderr, nsr, nsr_range, stop_at_budget, time_from_nsr,
+                      check_step_times, _iterate)
 
 __all__ += ["heun_step", "dpmpp_2m_step", "GaussianLaw", "gaussian_output_law", "gaussian_kl", "gaussian_schedule_kl",
             "FlowDensity", "flow_log_density", "gaussian_optimal_schedule", "FlowWeight", "flow_weight",
             "flow_error_cost", "equal_error_schedule", "TeacherSchedule", "teacher_schedule", "coupled_error",
-            "OracleSchedule", "coupled_optimal_schedule", "wasserstein1", "ModeCoverage", "mode_coverage",
+            "OracleSchedule", "coupled_optimal_schedule", "levels_for_calls", "sample_calls", "equal_error_calls",
+            "Recommendation", "KINDS", "recommended_schedule", "wasserstein1", "ModeCoverage", "mode_coverage",
             "mean_log_density", "density_estimate", "score_error", "ScoreErrorByLevel", "score_error_by_level",
             "sliced_wasserstein", "mmd2"]
 
@@ -1010,6 +1014,264 @@ class _CountingScore:
     def __call__(self, x, t):
         self.evaluations += len(x)
         return self.score(x, t)
+
+
+# --------------------------------------------------------------------------------
+# Schedules for n model calls, checked against the model's own solution (docs/derivations.md, 10)
+# --------------------------------------------------------------------------------
+
+def levels_for_calls(n_calls, step="euler"):
+    """How many noise levels a sampler visits with ``n_calls`` model calls, its last step going to
+    ``sigma = 0`` (the denoised output), as k-diffusion and diffusers sample: ``n_calls`` for a one-call
+    step (Euler/DDIM, DPM-Solver++(2M), the ancestral step); for Heun, k-diffusion's count, two calls a
+    step between levels and one for the last step to 0, so ``n_calls = 2 n - 1`` must be odd.
+
+    >>> levels_for_calls(10, "dpmpp_2m"), levels_for_calls(9, "heun")
+    (10, 5)
+    """
+    step, n_calls = resolve_predictor(step, "step"), check_int(n_calls, "n_calls", 1)
+    if step is not heun_step:
+        return n_calls
+    if n_calls % 2 == 0:
+        raise ValueError(f"`n_calls` = {n_calls} is even: Heun makes 2 n - 1 calls on n levels (two a step, one for "
+                         f"the last step to 0); ask for {n_calls - 1} or {n_calls + 1}")
+    return (n_calls + 1) // 2
+
+
+def sample_calls(score, process, ts, x_T, rng, *, step="euler", batch_size=None):
+    """Sample as k-diffusion and diffusers do on the call levels ``ts`` (increasing, any subset of
+    ``[t_min, t_max]``): the step between consecutive levels from ``ts[-1]`` down, then the last step to
+    ``sigma = 0``, the denoised output ``D(x, ts[0])`` (Tweedie). Returns :class:`Sampled`; ``nfe`` is the
+    model calls, ``len(ts)`` for a one-call step (``2 len(ts) - 1`` for Heun).
+
+    >>> import scoreopt as so
+    >>> process, score = so.ve(), lambda x, t: -x / (0.25 + so.ve().sigma(t) ** 2)    # N(0, 0.5^2) data
+    >>> x_T = prior_sample(process, 4000, [0.25], rng=0)
+    >>> x, nfe = sample_calls(score, process, so.edm_schedule(process, 10)[1:], x_T, rng=1)
+    >>> round(float(x.std()), 2), nfe
+    (0.5, 10)
+    """
+    process = check_process(process)
+    ts, x = check_schedule(ts, process, endpoints=False, min_len=1), check_data(x_T, "x_T")
+    ts = np.append(ts, ts[-1]) if len(ts) == 1 else ts                # one call: no step between levels
+    predict = _sampler_iv(score, step, 0, 0.1)
+    x, nfe = _sample_loop(checked_score(score, batch_size=batch_size, process=process), process, ts, x, as_rng(rng),
+                          predict, 0, 0.1, True) if len(np.unique(ts)) > 1 else \
+        (tweedie_denoise(checked_score(score, process=process), process, x, ts[0]), 1)
+    return Sampled(x, nfe)
+
+
+def _final_error(score, process, t, x0, rng, step, weight, K):
+    """The local error of the last step, from ``t`` to ``sigma = 0``: the step gives the denoised output
+    ``D(x, t)``; the model's flow is ``K`` Heun substeps to ``t_min`` and then ``D`` there. For the ancestral
+    step, its error in law with ``t' = t_min``. In the data's scale (``s(t_min) x``)."""
+    eps = rng.standard_normal(x0.shape)
+    x = process.s(t) * x0 + process.sigma(t) * eps
+    rows_t, rows_end = np.full(len(x0), t), np.full(len(x0), process.t_min)
+    if step is ancestral_step:
+        value, stderr = _ancestral_weak_error(score, process, x, rows_t, rows_end, len(x0), weight, rng)
+        return float(value[0]), float(stderr[0])
+    coarse = tweedie_denoise(score, process, x, t)
+    fine = tweedie_denoise(score, process, _heun_substeps(score, process, x, rows_t, rows_end, K, weight.scale),
+                           process.t_min)
+    value, stderr = mean_stderr(_weighted_error(weight, process, process.s(process.t_min) * (coarse - fine),
+                                                rows_end)[None, :])
+    return float(value[0]), float(stderr[0])
+
+
+def _calls_costs(score, process, ts, x0, seed, step, weight, K):
+    """The costs of a schedule of call levels extended below by ``t_min`` (``ts``, increasing): interval 0 is
+    the last step, from ``ts[1]`` to ``sigma = 0``; the others are between consecutive levels. Common random
+    numbers: the same ``seed`` at every call."""
+    rng = as_rng(seed)
+    value, stderr = np.empty(len(ts) - 1), np.empty(len(ts) - 1)
+    if len(ts) > 2:
+        between = _flow_error(score, process, ts[2:], ts[1:-1], x0, rng, step, weight, K)
+        value[1:], stderr[1:] = between.value, between.stderr
+    value[0], stderr[0] = _final_error(score, process, ts[1], x0, rng, step, weight, K)
+    return np.maximum(value, 0.0), stderr
+
+
+def equal_error_calls(score, process, n_calls, x0, rng, *, step="euler", weight="data", n_samples=32, max_iter=15,
+                      budget=None, batch_size=None, callback=None):
+    """The equal local-error rule for ``n_calls`` model calls of a sampler (derived, docs/derivations.md, 10).
+
+    As :func:`equal_error_schedule`, on the levels at which the model is called: the highest is ``t_max``,
+    the lowest is free, and the sampler's last step, to ``sigma = 0`` (the denoised output), is one of the
+    steps whose local errors against the model's own flow are made equal. ``n_calls`` counts as
+    :func:`levels_for_calls`. Returns a ``scoreopt.EqualCostResult`` whose ``ts`` are the call levels
+    (increasing, :func:`levels_for_calls` of them, ``ts[-1] = t_max``) and whose ``costs[i]`` is the local
+    error of the step down from ``ts[i]``; use them with :func:`sample_calls` or the exports
+    (``scoreopt.to_sigmas``, ``scoreopt.to_timesteps``).
+
+    >>> import scoreopt as so
+    >>> process, score = so.ve(), lambda x, t: -x / (0.25 + so.ve().sigma(t) ** 2)
+    >>> x0 = np.random.default_rng(0).normal(0.0, 0.5, (256, 1))
+    >>> found = equal_error_calls(score, process, 6, x0, rng=0, step="dpmpp_2m")
+    >>> len(found.ts), found.ts[-1] == process.t_max, found.ts[0] > process.t_min
+    (6, True, True)
+    """
+    process = check_process(process)
+    step = resolve_predictor(step, "step")
+    n = levels_for_calls(n_calls, step)
+    x0, rng = check_data(x0, min_rows=2), as_rng(rng)
+    check_data_scale(np.mean(x0 ** 2, axis=0), process)
+    weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
+    points = x0[rng.choice(len(x0), min(check_int(n_samples, "n_samples", 2), len(x0)), replace=False)]
+    checked, seed = checked_score(score, batch_size=batch_size, process=process), int(rng.integers(2 ** 63))
+    user = None if callback is None else check_callable(callback, "callback", "callback(done, total, info)")
+    if budget is not None:
+        user = stop_at_budget(budget, user)
+    report = lambda it, total, info: user is not None and user(it, total, dict(info, evaluations=checked.evaluations))
+    costs = lambda ts: _calls_costs(checked, process, ts, points, seed, step, weight, 2)
+    start = loglinear_schedule(process, n)
+    if n == 1:
+        L, stderr = costs(start)
+        return EqualCostResult(start[1:], L, stderr, True, 0, [], checked.evaluations)
+    result = _iterate(costs, start, 1.0, 2 * (getattr(step, "order", 1) + 1), check_int(max_iter, "max_iter", 1),
+                      1e-2, report)
+    if not result.converged:
+        warnings.warn(f"the equal-error iteration did not converge in {result.n_iter} updates; returning the "
+                      "schedule of most equal errors seen", RuntimeWarning, stacklevel=2)
+    return result._replace(ts=result.ts[1:].copy(), n_evaluations=checked.evaluations)
+
+
+class Recommendation(NamedTuple):
+    """What :func:`recommended_schedule` returns."""
+    ts: np.ndarray          # the call levels chosen, increasing (the sampler's last step goes on to sigma = 0)
+    name: str               # the candidate they come from
+    table: list             # one row per candidate, best first: (name, error, stderr of the difference to the
+                            # best, ratio to the best default, ratio to the best baseline, kind)
+    n_calls: int            # model calls per sample with the sampler
+    n_evaluations: int      # per-sample evaluations spent beyond the rule (reference, candidates, refinement)
+    rule: object            # the rule's result (equal_error_calls), or None when not run
+    candidates: dict        # every candidate's call levels, by name
+
+
+# Candidates by kind, from the simplest to explain to the least simple: within seed noise of the best, the
+# simplest is chosen.
+KINDS = ("default", "baseline", "map", "rule", "refined")
+
+
+def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defaults=None, smap=None, rule=True,
+                         refine=True, n_draws=32, reference_steps=100, batch_size=None):
+    """The schedule to use for ``n_calls`` model calls of a sampler, checked against the model's own
+    solution (derived, docs/derivations.md, 10).
+
+    Candidates: ``defaults`` (a dict name -> call levels, e.g. your framework's own spacings from
+    ``scoreopt.consumer_schedules``), the library's baselines (``scoreopt.baseline_schedules`` with the
+    lowest level left out: the sampler steps from the last level to 0), the paper's map ``smap`` (a
+    ``scoreopt.ScheduleMap``, optional) and the equal local-error rule (:func:`equal_error_calls`,
+    ``rule=False`` to skip it). Each is run with ``step`` for ``n_calls`` calls (:func:`sample_calls`) from
+    ``n_draws`` shared prior draws and compared, by the coupled error (mean squared distance per
+    coordinate), with the model's own solution from the same draws (``reference_steps`` log-linear Heun
+    steps and the denoiser at ``t_min``). ``refine``: coordinate moves of single levels in ``log nu``
+    from the best candidate, each kept only when it lowers the error by more than its standard error.
+    Of the candidates within one standard error (of the paired difference) of the best, the simplest
+    kind is returned (:data:`KINDS`: a default before a baseline before the map, the rule, a refinement).
+    Deterministic steps (Euler/DDIM, Heun, DPM-Solver++(2M)). Returns a :class:`Recommendation`.
+
+    >>> import scoreopt as so
+    >>> process, score = so.ve(), lambda x, t: -x / (0.25 + so.ve().sigma(t) ** 2)
+    >>> x0 = np.random.default_rng(0).normal(0.0, 0.5, (256, 1))
+    >>> best = recommended_schedule(score, process, 6, x0, rng=0, step="euler", refine=False)
+    >>> len(best.ts), best.n_calls, best.name in best.candidates
+    (6, 6, True)
+    """
+    process, step = check_process(process), resolve_predictor(step, "step")
+    if step is ancestral_step or step is euler_maruyama_step:
+        raise ValueError("`step` must be deterministic for recommended_schedule, which compares each candidate's "
+                         "samples with the model's own solution from the same draws; equal_error_calls gives the "
+                         "rule's schedule for a stochastic step")
+    n = levels_for_calls(n_calls, step)
+    x0, rng = check_data(x0, min_rows=2), as_rng(rng)
+    checked = checked_score(score, batch_size=batch_size, process=process)
+    candidates = _candidates(process, n, x0, defaults, smap)
+    found = None
+    if rule:
+        found = equal_error_calls(checked, process, n_calls, x0, rng, step=step, batch_size=batch_size)
+        candidates["equal local error", "rule"] = found.ts
+    before = checked.evaluations
+    x_T = prior_sample(process, check_int(n_draws, "n_draws", 2), x0.var(axis=0), rng)
+    fine = loglinear_schedule(process, check_int(reference_steps, "reference_steps", n))
+    reference = _sample_loop(checked, process, fine, x_T, _Noise("none", "the reference"), heun_step, 0, 0.1, True)[0]
+    errors = lambda ts: np.mean((_calls_run(checked, process, ts, x_T, step) - reference) ** 2, axis=1)
+    measured = {key: errors(ts) for key, ts in candidates.items()}
+    if refine:
+        best = min(measured, key=lambda key: measured[key].mean())
+        ts, e = _refine(errors, process, candidates[best], measured[best])
+        if ts is not candidates[best]:
+            candidates[f"refined {best[0]}", "refined"], measured[f"refined {best[0]}", "refined"] = ts, e
+    table, chosen = _choose(measured)
+    return Recommendation(candidates[chosen].copy(), chosen[0], table, n_calls, checked.evaluations - before, found,
+                          {key[0]: ts for key, ts in candidates.items()})
+
+
+def _candidates(process, n, x0, defaults, smap):
+    """The candidates' call levels, keyed by (name, kind)."""
+    out = {}
+    for name, ts in ({} if defaults is None else dict(defaults)).items():
+        ts = check_schedule(ts, process, endpoints=False, name=f"defaults[{name!r}]", min_len=1)
+        if len(ts) != n:
+            raise ValueError(f"`defaults[{name!r}]` has {len(ts)} levels; {n} make the calls asked for")
+        out[str(name), "default"] = ts
+    c = float(np.sqrt(np.mean(x0.var(axis=0))))
+    for name, ts in baseline_schedules(process, n, c).items():
+        out[name, "baseline"] = ts[1:]
+    if smap is not None:
+        out["the paper's map", "map"] = smap.schedule(n)[1:]
+    return out
+
+
+def _calls_run(score, process, ts, x_T, step):
+    """:func:`sample_calls` on checked arguments, deterministic."""
+    ts = np.append(ts, ts[-1]) if len(ts) == 1 else ts
+    if ts[0] == ts[-1]:
+        return tweedie_denoise(score, process, x_T, ts[0])
+    return _sample_loop(score, process, ts, x_T, _Noise("none", "recommended_schedule"), step, 0, 0.1, True)[0]
+
+
+def _paired_stderr(a, b):
+    """Standard error of the mean of ``a - b`` (per-draw errors on shared draws)."""
+    return float(np.std(a - b, ddof=1) / np.sqrt(len(a)))
+
+
+def _refine(errors, process, ts, e, sweeps=2, fraction=0.3):
+    """Coordinate moves of single levels in ``log nu`` (``t_max`` kept), each to ``fraction`` of the way to a
+    neighbour (``nu_min`` below the lowest), kept when the error falls by more than its standard error;
+    the fraction halves after each sweep. Returns ``(ts, errors)``, ``ts`` itself when nothing moved."""
+    start, log_nu = ts, np.log(nsr(process, ts))
+    low = np.log(nsr_range(process)[0])
+    for sweep in range(sweeps):
+        for j in range(len(ts) - 1):
+            below = low if j == 0 else log_nu[j - 1]
+            for target in (below, log_nu[j + 1]):
+                trial = log_nu.copy()
+                trial[j] += fraction * (target - log_nu[j])
+                ts_trial = time_from_nsr(process, np.exp(trial))
+                if np.any(np.diff(ts_trial) <= 0) or ts_trial[0] < process.t_min:
+                    continue
+                ts_trial[-1] = process.t_max
+                e_trial = errors(ts_trial)
+                if e.mean() - e_trial.mean() > _paired_stderr(e, e_trial):
+                    ts, e, log_nu = ts_trial, e_trial, trial
+                    break
+        fraction /= 2
+    return (start if ts is start else ts), e
+
+
+def _choose(measured):
+    """The table of candidates, best first, and the key chosen: the simplest kind within one standard error
+    of the best."""
+    keys = sorted(measured, key=lambda key: measured[key].mean())
+    best = measured[keys[0]]
+    defaults = [measured[k].mean() for k in keys if k[1] == "default"]
+    baselines = [measured[k].mean() for k in keys if k[1] == "baseline"]
+    ratio = lambda v, ref: v / min(ref) if ref else float("nan")
+    table = [(k[0], float(measured[k].mean()), 0.0 if k == keys[0] else _paired_stderr(measured[k], best),
+              ratio(measured[k].mean(), defaults), ratio(measured[k].mean(), baselines), k[1]) for k in keys]
+    near = [k for k, row in zip(keys, table) if row[1] - table[0][1] <= row[2]]
+    return table, min(near, key=lambda k: (KINDS.index(k[1]), measured[k].mean()))
 
 
 # --------------------------------------------------------------------------------
