@@ -1056,7 +1056,8 @@ __all__ += [
     "loglinear_schedule", "arctan_schedule", "baseline_schedules", "gaussian_local_cost",
     "EqualCostResult", "equal_cost_schedule", "iterate_schedule", "stop_at_budget",
     "ScheduleMap", "estimate_schedule_map", "grid_route", "load_schedule_map",
-    "flow_matching", "process_from_alphas_cumprod", "to_timesteps", "to_sigmas",
+    "flow_matching", "process_from_alphas_cumprod", "to_timesteps", "to_sigmas", "snap_to_table",
+    "consumer_schedules", "to_diffusers", "to_comfyui",
     "score_from_denoiser", "score_from_eps", "score_from_v", "score_from_flow", "rowwise_score",
     "write_atomically", "progress_printer", "main",
 ]
@@ -1723,14 +1724,14 @@ def process_from_alphas_cumprod(alphas_cumprod):
 
 
 def to_timesteps(process, ts, *, merge=False):
-    """A schedule's times as a discrete-time model's integer timesteps, descending (diffusers' order).
+    """The call levels ``ts`` as a discrete-time model's integer timesteps, descending (diffusers' order).
 
     ``k = round(t (N - 1))`` for a process from :func:`process_from_alphas_cumprod`. Two times that
     round to the same timestep are an error, or with ``merge=True`` are merged with a
-    ``RuntimeWarning`` saying how many steps remain.
+    ``RuntimeWarning`` saying how many levels remain.
     """
     process = check_process(process)
-    ts, merge = check_schedule(ts, process), check_bool(merge, "merge")
+    ts, merge = _check_levels(ts, process), check_bool(merge, "merge")
     if process.n_timesteps < 2:
         raise ValueError("`process` must come from `process_from_alphas_cumprod` (a discrete-time model)")
     return _table_timesteps(ts, process.n_timesteps, merge, "steps, or merge=True")
@@ -1743,17 +1744,276 @@ def _table_timesteps(ts, N, merge, fewer):
             raise ValueError(f"two schedule times round to the same timestep of the model's {N}-entry table: use "
                              f"fewer {fewer}")
         k = np.unique(k)
-        warnings.warn(f"levels closer than the model's table merged: {len(k) - 1} of {len(ts) - 1} steps remain",
+        warnings.warn(f"levels closer than the model's table merged: {len(k)} of {len(ts)} levels remain",
                       RuntimeWarning, stacklevel=3)
     return k[::-1].copy()
 
 
-def to_sigmas(process, ts):
-    """A schedule's levels as descending ``nu`` with a trailing 0 (k-diffusion's and diffusers' ``sigmas=``):
-    ``T + 1`` levels, so ``T + 1`` Euler model calls, the last from ``nu(t_min)`` to 0 (the final denoising;
-    ``sampler.sample(..., denoise=True)`` with Euler). :meth:`ScheduleMap.sigmas` takes the number of levels."""
+def to_sigmas(process, ts, *, dtype=np.float64):
+    """The call levels ``ts`` as k-diffusion's ``sigmas``: ``nu`` descending, then 0.
+
+    ``n`` levels give ``n + 1`` values, the shape of ``get_sigmas_karras(n, ...)``; k-diffusion's
+    ``sample_euler``, ``sample_dpmpp_2m`` and ``sample_euler_ancestral`` call the model ``n`` times on
+    them, ``sample_heun`` ``2n - 1`` (its last step, to 0, is Euler); ``sampler.sample(..., denoise=True)``
+    is the same sampler on ``ts``. ``dtype=np.float32`` for a float32 model (float64 sigmas turn float32
+    samples into float64 after one step). :meth:`ScheduleMap.sigmas` takes the number of levels.
+
+    >>> to_sigmas(ve(), [0.0, 1.0]).round(9).tolist()       # 2 levels: 2 Euler calls, the last to 0
+    [80.0, 0.002, 0.0]
+    """
     process = check_process(process)
-    return np.append(process.nsr(check_schedule(ts, process))[::-1], 0.0)
+    return np.append(process.nsr(_check_levels(ts, process))[::-1], 0.0).astype(_check_dtype(dtype))
+
+
+# --------------------------------------------------------------------------------
+# Schedules for n model calls: the consumers' own defaults, and exports they use verbatim
+# --------------------------------------------------------------------------------
+# A schedule for n model calls is ``ts``: n increasing times in [t_min, t_max], the levels at which
+# the model is called (the highest first when sampling), then the sampler's own final step to
+# nu = 0, the denoised output. Euler/DDIM, DPM-Solver++(2M) and the ancestral step make n calls on
+# n levels; k-diffusion's Heun 2n - 1. Each consumer below gets exactly these levels and that zero.
+
+def _check_levels(ts, process):
+    """Call levels: at least one finite, strictly increasing time in ``[t_min, t_max]`` (the ends are free)."""
+    return check_schedule(ts, process, endpoints=False, min_len=1)
+
+
+def _is_flow(process):
+    return process.name.startswith("flow_matching")
+
+
+def _check_table(process, what):
+    if process.n_timesteps < 2:
+        raise ValueError(f"`process` must come from `process_from_alphas_cumprod` (a discrete-time model) for "
+                         f"{what}, got {process.name!r}")
+    return process.n_timesteps
+
+
+def snap_to_table(process, ts, *, merge=False):
+    """The call levels moved to the nearest points ``t = k / (N - 1)`` of a discrete-time model's table.
+
+    For a model that embeds its timestep by lookup (an integer index): evaluate and compare the schedule
+    it will actually use. Two levels that snap to one point are an error, or with ``merge=True`` one
+    level with a ``RuntimeWarning`` saying how many remain. Increasing, like ``ts``;
+    ``to_timesteps(process, snap_to_table(process, ts))`` is the same integers.
+
+    >>> table = process_from_alphas_cumprod(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+    >>> (snap_to_table(table, [0.1, 0.5004, 1.0]) * 999).round(9).tolist()
+    [100.0, 500.0, 999.0]
+    """
+    process = check_process(process)
+    N = _check_table(process, "snap_to_table")
+    k = _table_timesteps(_check_levels(ts, process), N, check_bool(merge, "merge"), "levels, or merge=True")
+    return k[::-1] / (N - 1)
+
+
+def _karras(nu_min, nu_max, n, rho=7.0):
+    """k-diffusion's ``get_sigmas_karras`` without its 0, increasing: ``(a + u (b - a))^rho``, ``a, b`` the
+    ``1/rho`` powers of the ends, ``u`` uniform on [0, 1]."""
+    a, b = nu_min ** (1.0 / rho), nu_max ** (1.0 / rho)
+    return (a + np.linspace(0.0, 1.0, n) * (b - a)) ** rho
+
+
+def _levels_from_nsr(process, nu):
+    """Times of increasing ``nu`` with the range's ends pinned exactly (a power or an exponential of the ends
+    is off by rounding)."""
+    nu_min, nu_max = nsr_range(process)
+    return time_from_nsr(process, np.clip(nu, nu_min, nu_max))
+
+
+def _table_defaults(process, n, steps_offset):
+    """diffusers' spacings of ``n`` timesteps, increasing, on the model's own table (docstring of
+    :func:`consumer_schedules`); ``steps_offset`` enters ``leading`` only, as in diffusers."""
+    N = process.n_timesteps
+    k = {"linspace": np.linspace(0, N - 1, n + 1).round()[1:],             # DPMSolverMultistepScheduler
+         "leading": np.arange(n) * (N // n) + steps_offset,                 # DDIMScheduler, EulerDiscrete
+         "trailing": (np.arange(N, 0, -N / n).round() - 1)[::-1]}           # all three
+    for name, steps in k.items():
+        if len(steps) != n or steps[0] < 0 or steps[-1] > N - 1 or np.any(np.diff(steps) <= 0):
+            raise ValueError(f"diffusers' {name!r} spacing gives {len(steps)} timesteps from {steps[0]:g} to "
+                             f"{steps[-1]:g} for `n` = {n} on a table of {N} (`steps_offset` = {steps_offset}): "
+                             "not n distinct timesteps of the table")
+    out = {name: steps / (N - 1) for name, steps in k.items()}
+    nu_table = process.nsr(np.arange(N) / (N - 1))                          # EulerDiscrete's linspace: float
+    out["linspace_to_0"] = _levels_from_nsr(process, np.interp(np.linspace(0, N - 1, n), np.arange(N), nu_table))
+    return out                                                              # timesteps, nu linear between
+
+
+def _flow_default(process, n, shift, num_train_timesteps=1000):
+    """FlowMatchEulerDiscreteScheduler's ``set_timesteps(n)``: ``n`` flow times uniform from 1 to its
+    ``sigma_min`` (the shifted ``1/N``), each shifted once more; clipped into the process range."""
+    shifted = lambda u: shift * u / (1.0 + (shift - 1.0) * u)
+    t = shifted(np.linspace(shifted(1.0 / num_train_timesteps), 1.0, n))
+    ts = np.clip(t, process.t_min, process.t_max)
+    if np.any(np.diff(ts) <= 0):
+        raise ValueError(f"`n` = {n} flow times with `shift` = {shift:g} from {t[0]:.6g} to 1 do not fit the "
+                         f"process range [{process.t_min:.6g}, {process.t_max:.6g}] as distinct levels: use "
+                         "flow_matching(t_min, t_max) nearer 0 and 1")
+    return ts
+
+
+def consumer_schedules(process, n, *, shift=None, steps_offset=0):
+    """The schedules a user already has for ``n`` model calls, as call levels ``ts`` (increasing).
+
+    What applies to the process:
+
+    * a discrete-time model (:func:`process_from_alphas_cumprod`, ``N`` timesteps), diffusers' spacings,
+      as timesteps ``k`` at ``t = k / (N - 1)``: ``"linspace"`` (``DPMSolverMultistepScheduler``'s
+      default, ``round(linspace(0, N - 1, n + 1))`` without its 0), ``"leading"`` (``DDIMScheduler``'s
+      default, ``arange(n) (N // n) + steps_offset``; Stable Diffusion's configs set ``steps_offset=1``),
+      ``"trailing"`` (``round(arange(N, 0, -N / n)) - 1``: 999, 899, ..., 99 for ``n = 10``),
+      ``"linspace_to_0"`` (``EulerDiscreteScheduler``'s default, ``linspace(0, N - 1, n)`` with ``nu``
+      linear between the table's points: its last call is at timestep 0) and ``"karras"``
+      (``use_karras_sigmas=True``: the table's ``nu`` range, the model called at the rounded timestep);
+    * a :func:`flow_matching` process, ``"shifted"``: ``FlowMatchEulerDiscreteScheduler(shift=shift)``'s
+      ``set_timesteps(n)`` (``shift`` is required; 3.0 in Stable Diffusion 3), whose top level ``t = 1``
+      (pure noise) is ``t_max`` here and exported as 1 again (:func:`to_diffusers`);
+    * any other process, k-diffusion's ``"karras"`` (``get_sigmas_karras(n, nu_min, nu_max, rho=7)``) and
+      ``"exponential"`` (``get_sigmas_exponential``, uniform in ``log nu``) on the process's ``nu`` range.
+
+    Each is exactly the consumer's own (tested against it where installed, and against its formula); a
+    level outside ``[t_min, t_max]`` is clipped into it. Returns a dict name -> ``ts``, ``n`` levels each.
+
+    >>> sorted(consumer_schedules(ve(), 10))
+    ['exponential', 'karras']
+    >>> table = process_from_alphas_cumprod(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+    >>> (consumer_schedules(table, 4)["trailing"] * 999).round(9).tolist()
+    [249.0, 499.0, 749.0, 999.0]
+    """
+    process, n = check_process(process), check_int(n, "n", 1)
+    steps_offset = check_int(steps_offset, "steps_offset", 0)
+    if _is_flow(process):
+        if shift is None:
+            raise ValueError("`shift` is needed for a flow_matching process: FlowMatchEulerDiscreteScheduler's "
+                             "own (scheduler.shift; 1.0 by default, 3.0 in Stable Diffusion 3)")
+        return {"shifted": _flow_default(process, n, check_positive(shift, "shift"))}
+    if shift is not None:
+        raise ValueError(f"`shift` applies to a flow_matching process only, not to {process.name!r}")
+    nu_min, nu_max = nsr_range(process)
+    karras = _levels_from_nsr(process, _karras(nu_min, nu_max, n))
+    if process.n_timesteps >= 2:
+        return {**_table_defaults(process, n, steps_offset), "karras": karras}
+    return {"karras": karras,
+            "exponential": _levels_from_nsr(process, np.exp(np.linspace(np.log(nu_min), np.log(nu_max), n)))}
+
+
+def _flow_times(process, ts):
+    """Flow times of the call levels, descending; a top level at ``t_max`` is 1 (pure noise, where flow
+    pipelines start: ``nu(t_max)`` is the process's stand-in for an infinite ``nu``)."""
+    if not _is_flow(process):
+        raise ValueError(f"`process` must be a flow_matching process for flow times, got {process.name!r}")
+    t = ts[::-1].copy()
+    if t[0] == process.t_max:
+        t[0] = 1.0
+    return t
+
+
+# Settings of a diffusers scheduler under which it would not use the exported levels as given.
+_DIFFUSERS_REFUSED = {
+    "DPMSolverMultistepScheduler": {"use_karras_sigmas": False, "use_exponential_sigmas": False,
+                                    "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+                                    "final_sigmas_type": "zero"},
+    "EulerDiscreteScheduler": {},
+    "FlowMatchEulerDiscreteScheduler": {"use_dynamic_shifting": False, "shift_terminal": None,
+                                        "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                                        "use_beta_sigmas": False, "invert_sigmas": False},
+}
+
+
+def _diffusers_scheduler(scheduler, process):
+    """``(name, config, shift)`` of a scheduler given by its class name or as an instance (duck-typed: this
+    module never imports diffusers); an instance's settings and table are checked against the export."""
+    if isinstance(scheduler, str):
+        name, config, shift = scheduler, {}, None
+    else:
+        name, config = type(scheduler).__name__, dict(getattr(scheduler, "config", None) or {})
+        shift = getattr(scheduler, "shift", None) if name == "FlowMatchEulerDiscreteScheduler" else None
+    if name == "DDIMScheduler":
+        raise ValueError("`scheduler` DDIMScheduler takes no custom timesteps: DPMSolverMultistepScheduler("
+                         "solver_order=1) with to_diffusers(process, ts, 'DPMSolverMultistepScheduler') is DDIM "
+                         "(eta = 0) on the same timesteps (tested), as is EulerDiscreteScheduler with its sigmas")
+    if name not in _DIFFUSERS_REFUSED:
+        raise ValueError(f"`scheduler` must be one of {sorted(_DIFFUSERS_REFUSED)} (or an instance), got {name!r}")
+    for key, wanted in _DIFFUSERS_REFUSED[name].items():
+        if key in config and config[key] != wanted and not (wanted is None and not config[key]):
+            hint = (" (with dynamic shifting the shift is exp(mu), exponential type: build the scheduler with "
+                    "use_dynamic_shifting=False, shift=exp(mu))" if key == "use_dynamic_shifting" else "")
+            raise ValueError(f"`scheduler` {name} has {key}={config[key]!r}: it would not use the exported levels "
+                             f"as given; set {key}={wanted!r}{hint}")
+    table = getattr(scheduler, "alphas_cumprod", None)
+    if table is not None and process.n_timesteps >= 2 and not isinstance(scheduler, str):
+        theirs = process_from_alphas_cumprod(np.asarray(table, dtype=float)).name
+        if theirs != process.name:
+            raise ValueError(f"`scheduler` {name} has the table {theirs}, not the process's {process.name}")
+    return name, shift
+
+
+def to_diffusers(process, ts, scheduler, *, shift=None):
+    """The keyword arguments for ``scheduler.set_timesteps(**kw)`` that make a diffusers scheduler call the
+    model at exactly the levels ``ts`` and then step to 0: ``n`` levels, ``n`` model calls.
+
+    ``scheduler``: a class name or an instance (whose settings and table are then checked).
+
+    * ``"DPMSolverMultistepScheduler"``: ``{"timesteps": n integers}``, descending, ``to_timesteps``'s
+      (levels between the table's points are rounded: :func:`snap_to_table` first to evaluate the schedule
+      used); it appends ``sigma = 0`` itself (``final_sigmas_type="zero"``). With ``solver_order=1`` it is
+      DDIM (``eta = 0``): ``DDIMScheduler`` takes no custom timesteps, so that is refused, saying this.
+    * ``"EulerDiscreteScheduler"``: ``{"sigmas": n + 1 values}``, ``nu`` descending and the final 0, which
+      it does not append; it passes the model the timesteps interpolated in ``log nu``, floats between the
+      table's points: a model that looks its timestep up needs :func:`snap_to_table` first.
+    * ``"FlowMatchEulerDiscreteScheduler"``: ``{"sigmas": n flow times}`` (:func:`flow_matching`), descending,
+      a top level at ``t_max`` as 1; it appends the 0. It shifts custom sigmas by ``shift t / (1 + (shift -
+      1) t)``, so they are pre-unshifted, ``t / (shift - (shift - 1) t)``: ``shift`` is the scheduler's own
+      (read from an instance; required with a name). ``use_dynamic_shifting=True`` is refused: its shift is
+      ``exp(mu)``, so build the scheduler with ``shift=exp(mu)``.
+
+    Every diffusers scheduler above takes a table process's model calls at its timesteps; the processes must
+    match (a table process for the first two, a flow_matching process for the third).
+
+    >>> table = process_from_alphas_cumprod(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+    >>> to_diffusers(table, [99 / 999, 0.5, 1.0], "DPMSolverMultistepScheduler")
+    {'timesteps': [999, 500, 99]}
+    >>> kw = to_diffusers(flow_matching(), [0.25, 0.5], "FlowMatchEulerDiscreteScheduler", shift=3.0)
+    >>> [round(t, 6) for t in kw["sigmas"]]                   # shifted by 3, they are 0.5 and 0.25
+    [0.25, 0.1]
+    """
+    process = check_process(process)
+    ts = _check_levels(ts, process)
+    name, own_shift = _diffusers_scheduler(scheduler, process)
+    if name != "FlowMatchEulerDiscreteScheduler":
+        if shift is not None:
+            raise ValueError(f"`shift` applies to FlowMatchEulerDiscreteScheduler only, not to {name}")
+        _check_table(process, name)
+        if name == "DPMSolverMultistepScheduler":
+            return {"timesteps": to_timesteps(process, ts).tolist()}
+        return {"sigmas": to_sigmas(process, ts).tolist()}
+    if shift is None and own_shift is None:
+        raise ValueError("`shift` is needed with the name FlowMatchEulerDiscreteScheduler: the scheduler's own "
+                         "(scheduler.shift; 1.0 by default, 3.0 in Stable Diffusion 3), or pass the scheduler")
+    if shift is not None and own_shift is not None and not np.isclose(check_positive(shift, "shift"), own_shift):
+        raise ValueError(f"`shift` = {shift} differs from the scheduler's own shift {own_shift}")
+    s = check_positive(own_shift if shift is None else shift, "shift")
+    t = _flow_times(process, ts)
+    return {"sigmas": (t / (s - (s - 1.0) * t)).tolist()}
+
+
+def to_comfyui(process, ts):
+    """ComfyUI's ``ManualSigmas`` string: the ``sigmas`` comma-separated, descending, the final 0 included.
+
+    A flow_matching process gives flow times (ComfyUI's sigma for flow models; a top level at ``t_max`` as
+    1), any other ``nu`` (k-diffusion's sigmas, :func:`to_sigmas`). Written without exponents, in the
+    shortest digits that read back to the same float64: ManualSigmas reads numbers with the pattern
+    ``[-+]?(?:\\d*\\.*\\d+)``, which would read ``1e-05`` as 1 and -5. Its discrete (ε- and v-) models look
+    the timestep up at the table's point nearest in ``log sigma``: :func:`snap_to_table` first to evaluate
+    the schedule used.
+
+    >>> to_comfyui(flow_matching(), [0.25, flow_matching().t_max])       # 2 levels: t = 1 and 0.25, then 0
+    '1, 0.25, 0'
+    """
+    process = check_process(process)
+    ts = _check_levels(ts, process)
+    values = np.append(_flow_times(process, ts), 0.0) if _is_flow(process) else to_sigmas(process, ts)
+    return ", ".join(np.format_float_positional(v, trim="-") for v in values)
 
 
 class _Adapter:

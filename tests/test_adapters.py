@@ -114,7 +114,7 @@ def test_to_timesteps_round_trips_table_times_in_descending_order():
 def test_merging_timesteps_removes_the_duplicates_and_says_how_many_steps_remain():
     p = so.process_from_alphas_cumprod(diffusers_linear_table(50))
     ts = so.uniform_schedule(p, 80)                 # 81 times on a 50-entry table
-    with pytest.warns(RuntimeWarning, match="49 of 80 steps remain"):
+    with pytest.warns(RuntimeWarning, match="50 of 81 levels remain"):
         steps = so.to_timesteps(p, ts, merge=True)
     np.testing.assert_array_equal(steps, np.arange(50)[::-1])
     with pytest.raises(TypeError, match="`merge` must be True or False"):

@@ -105,7 +105,7 @@ def test_schedules_outside_the_process_are_refused_where_they_enter():
     with pytest.raises(ValueError, match=r"`ts` must lie in \[0.001, 1"):
         so.interval_costs(exact(target, VP), VP, below, target.sample(20, 0), 0)
     table = so.process_from_alphas_cumprod(np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000)))
-    with pytest.raises(ValueError, match="must start at t_min"):
-        so.to_timesteps(table, [0.0, 0.5, 0.9])                 # does not end at t_max = 1
+    with pytest.raises(ValueError, match=r"`ts` must lie in \[0.0, 1.0\]"):
+        so.to_timesteps(table, [0.0, 0.5, 1.5])                 # call levels beyond t_max = 1
     with pytest.raises(ValueError, match="must start at t_min"):
         models.train(models.init_mlp(0, width=8, depth=1), target, VP, below, rng=0, n_steps=1, batch_size=8)

@@ -73,7 +73,9 @@ def test_steps_of_wrong_type(T):
 
 def test_schedule_endpoints_and_range():
     with pytest.raises(ValueError, match="start at t_min"):
-        so.to_sigmas(VP, np.linspace(0.01, 1.0, 5))
+        so.equal_cost_schedule(SCORE, VP, np.linspace(0.01, 1.0, 5), X0, 0)
+    with pytest.raises(ValueError, match="must lie in"):        # call levels: the ends free, the range not
+        so.to_sigmas(VP, np.linspace(0.0005, 1.0, 5))
     with pytest.raises(ValueError, match="must lie in"):
         so.local_cost(SCORE, VP, np.array([0.0005, 0.5]), X0, 0)
     with pytest.raises(ValueError, match="`t_cur`"):
