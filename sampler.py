@@ -325,7 +325,7 @@ from scipy.spatial.distance import cdist                                    # no
 from scipy.stats import gaussian_kde                                        # noqa: E402
 
 from scoreopt import (Estimate, EqualCostResult, baseline_schedules, check_data_scale, equal_cost_schedule,  # noqa: E402
-                      loglinear_schedule, mean_stderr, nsr, nsr_range, stop_at_budget, time_from_nsr,
+                      consumer_schedules, loglinear_schedule, mean_stderr, nsr, nsr_range, stop_at_budget, time_from_nsr,
                       check_step_times, _iterate)
 
 __all__ += ["heun_step", "dpmpp_2m_step", "GaussianLaw", "gaussian_output_law", "gaussian_kl", "gaussian_schedule_kl",
@@ -1079,27 +1079,73 @@ def _final_error(score, process, t, x0, rng, step, weight, K):
     return float(value[0]), float(stderr[0])
 
 
-def _calls_costs(score, process, ts, x0, seed, step, weight, K):
+def _measured_gain(score, process, x0, rng, weight, n_levels=8, n_steps=6):
+    """How much more the model's own flow amplifies an error than the Gaussian weight says, as a function of
+    the level (derived, docs/derivations.md, 10): at ``n_levels`` levels uniform in ``log nu``, rows
+    ``x = s x0 + sigma eps`` and ``x + h v`` (``v`` Rademacher) are carried to ``sigma = 0`` by ``n_steps``
+    Heun steps (spaced as :func:`_substep_times`) and the denoiser at ``t_min``, once with the model and
+    once with the exact score of Gaussian data of the weight's covariance; the correction is the ratio of
+    their mean squared gains, so that the solver's own error cancels. Returns ``correction(t)``,
+    interpolated in ``log nu`` (1 at ``t_min``, where the flow is the identity)."""
+    nu_min, nu_max = nsr_range(process)
+    nus = np.geomspace(nu_min, nu_max, n_levels + 1)[1:]
+    gaussian, ratios = _gaussian_score(weight, x0.mean(axis=0), process), [1.0]
+    for t in time_from_nsr(process, nus):
+        x = process.s(t) * x0 + process.sigma(t) * rng.standard_normal(x0.shape)
+        v = rng.choice([-1.0, 1.0], size=x0.shape)
+        h = 1e-3 * float(np.sqrt(process.s(t) ** 2 * weight.scale ** 2 + process.sigma(t) ** 2))
+        gains = []
+        for f in (score, gaussian):
+            y = _heun_substeps(f, process, np.vstack([x, x + h * v]), np.full(2 * len(x), t),
+                               np.full(2 * len(x), process.t_min), n_steps, weight.scale)
+            y = tweedie_denoise(f, process, y, process.t_min)
+            gains.append(np.mean(np.sum((y[len(x0):] - y[:len(x0)]) ** 2, axis=1)))
+        ratios.append(max(gains[0] / gains[1], 1e-12))
+    log_nu, log_ratio = np.log(np.append(nu_min, nus)), np.log(ratios)
+    return lambda t: np.exp(np.interp(np.log(process.nsr(t)), log_nu, log_ratio))
+
+
+def _gaussian_score(weight, mean, process):
+    """The exact score of ``N(mean, C)``, ``C = U diag(lambda) U^T + rest (I - U U^T)`` (the weight's covariance),
+    under ``process``: ``-(x - s mean) / a`` in the eigenbasis, ``a = s^2 lambda + sigma^2``."""
+    U = weight.basis
+
+    def score(x, t):
+        s, sigma = as_column(process.s(t)), as_column(process.sigma(t))
+        r = x - s * mean
+        coords = r @ U
+        inside = (coords / (s ** 2 * weight.variances[None, :] + sigma ** 2)) @ U.T
+        return -(inside + (r - coords @ U.T) / (s ** 2 * weight.rest + sigma ** 2))
+    return score
+
+
+def _calls_costs(score, process, ts, x0, seed, step, weight, K, correction=None):
     """The costs of a schedule of call levels extended below by ``t_min`` (``ts``, increasing): interval 0 is
-    the last step, from ``ts[1]`` to ``sigma = 0``; the others are between consecutive levels. Common random
-    numbers: the same ``seed`` at every call."""
+    the last step, from ``ts[1]`` to ``sigma = 0``; the others are between consecutive levels, multiplied by
+    ``correction(t')`` where given. Common random numbers: the same ``seed`` at every call."""
     rng = as_rng(seed)
     value, stderr = np.empty(len(ts) - 1), np.empty(len(ts) - 1)
     if len(ts) > 2:
         between = _flow_error(score, process, ts[2:], ts[1:-1], x0, rng, step, weight, K)
-        value[1:], stderr[1:] = between.value, between.stderr
+        factor = 1.0 if correction is None else correction(ts[1:-1])
+        value[1:], stderr[1:] = factor * between.value, factor * between.stderr
     value[0], stderr[0] = _final_error(score, process, ts[1], x0, rng, step, weight, K)
     return np.maximum(value, 0.0), stderr
 
 
-def equal_error_calls(score, process, n_calls, x0, rng, *, step="euler", weight="data", n_samples=32, max_iter=15,
-                      budget=None, batch_size=None, callback=None):
+def equal_error_calls(score, process, n_calls, x0, rng, *, step="euler", weight="data", gain=None, n_samples=32,
+                      n_substeps=2, max_iter=15, budget=None, batch_size=None, callback=None):
     """The equal local-error rule for ``n_calls`` model calls of a sampler (derived, docs/derivations.md, 10).
 
     As :func:`equal_error_schedule`, on the levels at which the model is called: the highest is ``t_max``,
     the lowest is free, and the sampler's last step, to ``sigma = 0`` (the denoised output), is one of the
     steps whose local errors against the model's own flow are made equal. ``n_calls`` counts as
-    :func:`levels_for_calls`. Returns a ``scoreopt.EqualCostResult`` whose ``ts`` are the call levels
+    :func:`levels_for_calls`. ``gain``: how an error made at a level is carried to the samples:
+    ``"gaussian"``, the weight's (the exact flow's gain for Gaussian data of the data's covariance), or
+    ``"measured"``, that weight corrected by the model's own flow (:func:`_measured_gain`, 8 levels,
+    about ``96 n_samples`` more evaluations; on a DDPM epsilon-model it was 14x the Gaussian gain at
+    ``nu = 120``); default measured for one-step ODE steps, Gaussian for DPM-Solver++(2M), whose
+    local errors are not additive, and the ancestral step (docs/derivations.md, 10). Returns a ``scoreopt.EqualCostResult`` whose ``ts`` are the call levels
     (increasing, :func:`levels_for_calls` of them, ``ts[-1] = t_max``) and whose ``costs[i]`` is the local
     error of the step down from ``ts[i]``; use them with :func:`sample_calls` or the exports
     (``scoreopt.to_sigmas``, ``scoreopt.to_timesteps``).
@@ -1123,7 +1169,13 @@ def equal_error_calls(score, process, n_calls, x0, rng, *, step="euler", weight=
     if budget is not None:
         user = stop_at_budget(budget, user)
     report = lambda it, total, info: user is not None and user(it, total, dict(info, evaluations=checked.evaluations))
-    costs = lambda ts: _calls_costs(checked, process, ts, points, seed, step, weight, 2)
+    K = check_int(n_substeps, "n_substeps", 1)
+    if gain is None:                                  # measured for one-step ODE steps (docs/derivations.md, 10)
+        gain = "gaussian" if getattr(step, "multistep", False) or step is ancestral_step else "measured"
+    if gain not in ("measured", "gaussian"):
+        raise ValueError(f"`gain` must be 'measured' or 'gaussian', got {gain!r}")
+    correction = _measured_gain(checked, process, points, as_rng(seed), weight) if gain == "measured" else None
+    costs = lambda ts: _calls_costs(checked, process, ts, points, seed, step, weight, K, correction)
     start = loglinear_schedule(process, n)
     if n == 1:
         L, stderr = costs(start)
@@ -1153,13 +1205,15 @@ class Recommendation(NamedTuple):
 KINDS = ("default", "baseline", "map", "rule", "refined")
 
 
-def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defaults=None, smap=None, rule=True,
-                         refine=True, n_draws=32, reference_steps=100, batch_size=None):
+def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defaults=None, shift=None, smap=None,
+                         rule=True, refine=True, n_draws=32, reference_steps=100, batch_size=None):
     """The schedule to use for ``n_calls`` model calls of a sampler, checked against the model's own
     solution (derived, docs/derivations.md, 10).
 
-    Candidates: ``defaults`` (a dict name -> call levels, e.g. your framework's own spacings from
-    ``scoreopt.consumer_schedules``), the library's baselines (``scoreopt.baseline_schedules`` with the
+    Candidates: ``defaults``, the schedules you already have (a dict name -> call levels; by default
+    every consumer's own for this process, ``scoreopt.consumer_schedules(process, n, shift=shift)``:
+    diffusers' spacings for a table process, k-diffusion's for a continuous one, the shifted default of
+    flow matching, whose ``shift`` you give), the library's baselines (``scoreopt.baseline_schedules`` with the
     lowest level left out: the sampler steps from the last level to 0), the paper's map ``smap`` (a
     ``scoreopt.ScheduleMap``, optional) and the equal local-error rule (:func:`equal_error_calls`,
     ``rule=False`` to skip it). Each is run with ``step`` for ``n_calls`` calls (:func:`sample_calls`) from
@@ -1186,6 +1240,8 @@ def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defa
     n = levels_for_calls(n_calls, step)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
     checked = checked_score(score, batch_size=batch_size, process=process)
+    if defaults is None:
+        defaults = consumer_schedules(process, n, shift=shift)
     candidates = _candidates(process, n, x0, defaults, smap)
     found = None
     if rule:
