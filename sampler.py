@@ -324,9 +324,9 @@ from scipy.optimize import minimize                                         # no
 from scipy.spatial.distance import cdist                                    # noqa: E402
 from scipy.stats import gaussian_kde                                        # noqa: E402
 
-from scoreopt import (Estimate, EqualCostResult, baseline_schedules, check_data_scale, equal_cost_schedule,  # noqa: E402
-                      consumer_schedules, loglinear_schedule, mean_stderr, nsr, nsr_range, stop_at_budget, time_from_nsr,
-                      check_step_times, _iterate)
+from scoreopt import (Estimate, EqualCostResult, baseline_schedules, check_data_scale,  # noqa: E402
+                      check_step_times, consumer_schedules, equal_cost_schedule, loglinear_schedule, mean_stderr, nsr,
+                      nsr_range, stop_at_budget, time_from_nsr, _iterate)
 
 __all__ += ["heun_step", "dpmpp_2m_step", "GaussianLaw", "gaussian_output_law", "gaussian_kl", "gaussian_schedule_kl",
             "FlowDensity", "flow_log_density", "gaussian_optimal_schedule", "FlowWeight", "flow_weight",
@@ -1017,7 +1017,7 @@ class _CountingScore:
 
 
 # --------------------------------------------------------------------------------
-# Schedules for n model calls, checked against the model's own solution (docs/derivations.md, 10)
+# Schedules for n model calls, checked against the model's own solution (docs/derivations.md, 12)
 # --------------------------------------------------------------------------------
 
 def levels_for_calls(n_calls, step="euler"):
@@ -1081,7 +1081,7 @@ def _final_error(score, process, t, x0, rng, step, weight, K):
 
 def _measured_gain(score, process, x0, rng, weight, n_levels=8, n_steps=6):
     """How much more the model's own flow amplifies an error than the Gaussian weight says, as a function of
-    the level (derived, docs/derivations.md, 10): at ``n_levels`` levels uniform in ``log nu``, rows
+    the level (derived, docs/derivations.md, 12): at ``n_levels`` levels uniform in ``log nu``, rows
     ``x = s x0 + sigma eps`` and ``x + h v`` (``v`` Rademacher) are carried to ``sigma = 0`` by ``n_steps``
     Heun steps (spaced as :func:`_substep_times`) and the denoiser at ``t_min``, once with the model and
     once with the exact score of Gaussian data of the weight's covariance; the correction is the ratio of
@@ -1135,7 +1135,7 @@ def _calls_costs(score, process, ts, x0, seed, step, weight, K, correction=None)
 
 def equal_error_calls(score, process, n_calls, x0, rng, *, step="euler", weight="data", gain=None, n_samples=32,
                       n_substeps=2, max_iter=15, budget=None, batch_size=None, callback=None):
-    """The equal local-error rule for ``n_calls`` model calls of a sampler (derived, docs/derivations.md, 10).
+    """The equal local-error rule for ``n_calls`` model calls of a sampler (derived, docs/derivations.md, 12).
 
     As :func:`equal_error_schedule`, on the levels at which the model is called: the highest is ``t_max``,
     the lowest is free, and the sampler's last step, to ``sigma = 0`` (the denoised output), is one of the
@@ -1145,10 +1145,11 @@ def equal_error_calls(score, process, n_calls, x0, rng, *, step="euler", weight=
     ``"measured"``, that weight corrected by the model's own flow (:func:`_measured_gain`, 8 levels,
     about ``96 n_samples`` more evaluations; on a DDPM epsilon-model it was 14x the Gaussian gain at
     ``nu = 120``); default measured for one-step ODE steps, Gaussian for DPM-Solver++(2M), whose
-    local errors are not additive, and the ancestral step (docs/derivations.md, 10). Returns a ``scoreopt.EqualCostResult`` whose ``ts`` are the call levels
-    (increasing, :func:`levels_for_calls` of them, ``ts[-1] = t_max``) and whose ``costs[i]`` is the local
-    error of the step down from ``ts[i]``; use them with :func:`sample_calls` or the exports
-    (``scoreopt.to_sigmas``, ``scoreopt.to_timesteps``).
+    local errors are not additive, and the ancestral step (docs/derivations.md, 12). Returns a
+    ``scoreopt.EqualCostResult`` whose ``ts`` are the call levels (increasing, :func:`levels_for_calls`
+    of them, ``ts[-1] = t_max``) and whose ``costs[i]`` is the local error of the step down from
+    ``ts[i]``; use them with :func:`sample_calls` or the exports (``scoreopt.to_sigmas``,
+    ``scoreopt.to_timesteps``, ``scoreopt.to_diffusers``).
 
     >>> import scoreopt as so
     >>> process, score = so.ve(), lambda x, t: -x / (0.25 + so.ve().sigma(t) ** 2)
@@ -1170,7 +1171,7 @@ def equal_error_calls(score, process, n_calls, x0, rng, *, step="euler", weight=
         user = stop_at_budget(budget, user)
     report = lambda it, total, info: user is not None and user(it, total, dict(info, evaluations=checked.evaluations))
     K = check_int(n_substeps, "n_substeps", 1)
-    if gain is None:                                  # measured for one-step ODE steps (docs/derivations.md, 10)
+    if gain is None:                                  # measured for one-step ODE steps (docs/derivations.md, 12)
         gain = "gaussian" if getattr(step, "multistep", False) or step is ancestral_step else "measured"
     if gain not in ("measured", "gaussian"):
         raise ValueError(f"`gain` must be 'measured' or 'gaussian', got {gain!r}")
@@ -1208,7 +1209,7 @@ KINDS = ("default", "baseline", "map", "rule", "refined")
 def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defaults=None, shift=None, smap=None,
                          rule=True, refine=True, n_draws=32, reference_steps=100, batch_size=None):
     """The schedule to use for ``n_calls`` model calls of a sampler, checked against the model's own
-    solution (derived, docs/derivations.md, 10).
+    solution (derived, docs/derivations.md, 12).
 
     Candidates: ``defaults``, the schedules you already have (a dict name -> call levels; by default
     every consumer's own for this process, ``scoreopt.consumer_schedules(process, n, shift=shift)``:
