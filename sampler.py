@@ -139,17 +139,18 @@ PREDICTORS = {"none": identity_step, "euler": euler_step, "ancestral": ancestral
               "euler_maruyama": euler_maruyama_step}
 
 
-def resolve_predictor(predictor, name="predictor"):
-    """The step for a name of :data:`PREDICTORS`, or a callable as it is (its signature checked against the
-    step contract). A ``functools.partial`` of a step keeps the step's ``multistep`` and ``order`` marks.
+def resolve_predictor(predictor, name="predictor", names=PREDICTORS):
+    """The step for a name of ``names`` (:data:`PREDICTORS`), or a callable as it is (its signature checked
+    against the step contract). A ``functools.partial`` of a step keeps the step's ``multistep`` and ``order``
+    marks.
 
     >>> resolve_predictor("euler") is euler_step
     True
     """
-    if isinstance(predictor, str) and predictor in PREDICTORS:
-        return PREDICTORS[predictor]
+    if isinstance(predictor, str) and predictor in names:
+        return names[predictor]
     if not callable(predictor):
-        raise ValueError(f"`{name}` must be one of {sorted(PREDICTORS)} or a step function "
+        raise ValueError(f"`{name}` must be one of {sorted(names)} or a step function "
                          f"step(score, process, x, t_cur, t_next, rng) -> (x, nfe), got {predictor!r}")
     if isinstance(predictor, partial):
         for mark in ("multistep", "order"):
@@ -209,13 +210,12 @@ def sample(score, process, ts, x_T, rng, *, predictor="euler", corrector_steps=0
     process = check_process(process)
     ts, x = check_schedule(ts, process), check_data(x_T, "x_T")
     predict = _sampler_iv(score, predictor, corrector_steps, corrector_ratio)
-    if max_growth is not None:
-        check_positive(max_growth, "max_growth")
     if callback is not None:
         check_callable(callback, "callback", "callback(step, T, info)")
+    predict, after = checked_steps(predict, ts, x, max_growth, callback)
     return Sampled(*_sample_loop(checked_score(score, batch_size=batch_size, process=process), process, ts, x,
                                  as_rng(rng), predict, corrector_steps, corrector_ratio, check_bool(denoise, "denoise"),
-                                 max_growth=max_growth, callback=callback))
+                                 after))
 
 
 def _sampler_iv(score, predictor, corrector_steps, corrector_ratio):
@@ -225,39 +225,64 @@ def _sampler_iv(score, predictor, corrector_steps, corrector_ratio):
     return resolve_predictor(predictor)
 
 
-def _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio, denoise, check=True,
-                 max_growth=EXPLOSION_FACTOR, callback=None):
-    """The sampler's loop on checked arguments (``rng`` needs only ``standard_normal``). ``check=False`` skips
-    the checks of every step's output, so that autograd can trace the loop; ``score`` is then raw."""
-    T, nfe, carry = len(ts) - 1, 0, None
-    multistep = getattr(predict, "multistep", False)
-    limit = (np.inf if max_growth is None else max_growth * max(1.0, float(np.max(np.abs(getval(x)))))) \
-        if check else None
-    start = time.perf_counter()
-    for i, (t_cur, t_next) in enumerate(zip(ts[:0:-1], ts[-2::-1])):       # t_T = t_max down to t_0 = t_min
-        try:
-            if multistep:                                                  # predictor
-                out = predict(score, process, x, t_cur, t_next, rng, carry)
-                x, n, carry = _step_output(out, x.shape, predict, 3) if check else out
-            else:
-                x, n = _step_output(predict(score, process, x, t_cur, t_next, rng), x.shape, predict, 2) if check \
-                    else predict(score, process, x, t_cur, t_next, rng)
-            step_size = corrector_ratio * process.sigma(t_next) ** 2        # corrector, v = sigma
-            for _ in range(corrector_steps):
-                x = langevin_step(score, x, t_next, step_size, rng)
-        except (ValueError, ScoreEvaluationError) as err:
-            if not check:
-                raise
-            raise type(err)(f"{err} (step {i + 1} of {T}, from t = {t_cur:.6g} to t = {t_next:.6g})") \
-                from (err.__cause__ or err)
+def _sample_loop(score, process, ts, x, rng, predict, corrector_steps=0, corrector_ratio=0.1, denoise=False,
+                 callback=None):
+    """The sampler's loop, in EDM's shape, on checked arguments (``rng`` needs only ``standard_normal``). It
+    checks nothing itself, so that autograd can trace it: :func:`sample` passes the checks in with the step
+    and the callback (:func:`checked_steps`)."""
+    T, nfe, carry, start = len(ts) - 1, 0, None, time.perf_counter()
+    for i, (t_cur, t_next) in enumerate(zip(ts[:0:-1], ts[-2::-1])):          # t_T = t_max down to t_0 = t_min
+        # Predictor, from t_cur to t_next
+        if getattr(predict, "multistep", False):
+            x, n, carry = predict(score, process, x, t_cur, t_next, rng, carry)
+        else:
+            x, n = predict(score, process, x, t_cur, t_next, rng)
+        # Corrector: Langevin steps at t_next with eps = r sigma^2 (velocity v = sigma)
+        for _ in range(corrector_steps):
+            x = langevin_step(score, x, t_next, corrector_ratio * process.sigma(t_next) ** 2, rng)
         nfe += n + corrector_steps
-        if check:
-            _check_samples(x, limit, f" (step {i + 1} of {T}, from t = {t_cur:.6g} to t = {t_next:.6g})")
         if callback is not None:
-            callback(i + 1, T, {"t": float(t_next), "elapsed": time.perf_counter() - start})
+            callback(i + 1, T, {"t": t_next, "t_cur": t_cur, "x": x, "elapsed": time.perf_counter() - start})
+    # Final denoising at t_0: Tweedie's formula
     if denoise:
         x, nfe = tweedie_denoise(score, process, x, ts[0]), nfe + 1
     return x, nfe
+
+
+def checked_steps(predict, ts, x_T, max_growth=EXPLOSION_FACTOR, callback=None):
+    """The sampler's checks, wrapped around its step: ``(predict, callback)`` for the loop. The step's output
+    is checked against the contract and an error in it names the step; after every step (predictor and
+    corrector) non-finite samples, or ``|x|`` beyond ``max_growth`` times the start's largest ``|x|`` (or 1),
+    are a ``FloatingPointError`` naming the step; then ``callback`` is called as it is."""
+    if max_growth is not None:
+        check_positive(max_growth, "max_growth")
+    limit = np.inf if max_growth is None else max_growth * max(1.0, float(np.max(np.abs(getval(x_T)))))
+    return _CheckedStep(predict, len(ts) - 1), partial(_after_step, limit, callback)
+
+
+def _where(i, T, t_cur, t_next):
+    return f" (step {i} of {T}, from t = {float(t_cur):.6g} to t = {float(t_next):.6g})"
+
+
+class _CheckedStep:
+    """A step whose output is checked (:func:`_step_output`) and whose errors name the step."""
+
+    def __init__(self, step, T):
+        self.step, self.T, self.i, self.multistep = step, T, 0, getattr(step, "multistep", False)
+
+    def __call__(self, score, process, x, t_cur, t_next, rng, *carry):
+        self.i += 1
+        try:
+            return _step_output(self.step(score, process, x, t_cur, t_next, rng, *carry), x.shape, self.step,
+                                2 + len(carry))
+        except (ValueError, ScoreEvaluationError) as err:
+            raise type(err)(f"{err}{_where(self.i, self.T, t_cur, t_next)}") from (err.__cause__ or err)
+
+
+def _after_step(limit, callback, i, T, info):
+    _check_samples(info["x"], limit, _where(i, T, info["t_cur"], info["t"]))
+    if callback is not None:
+        callback(i, T, {"t": float(info["t"]), "elapsed": info["elapsed"]})
 
 
 def _step_output(out, shape, step, size):
@@ -316,6 +341,8 @@ def prior_variance(process, data_var):
 # PART II. DERIVED OR ADDED HERE (docs/derivations.md)
 # ================================================================================
 
+from functools import wraps                                                 # noqa: E402
+
 from autograd import elementwise_grad, value_and_grad                       # noqa: E402
 from scipy.integrate import trapezoid                                       # noqa: E402
 from scipy.optimize import minimize                                         # noqa: E402
@@ -325,7 +352,7 @@ from scipy.stats import gaussian_kde                                        # no
 from scoreopt import (Estimate, baseline_schedules, check_data_scale, equal_cost_schedule,  # noqa: E402
                       loglinear_schedule, mean_stderr, nsr_range, stop_at_budget, time_from_nsr, check_step_times)
 
-__all__ += ["heun_step", "dpmpp_2m_step", "GaussianLaw", "gaussian_output_law", "gaussian_kl", "gaussian_schedule_kl",
+__all__ += ["heun_step", "dpmpp_2m_step", "ALL_PREDICTORS", "GaussianLaw", "gaussian_output_law", "gaussian_kl", "gaussian_schedule_kl",
             "FlowDensity", "flow_log_density", "gaussian_optimal_schedule", "FlowWeight", "flow_weight",
             "flow_error_cost", "equal_error_schedule", "TeacherSchedule", "teacher_schedule", "coupled_error",
             "OracleSchedule", "coupled_optimal_schedule", "wasserstein1", "ModeCoverage", "mode_coverage",
@@ -389,7 +416,23 @@ def dpmpp_2m_step(score, process, x, t_cur, t_next, rng, carry=None):
 
 
 heun_step.order, dpmpp_2m_step.order, dpmpp_2m_step.multistep = 2, 2, True
-PREDICTORS.update(heun=heun_step, dpmpp_2m=dpmpp_2m_step)
+
+# Every step by name: Part I's (``PREDICTORS``) and these two. This part's functions, and its ``sample``, resolve
+# names here; Part I's ``sample`` takes these steps as functions.
+ALL_PREDICTORS = {**PREDICTORS, "heun": heun_step, "dpmpp_2m": dpmpp_2m_step}
+
+_paper_sample = sample
+
+
+@wraps(_paper_sample)
+def sample(score, process, ts, x_T, rng, *, predictor="euler", **options):
+    return _paper_sample(score, process, ts, x_T, rng, predictor=resolve_predictor(predictor, names=ALL_PREDICTORS),
+                         **options)
+
+
+sample.__doc__ = _paper_sample.__doc__ + """
+    Part II: ``predictor`` may also be a name of ``ALL_PREDICTORS`` (``"heun"``, ``"dpmpp_2m"``).
+    """
 
 
 # --------------------------------------------------------------------------------
@@ -446,11 +489,13 @@ def _gaussian_law(target, process, ts, predictor, corrector_steps, corrector_rat
         raise ValueError("`target` must be a Gaussian (one component) for an exact law")
     process = check_process(process)
     ts, score = check_schedule(ts, process), _TargetScore(target, process)
-    predict = _sampler_iv(score, predictor, corrector_steps, corrector_ratio)
+    predict = _sampler_iv(score, resolve_predictor(predictor, names=ALL_PREDICTORS), corrector_steps, corrector_ratio)
     d = target.dim
     mean_T, var_T = (np.zeros(d), prior_variance(process, target.variance())) if start is None else start
-    run = lambda ts, x, noise, check: _sample_loop(checked_score(score) if check else score, process, ts, x, noise,
-                                                   predict, corrector_steps, corrector_ratio, denoise, check)[0]
+    def run(ts, x, noise, check):
+        step, after = checked_steps(predict, ts, x) if check else (predict, None)
+        return _sample_loop(checked_score(score) if check else score, process, ts, x, noise, step, corrector_steps,
+                            corrector_ratio, denoise, after)[0]
     counter = _Noise("count")
     run(ts, np.zeros((2, d)), counter, True)     # also checks that the scores are finite
     probe = np.zeros((2 + counter.calls, d))
@@ -513,7 +558,7 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     estimate. ``score`` must be autograd-differentiable in ``x``. A step that folds the line (slope
     <= 0 at a sample) is named; a step that draws noise or carries a state is refused.
     """
-    step = resolve_predictor(predictor)
+    step = resolve_predictor(predictor, names=ALL_PREDICTORS)
     if getattr(step, "multistep", False):
         raise ValueError("`predictor` carries a state from step to step; the change of variables here follows "
                          "one-step maps")
@@ -706,7 +751,7 @@ def flow_error_cost(score, process, t_cur, t_next, x0, rng, *, step="euler", wei
     process = check_process(process)
     t_cur, t_next = check_step_times(t_cur, t_next, process, towards_data=True)
     score, x0, rng = checked_score(score, process=process), check_data(x0, min_rows=2), as_rng(rng)
-    step = resolve_predictor(step, "step")
+    step = resolve_predictor(step, "step", ALL_PREDICTORS)
     weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
     if step is ancestral_step and len(x0) < 4:
         raise ValueError(f"`x0` (n_samples) needs at least 4 rows for the ancestral step's error in law, got {len(x0)}")
@@ -797,7 +842,7 @@ def _squared_mean(M):
 def _deterministic(step, score, process, x, t, t2, carry, where="the local error against the model's flow"):
     """The step on per-row times with no noise source: a stochastic step is refused, naming ``where``."""
     noise = _Noise("none", where)
-    if step not in PREDICTORS.values():                    # a step of the user's gets a copy: the caller reuses x
+    if step not in ALL_PREDICTORS.values():                    # a step of the user's gets a copy: the caller reuses x
         x = x.copy()
     if getattr(step, "multistep", False):
         return _step_output(step(score, process, x, t, t2, noise, carry), x.shape, step, 3)[0]
@@ -845,7 +890,7 @@ def equal_error_schedule(score, process, T, x0, rng, *, step="euler", weight="da
     ``scoreopt.EqualCostResult`` (``n_evaluations`` the rows passed to the score).
     """
     process = check_process(process)
-    step, T = resolve_predictor(step, "step"), check_int(T, "T", 1)
+    step, T = resolve_predictor(step, "step", ALL_PREDICTORS), check_int(T, "T", 1)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
     check_data_scale(np.mean(x0 ** 2, axis=0), process)
     weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
@@ -934,7 +979,7 @@ def _cheapest_path(C, T):
 
 
 def _one_step(step, where):
-    step = resolve_predictor(step, "step")
+    step = resolve_predictor(step, "step", ALL_PREDICTORS)
     if getattr(step, "multistep", False):
         raise ValueError(f"`step` carries a state from step to step; {where} takes one-step samplers")
     if step is ancestral_step or step is euler_maruyama_step:
@@ -950,8 +995,9 @@ def coupled_error(score, process, ts, x_T, reference, *, step="euler"):
     if reference.shape != x_T.shape:
         raise ValueError(f"`reference` must have the shape of `x_T`, {x_T.shape}")
     step = _one_step(step, "coupled_error")
+    step, after = checked_steps(step, ts, x_T)
     x = _sample_loop(checked_score(score, process=process), process, ts, x_T, _Noise("none", "coupled_error"), step,
-                     0, 0.1, False)[0]
+                     0, 0.1, False, after)[0]
     return float(np.mean((x - reference) ** 2))
 
 
@@ -983,10 +1029,13 @@ def coupled_optimal_schedule(score, process, T, x0, rng, *, step="euler", n_draw
     counted = _CountingScore(checked.score)
     x_T = prior_sample(process, check_int(n_draws, "n_draws", 2), x0.var(axis=0), rng)
     fine = loglinear_schedule(process, check_int(reference_steps, "reference_steps", T))
-    reference = _sample_loop(checked_score(counted), process, fine, x_T, _Noise("none"), heun_step, 0, 0.1, False)[0]
+    reference = _sample_loop(checked_score(counted), process, fine, x_T, _Noise("none"), heun_step, 0, 0.1, False,
+                             checked_steps(heun_step, fine, x_T)[1])[0]
     candidates = _starting_schedules(process, T, float(np.sqrt(np.mean(x0.var(axis=0)))), starts)
-    run = lambda ts, check=False: _sample_loop(checked_score(counted) if check else counted, process, ts, x_T,
-                                               _Noise("none"), step, 0, 0.1, False, check)[0]
+    def run(ts, check=False):
+        predict, after = checked_steps(step, ts, x_T) if check else (step, None)
+        return _sample_loop(checked_score(counted) if check else counted, process, ts, x_T, _Noise("none"), predict,
+                            0, 0.1, False, after)[0]
     objective = lambda ts: anp.log(anp.mean((run(ts) - reference) ** 2) + 1e-300)
     try:
         value_and_grad(objective)(candidates["loglinear"])          # the first traced evaluation

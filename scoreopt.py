@@ -47,9 +47,9 @@ __all__ = [
     "Process", "ve", "vp_linear", "vp_cosine", "nsr", "time_from_nsr",
     "uniform_schedule", "edm_schedule", "cosine_schedule",
     "Estimate", "ScoreEvaluationError", "corrector_cost", "ddim_coefficients", "predictor_cost", "interval_costs",
-    "local_cost", "central_difference", "forward_mode",
+    "local_cost", "central_difference", "forward_mode", "gaussian_local_cost",
     "cumulative_cost", "optimal_schedule", "update_schedule", "path_length", "path_energy",
-    "blend", "OnlineUpdate", "online_update", "interval_route",
+    "blend", "OnlineUpdate", "online_update", "grid_route", "interval_route",
 ]
 
 # The checks at the end of Part I (check_*, as_rng, as_real_array, as_column, resolve, nsr_range,
@@ -519,6 +519,38 @@ DERIVATIVES = {"central": central_difference, "fd": central_difference, "autogra
 
 
 # --------------------------------------------------------------------------------
+# The exact local cost for Gaussian data (derived: docs/derivations.md, 1)
+# --------------------------------------------------------------------------------
+
+def gaussian_local_cost(process, ts, variances, mean=None):
+    """Exact ``delta_c(t)`` for data ``N(mean, diag(variances))`` with ``v = sigma`` (derived).
+
+    ``p_t = N(s mean, diag(a))``, ``a_k = s^2 lambda_k + sigma^2``, and
+    ``delta_c = sigma^2 [sum_k a_k'^2 / a_k^3 + sum_k s'^2 mean_k^2 / a_k^2]`` with
+    ``a_k' = 2 s s' lambda_k + 2 sigma sigma'``. ``ts`` may have any shape; a variance may be 0. The exact
+    answer that a copy of this part checks itself against: for ``ve()`` and ``N(0, c^2 I_d)`` it integrates to
+    ``Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) - sigma / sqrt(c^2 + sigma^2)]`` (docs/derivations.md, 1).
+
+    >>> ts = time_from_nsr(ve(), np.geomspace(0.002, 80.0, 2001))
+    >>> delta = gaussian_local_cost(ve(), ts, [0.25])                       # N(0, 0.5^2) data
+    >>> L = lambda s: 2 * (np.arcsinh(s / 0.5) - s / np.sqrt(0.25 + s ** 2))
+    >>> round(float(cumulative_cost(ts, delta)[-1]), 3), round(float(L(80.0) - L(0.002)), 3)
+    (9.537, 9.537)
+    """
+    process = check_process(process)
+    ts = check_times(ts, process, "ts")
+    lam = as_real_array(variances, "variances").reshape(-1)
+    mu = np.zeros_like(lam) if mean is None else as_real_array(mean, "mean").reshape(-1)
+    if np.any(lam < 0) or not np.all(np.isfinite(lam)) or mu.shape != lam.shape or not np.all(np.isfinite(mu)):
+        raise ValueError("`variances` must be finite and non-negative, and `mean` finite of the same length")
+    s, sigma = process.s(ts), process.sigma(ts)
+    ds, dsigma = elementwise_grad(process.s)(ts), elementwise_grad(process.sigma)(ts)
+    s, sigma, ds, dsigma = (np.asarray(a, dtype=float)[..., None] for a in (s, sigma, ds, dsigma))
+    a, da = s ** 2 * lam + sigma ** 2, 2 * s * ds * lam + 2 * sigma * dsigma
+    return sigma[..., 0] ** 2 * (np.sum(da ** 2 / a ** 3, axis=-1) + np.sum(ds ** 2 * mu ** 2 / a ** 2, axis=-1))
+
+
+# --------------------------------------------------------------------------------
 # The path length Lambda, its inverse, the optimal schedule and Algorithm 1
 # --------------------------------------------------------------------------------
 
@@ -577,7 +609,7 @@ def optimal_schedule(ts, delta, T, *, order=2):
     zero cost everywhere a warning is issued and the uniform schedule returned. This is the
     schedule for a Langevin corrector (annealed Langevin, predictor-corrector samplers): with
     the ODE samplers people use most it was measured to lose to simple baselines (README,
-    "Which schedule for which sampler"; ``sampler.equal_error_schedule`` is made for those).
+    "Which schedule for which sampler", names the schedules made for those).
 
     >>> ts = np.linspace(0.0, 1.0, 101)
     >>> optimal_schedule(ts, np.ones(101), 4).round(6).tolist()          # constant cost: uniform
@@ -665,10 +697,35 @@ class OnlineUpdate(NamedTuple):
     length: float           # the path length this update measured
 
 
+def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
+    """Algorithm 2's steps 2-3 on a dense grid, the default route: ``delta_c`` at ``n_grid`` times uniform in
+    ``log nu`` (:func:`local_cost`), then ``ts* = Lambda^{-1}(i Lambda / T)`` (:func:`optimal_schedule`,
+    Theorem 3.1). ``costs`` are the squared shares of ``Lambda`` over the steps of ``ts``. Returns
+    ``(ts_star, costs, length)``.
+
+    >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)        # exact score of N(0, 0.5^2) under ve()
+    >>> x0 = 0.5 * np.random.default_rng(1).standard_normal((1000, 1))
+    >>> ts_star, costs, length = grid_route(gauss, ve(), uniform_schedule(ve(), 10), x0, 0)
+    >>> round(float(ve().sigma(ts_star[1])), 2), round(length, 2)      # closed form: 0.90 and 9.54
+    (0.9, 9.54)
+    """
+    grid = _schedule_from_nsr(process, np.geomspace(*nsr_range(process), check_int(n_grid, "n_grid", 2)))
+    delta = local_cost(score, process, grid, x0, rng, velocity=velocity).value
+    Lambda = cumulative_cost(grid, delta)
+    return optimal_schedule(grid, delta, len(ts) - 1), np.diff(np.interp(ts, grid, Lambda)) ** 2, float(Lambda[-1])
+
+
 def interval_route(score, process, ts, x0, rng, *, cost=corrector_cost, order=2):
-    """Algorithm 2's steps 2-3 as in the paper: the interval costs of ``ts`` (:func:`interval_costs`,
-    the corrector cost by default), then ``ts* = UpdateSchedule(ts, L)`` (Algorithm 1).
-    Returns ``(ts_star, costs, length)``, ``length`` the :func:`path_length` of the costs.
+    """Algorithm 2's steps 2-3 as the paper writes them: the interval costs of ``ts`` (:func:`interval_costs`,
+    the corrector cost by default), then ``ts* = UpdateSchedule(ts, L)`` (Algorithm 1). Returns
+    ``(ts_star, costs, length)``, ``length`` the :func:`path_length` of the costs.
+
+    When it degenerates (derived, docs/derivations.md, 4): on smooth data with few steps the corrector cost of
+    the cleanest step, ``v(t_0)^2 E||S(x, t_1) - S(x, t_0)||^2`` with ``v(t_0) = sigma_min``, stays small however
+    wide the step, so iterating moves level after level to the noisy end and the first step grows. With the
+    exact score of N(0, 0.5^2) under ``ve()``, 30 updates with ``gamma = 0.5`` from the uniform schedule give
+    ``sigma_1`` = 41.1, 21.0, 6.58 for T = 5, 10, 20, where the optimal schedule (:func:`grid_route`) has
+    1.65, 0.90, 0.59. Use it with many steps, or with a cost whose velocity does not vanish at the clean end.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
     >>> x0 = np.random.default_rng(1).standard_normal((500, 1))
@@ -680,15 +737,17 @@ def interval_route(score, process, ts, x0, rng, *, cost=corrector_cost, order=2)
     return update_schedule(ts, costs, order=order), costs, path_length(costs, order=order)
 
 
-ROUTES = {"intervals": interval_route}
+ROUTES = {"grid": grid_route, "intervals": interval_route}
 
 
-def online_update(score, process, ts, x0, rng, *, gamma, route=interval_route, **route_options):
+def online_update(score, process, ts, x0, rng, *, gamma, route=grid_route, **route_options):
     """Algorithm 2 of the paper, steps 2-4: one schedule update with the score model fixed.
 
     2-3. ``route(score, process, ts, x0, rng, **route_options) -> (ts_star, costs, length)``
-    finds the target schedule: :func:`interval_route` (the paper's; alias ``"intervals"``), or
-    any function with its signature (``"grid"``, the dense-grid route, is added in Part II).
+    finds the target schedule: :func:`grid_route` (the default, alias ``"grid"``: Theorem 3.1 on a
+    dense grid), :func:`interval_route` (``"intervals"``: Algorithm 1 on the interval costs, as the
+    paper writes it; it degenerates on smooth data with few steps, see there), or any function with
+    their signature.
     4. ``ts <- gamma ts_star + (1 - gamma) ts`` (:func:`blend`). Step 1, optimiser steps on
     the model with ``ts`` fixed, is the caller's: ``models.train`` calls this every few steps
     after a burn-in. The route's output is checked and a bad one is named. Returns an
@@ -828,7 +887,7 @@ def _when(t):
 
 def _rowwise_hint(t):
     return ("; it was given one time per row, an array of shape (n,): a score that takes one float t at a time "
-            "can be wrapped with scoreopt.rowwise_score(score)") if np.ndim(t) else ""
+            "must be wrapped to take one time per row (Part II of scoreopt has such a wrapper)") if np.ndim(t) else ""
 
 
 def check_velocity(velocity, process):
@@ -1053,9 +1112,9 @@ from importlib.metadata import version as package_version                       
 from scipy.special import stdtrit                                                      # noqa: E402
 
 __all__ += [
-    "loglinear_schedule", "arctan_schedule", "baseline_schedules", "gaussian_local_cost",
+    "loglinear_schedule", "arctan_schedule", "baseline_schedules",
     "EqualCostResult", "equal_cost_schedule", "iterate_schedule", "stop_at_budget",
-    "ScheduleMap", "estimate_schedule_map", "grid_route", "load_schedule_map",
+    "ScheduleMap", "estimate_schedule_map", "load_schedule_map",
     "flow_matching", "process_from_alphas_cumprod", "to_timesteps", "to_sigmas",
     "score_from_denoiser", "score_from_eps", "score_from_v", "score_from_flow", "rowwise_score",
     "write_atomically", "progress_printer", "main",
@@ -1087,30 +1146,6 @@ def baseline_schedules(process, T, c=0.5):
            "loglinear": loglinear_schedule(process, T), "arctan": arctan_schedule(process, T, c)}
     out.update({f"edm{rho}": edm_schedule(process, T, float(rho)) for rho in (3, 7, 100)})
     return out
-
-
-# --------------------------------------------------------------------------------
-# The local cost for Gaussian data in closed form (docs/derivations.md, 1)
-# --------------------------------------------------------------------------------
-
-def gaussian_local_cost(process, ts, variances, mean=None):
-    """Exact ``delta_c(t)`` for data ``N(mean, diag(variances))`` with ``v = sigma`` (derived).
-
-    ``p_t = N(s mean, diag(a))``, ``a_k = s^2 lambda_k + sigma^2``, and
-    ``delta_c = sigma^2 [sum_k a_k'^2 / a_k^3 + sum_k s'^2 mean_k^2 / a_k^2]`` with
-    ``a_k' = 2 s s' lambda_k + 2 sigma sigma'``. ``ts`` may have any shape; a variance may be 0.
-    """
-    process = check_process(process)
-    ts = check_times(ts, process, "ts")
-    lam = as_real_array(variances, "variances").reshape(-1)
-    mu = np.zeros_like(lam) if mean is None else as_real_array(mean, "mean").reshape(-1)
-    if np.any(lam < 0) or not np.all(np.isfinite(lam)) or mu.shape != lam.shape or not np.all(np.isfinite(mu)):
-        raise ValueError("`variances` must be finite and non-negative, and `mean` finite of the same length")
-    s, sigma = process.s(ts), process.sigma(ts)
-    ds, dsigma = elementwise_grad(process.s)(ts), elementwise_grad(process.sigma)(ts)
-    s, sigma, ds, dsigma = (np.asarray(a, dtype=float)[..., None] for a in (s, sigma, ds, dsigma))
-    a, da = s ** 2 * lam + sigma ** 2, 2 * s * ds * lam + 2 * sigma * dsigma
-    return sigma[..., 0] ** 2 * (np.sum(da ** 2 / a ** 3, axis=-1) + np.sum(ds ** 2 * mu ** 2 / a ** 2, axis=-1))
 
 
 # --------------------------------------------------------------------------------
@@ -1640,18 +1675,6 @@ def _gaussian_control(values, process, x, t, v2, mean, var):
     c = centred - centred.mean()
     denominator = np.dot(c, c)
     return values - (np.dot(values - values.mean(), c) / denominator if denominator > 0 else 0.0) * centred
-
-
-def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
-    """Algorithm 2's steps 2-3 by the dense-grid map (derived: docs/derivations.md, 4): the map of
-    :func:`estimate_schedule_map` on ``n_grid`` levels, ``ts* = Lambda^{-1}(i Lambda / T)``. It avoids the
-    interval route's drift to one huge last step on smooth data. ``costs`` are the squared shares of the
-    map's length over the steps of ``ts``. Returns ``(ts_star, costs, length)``."""
-    smap = estimate_schedule_map(score, process, x0, rng, n_grid=n_grid, velocity=velocity)
-    return smap.schedule(len(ts) - 1), np.diff(np.interp(ts, smap.ts, smap.Lambda)) ** 2, smap.length
-
-
-ROUTES["grid"] = grid_route
 
 
 def _version():
