@@ -22,7 +22,7 @@ from autograd.misc import flatten
 from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
-from scoreopt import (COSTS, ROUTES, as_column, as_rng, check_callable, check_data, check_data_scale, check_gamma,
+from scoreopt import (COSTS, ROUTES, as_column, as_rng, check_callable, check_data, check_gamma,
                       check_int, check_positive, check_process, check_schedule, grid_route, interval_route, nsr_range,
                       online_update, resolve)
 
@@ -575,8 +575,9 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     1. a DSM step with Adam, training times drawn from the levels of the current ``ts`` (``levels``);
     2-4. with an :class:`OnlineSchedule`, every few steps after a burn-in, ``scoreopt.online_update``.
 
-    ``params``: from :func:`init_mlp`, or a :class:`TrainingState` to continue. ``data``: a target (anything with ``sample(n, rng)``) or samples ``(N, d)``; a constant
-    coordinate and a single row are valid. ``ts``: the initial schedule (may be None with
+    ``params``: from :func:`init_mlp`, or a :class:`TrainingState` to continue. ``data``: a target
+    (anything with ``sample(n, rng)``) or samples ``(N, d)``; a constant coordinate and a single row
+    are valid. ``ts``: the initial schedule (may be None with
     ``levels="uniform"`` and no ``online``). ``rng``: the only source of randomness. ``lr``: Adam's step,
     decayed by a cosine to 0 over ``n_steps``, or a function ``lr(step, n_steps)``. ``levels``:
     ``levels(ts, n, rng, process) -> t`` or a name of ``LEVELS``. ``preconditioning``: ``"edm"`` or
@@ -596,7 +597,6 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
                                     callback)
     resumed = isinstance(params, TrainingState)
     moments = (params.data_mean, params.data_var) if resumed else _data_moments(data, params[-1][0].shape[1])
-    check_data_scale(moments[0] ** 2 + moments[1], process)
     draw, rate = _data_sampler(data), lr if callable(lr) else partial(_cosine_decay, float(lr))
     state = params if resumed else _fresh_state(params, ts, rng, moments, preconditioning)
     theta, unflatten = flatten(state.params)
@@ -715,7 +715,7 @@ import os                                                                  # noq
 import tempfile                                                            # noqa: E402
 from functools import wraps                                                # noqa: E402
 
-from scoreopt import time_from_nsr, write_atomically                       # noqa: E402
+from scoreopt import check_data_scale, time_from_nsr, write_atomically     # noqa: E402
 
 __all__ += ["between_levels", "lognormal_levels", "ALL_LEVELS", "retain_freed_memory", "save_checkpoint",
             "load_checkpoint", "checkpointer", "resume"]
@@ -757,6 +757,9 @@ def train(params, data, process, ts=None, *, levels="levels", **options):
                         options.get("callback"))
     run = _run_definition(params, *checked[:2], options.get("n_steps"), options.get("batch_size", 256),
                           options.get("lr", 1e-3), levels, options.get("preconditioning", "edm"), options.get("online"))
+    moments = (params.data_mean, params.data_var) if isinstance(params, TrainingState) else \
+        _data_moments(data, params[-1][0].shape[1])
+    check_data_scale(moments[0] ** 2 + moments[1], checked[0])         # data the process never covers: warned of
     callback = options.get("callback")
     if callback is not None:
         options["callback"] = lambda step, n_steps, info: callback(

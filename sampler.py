@@ -19,7 +19,6 @@ local error against the model's own flow (the recommended schedule for a trained
 teacher-trajectory dynamic programming (GITS), the coupled-error oracle, and the metrics.
 """
 
-import inspect
 import time
 from functools import partial
 from typing import NamedTuple
@@ -28,7 +27,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from scoreopt import (ScoreEvaluationError, as_column, as_rng, as_real_array, check_bool, check_callable,
+from scoreopt import (ScoreEvaluationError, as_column, as_rng, as_real_array, check_callable,
                       check_data, check_int, check_positive, check_process, check_schedule, checked_score,
                       ddim_coefficients)
 
@@ -140,9 +139,7 @@ PREDICTORS = {"none": identity_step, "euler": euler_step, "ancestral": ancestral
 
 
 def resolve_predictor(predictor, name="predictor", names=PREDICTORS):
-    """The step for a name of ``names`` (:data:`PREDICTORS`), or a callable as it is (its signature checked
-    against the step contract). A ``functools.partial`` of a step keeps the step's ``multistep`` and ``order``
-    marks.
+    """The step for a name of ``names`` (:data:`PREDICTORS`), or a callable as it is.
 
     >>> resolve_predictor("euler") is euler_step
     True
@@ -152,18 +149,6 @@ def resolve_predictor(predictor, name="predictor", names=PREDICTORS):
     if not callable(predictor):
         raise ValueError(f"`{name}` must be one of {sorted(names)} or a step function "
                          f"step(score, process, x, t_cur, t_next, rng) -> (x, nfe), got {predictor!r}")
-    if isinstance(predictor, partial):
-        for mark in ("multistep", "order"):
-            if hasattr(predictor.func, mark) and not hasattr(predictor, mark):
-                setattr(predictor, mark, getattr(predictor.func, mark))
-    arguments = (None,) * (7 if getattr(predictor, "multistep", False) else 6)
-    try:
-        inspect.signature(predictor).bind(*arguments)
-    except TypeError as err:
-        raise TypeError(f"`{name}` {_name(predictor)} does not take the step's arguments (score, process, x, "
-                        f"t_cur, t_next, rng{', carry' if len(arguments) == 7 else ''}): {err}") from None
-    except ValueError:    # no signature to inspect (a builtin): checked at its first call
-        pass
     return predictor
 
 
@@ -214,7 +199,7 @@ def sample(score, process, ts, x_T, rng, *, predictor="euler", corrector_steps=0
         check_callable(callback, "callback", "callback(step, T, info)")
     predict, after = checked_steps(predict, ts, x, max_growth, callback)
     return Sampled(*_sample_loop(checked_score(score, batch_size=batch_size, process=process), process, ts, x,
-                                 as_rng(rng), predict, corrector_steps, corrector_ratio, check_bool(denoise, "denoise"),
+                                 as_rng(rng), predict, corrector_steps, corrector_ratio, denoise,
                                  after))
 
 
@@ -341,6 +326,7 @@ def prior_variance(process, data_var):
 # PART II. DERIVED OR ADDED HERE (docs/derivations.md)
 # ================================================================================
 
+import inspect                                                              # noqa: E402
 from functools import wraps                                                 # noqa: E402
 
 from autograd import elementwise_grad, value_and_grad                       # noqa: E402
@@ -349,15 +335,16 @@ from scipy.optimize import minimize                                         # no
 from scipy.spatial.distance import cdist                                    # noqa: E402
 from scipy.stats import gaussian_kde                                        # noqa: E402
 
-from scoreopt import (Estimate, baseline_schedules, check_data_scale, equal_cost_schedule,  # noqa: E402
-                      loglinear_schedule, mean_stderr, nsr_range, stop_at_budget, time_from_nsr, check_step_times)
+from scoreopt import (Estimate, baseline_schedules, check_bool, check_data_scale, equal_cost_schedule,  # noqa: E402
+                      guest_score, loglinear_schedule, mean_stderr, nsr_range, stop_at_budget, time_from_nsr,
+                      check_step_times)
 
-__all__ += ["heun_step", "dpmpp_2m_step", "ALL_PREDICTORS", "GaussianLaw", "gaussian_output_law", "gaussian_kl", "gaussian_schedule_kl",
-            "FlowDensity", "flow_log_density", "gaussian_optimal_schedule", "FlowWeight", "flow_weight",
-            "flow_error_cost", "equal_error_schedule", "TeacherSchedule", "teacher_schedule", "coupled_error",
-            "OracleSchedule", "coupled_optimal_schedule", "wasserstein1", "ModeCoverage", "mode_coverage",
-            "mean_log_density", "density_estimate", "score_error", "ScoreErrorByLevel", "score_error_by_level",
-            "sliced_wasserstein", "mmd2"]
+__all__ += ["heun_step", "dpmpp_2m_step", "ALL_PREDICTORS", "resolve_step", "GaussianLaw", "gaussian_output_law",
+            "gaussian_kl", "gaussian_schedule_kl", "FlowDensity", "flow_log_density", "gaussian_optimal_schedule",
+            "FlowWeight", "flow_weight", "flow_error_cost", "equal_error_schedule", "TeacherSchedule",
+            "teacher_schedule", "coupled_error", "OracleSchedule", "coupled_optimal_schedule", "wasserstein1",
+            "ModeCoverage", "mode_coverage", "mean_log_density", "density_estimate", "score_error",
+            "ScoreErrorByLevel", "score_error_by_level", "sliced_wasserstein", "mmd2"]
 
 
 # --------------------------------------------------------------------------------
@@ -421,12 +408,37 @@ heun_step.order, dpmpp_2m_step.order, dpmpp_2m_step.multistep = 2, 2, True
 # names here; Part I's ``sample`` takes these steps as functions.
 ALL_PREDICTORS = {**PREDICTORS, "heun": heun_step, "dpmpp_2m": dpmpp_2m_step}
 
+
+def resolve_step(step, name="step"):
+    """A step by a name of :data:`ALL_PREDICTORS`, or a callable whose signature is checked against the step
+    contract. A ``functools.partial`` of a step keeps the step's ``multistep`` and ``order`` marks.
+
+    >>> resolve_step("heun") is heun_step
+    True
+    """
+    predictor = resolve_predictor(step, name, ALL_PREDICTORS)
+    if isinstance(predictor, partial):
+        for mark in ("multistep", "order"):
+            if hasattr(predictor.func, mark) and not hasattr(predictor, mark):
+                setattr(predictor, mark, getattr(predictor.func, mark))
+    arguments = (None,) * (7 if getattr(predictor, "multistep", False) else 6)
+    try:
+        inspect.signature(predictor).bind(*arguments)
+    except TypeError as err:
+        raise TypeError(f"`{name}` {_name(predictor)} does not take the step's arguments (score, process, x, "
+                        f"t_cur, t_next, rng{', carry' if len(arguments) == 7 else ''}): {err}") from None
+    except ValueError:    # no signature to inspect (a builtin): checked at its first call
+        pass
+    return predictor
+
 _paper_sample = sample
 
 
 @wraps(_paper_sample)
 def sample(score, process, ts, x_T, rng, *, predictor="euler", **options):
-    return _paper_sample(score, process, ts, x_T, rng, predictor=resolve_predictor(predictor, names=ALL_PREDICTORS),
+    score = guest_score(score, batch_size=options.pop("batch_size", None), process=check_process(process))
+    check_bool(options.get("denoise", False), "denoise")
+    return _paper_sample(score, process, ts, x_T, rng, predictor=resolve_step(predictor, "predictor"),
                          **options)
 
 
@@ -489,7 +501,7 @@ def _gaussian_law(target, process, ts, predictor, corrector_steps, corrector_rat
         raise ValueError("`target` must be a Gaussian (one component) for an exact law")
     process = check_process(process)
     ts, score = check_schedule(ts, process), _TargetScore(target, process)
-    predict = _sampler_iv(score, resolve_predictor(predictor, names=ALL_PREDICTORS), corrector_steps, corrector_ratio)
+    predict = _sampler_iv(score, resolve_step(predictor, "predictor"), corrector_steps, corrector_ratio)
     d = target.dim
     mean_T, var_T = (np.zeros(d), prior_variance(process, target.variance())) if start is None else start
     def run(ts, x, noise, check):
@@ -558,7 +570,7 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     estimate. ``score`` must be autograd-differentiable in ``x``. A step that folds the line (slope
     <= 0 at a sample) is named; a step that draws noise or carries a state is refused.
     """
-    step = resolve_predictor(predictor, names=ALL_PREDICTORS)
+    step = resolve_step(predictor, "predictor")
     if getattr(step, "multistep", False):
         raise ValueError("`predictor` carries a state from step to step; the change of variables here follows "
                          "one-step maps")
@@ -567,7 +579,7 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     check_callable(log_prob_T, "log_prob_T", "log_prob_T(x)")
     if x.shape[1] != 1:
         raise ValueError("`x_T` must have one column: the flow density is for 1-D data")
-    checked, noise = checked_score(score, process=process), _Noise("none", "the change of variables (flow_log_density)")
+    checked, noise = guest_score(score, process=process), _Noise("none", "the change of variables (flow_log_density)")
     log_density = np.asarray(log_prob_T(x), dtype=float).reshape(-1)
     for t_cur, t_next in zip(ts[:0:-1], ts[-2::-1]):
         slope = elementwise_grad(lambda y: anp.sum(step(checked.score, process, y, t_cur, t_next, noise)[0]))(x)[:, 0]
@@ -750,8 +762,8 @@ def flow_error_cost(score, process, t_cur, t_next, x0, rng, *, step="euler", wei
     """
     process = check_process(process)
     t_cur, t_next = check_step_times(t_cur, t_next, process, towards_data=True)
-    score, x0, rng = checked_score(score, process=process), check_data(x0, min_rows=2), as_rng(rng)
-    step = resolve_predictor(step, "step", ALL_PREDICTORS)
+    score, x0, rng = guest_score(score, process=process), check_data(x0, min_rows=2), as_rng(rng)
+    step = resolve_step(step)
     weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
     if step is ancestral_step and len(x0) < 4:
         raise ValueError(f"`x0` (n_samples) needs at least 4 rows for the ancestral step's error in law, got {len(x0)}")
@@ -890,7 +902,7 @@ def equal_error_schedule(score, process, T, x0, rng, *, step="euler", weight="da
     ``scoreopt.EqualCostResult`` (``n_evaluations`` the rows passed to the score).
     """
     process = check_process(process)
-    step, T = resolve_predictor(step, "step", ALL_PREDICTORS), check_int(T, "T", 1)
+    step, T = resolve_step(step), check_int(T, "T", 1)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
     check_data_scale(np.mean(x0 ** 2, axis=0), process)
     weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
@@ -927,7 +939,7 @@ def teacher_schedule(score, process, T, x0, rng, *, step="euler", n_draws=32, n_
     one-step samplers. Evaluations: ``n_draws (2 K G + G)``, plus ``n_draws G (G + 1) / 2`` for Heun.
     """
     process, T = check_process(process), check_int(T, "T", 1)
-    score = checked_score(score, batch_size=batch_size, process=process)
+    score = guest_score(score, batch_size=batch_size, process=process)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
     step = _one_step(step, "teacher_schedule")
     G, K = check_int(n_cells, "n_cells", T), check_int(n_substeps, "n_substeps", 1)
@@ -979,7 +991,7 @@ def _cheapest_path(C, T):
 
 
 def _one_step(step, where):
-    step = resolve_predictor(step, "step", ALL_PREDICTORS)
+    step = resolve_step(step)
     if getattr(step, "multistep", False):
         raise ValueError(f"`step` carries a state from step to step; {where} takes one-step samplers")
     if step is ancestral_step or step is euler_maruyama_step:
@@ -996,7 +1008,7 @@ def coupled_error(score, process, ts, x_T, reference, *, step="euler"):
         raise ValueError(f"`reference` must have the shape of `x_T`, {x_T.shape}")
     step = _one_step(step, "coupled_error")
     step, after = checked_steps(step, ts, x_T)
-    x = _sample_loop(checked_score(score, process=process), process, ts, x_T, _Noise("none", "coupled_error"), step,
+    x = _sample_loop(guest_score(score, process=process), process, ts, x_T, _Noise("none", "coupled_error"), step,
                      0, 0.1, False, after)[0]
     return float(np.mean((x - reference) ** 2))
 
@@ -1024,7 +1036,7 @@ def coupled_optimal_schedule(score, process, T, x0, rng, *, step="euler", n_draw
     path is named). Returns an :class:`OracleSchedule`.
     """
     process, T = check_process(process), check_int(T, "T", 1)
-    checked = checked_score(score, process=process)
+    checked = guest_score(score, process=process)
     x0, rng, step = check_data(x0, min_rows=2), as_rng(rng), _one_step(step, "coupled_optimal_schedule")
     counted = _CountingScore(checked.score)
     x_T = prior_sample(process, check_int(n_draws, "n_draws", 2), x0.var(axis=0), rng)
@@ -1172,7 +1184,7 @@ def score_error_by_level(score, exact_score, process, ts, x0, rng):
     process = check_process(process)
     ts = check_schedule(ts, process, endpoints=False, min_len=1)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
-    score, exact = checked_score(score, process=process), checked_score(exact_score, "exact_score")
+    score, exact = guest_score(score, process=process), guest_score(exact_score, "exact_score")
     levels = []
     for t in ts:
         x = float(process.s(t)) * x0 + float(process.sigma(t)) * rng.standard_normal(x0.shape)

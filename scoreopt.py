@@ -785,9 +785,7 @@ class _CheckedScore:
     """A user's score, called as :func:`checked_score` describes; ``.score`` is the raw callable."""
 
     def __init__(self, score, name, batch_size):
-        self.score, self.name, self.batch_size = score, name, batch_size
-        self.calls = self.evaluations = 0
-        self.low_precision = None
+        self.score, self.name, self.batch_size, self.calls, self.evaluations = score, name, batch_size, 0, 0
 
     def __call__(self, x, t):
         size = len(x) if self.batch_size is None else self.batch_size
@@ -796,21 +794,26 @@ class _CheckedScore:
 
     def _call(self, x, t):
         self.calls, self.evaluations = self.calls + 1, self.evaluations + len(x)
-        return call_model(self.score, self.name, x, t, self, x, t)
+        try:
+            value = self.score(x, t)
+        except Exception as err:
+            if isinstance(err, ScoreEvaluationError) or getattr(err, "checked_output", False):   # a wrapper's: as it is
+                raise
+            raise ScoreEvaluationError(f"`{self.name}` raised {type(err).__name__} at {_when(t)}: {err}") from err
+        return self.check(value, x, t)
 
     def check(self, value, x, t):
-        return own_output(value, x.shape, t, self.name, self)
+        return checked_output(value, x.shape, t, self.name)
 
 
 def checked_score(score, name="score", *, batch_size=None, process=None):
     """``score`` wrapped so that every call is checked and counted: the one model-call wrapper.
 
-    The score is called with a copy of ``x`` (a model that writes into its input cannot change
-    the library's arrays) and what it returns is copied (:func:`own_output`); a raise becomes a
-    :class:`ScoreEvaluationError` naming the time. ``batch_size`` splits calls into chunks
-    (results identical). ``calls`` and ``evaluations`` (rows) are counted; ``.score`` is the
-    raw callable. A score that records the ``process`` it was built for (the adapters and
-    ``models.ScoreModel`` do) is refused for another ``process``, naming both.
+    What the score returns must be a floating-point array of the shape of ``x``, finite
+    (:func:`checked_output`, a new float64 array); a raise becomes a :class:`ScoreEvaluationError`
+    naming the time. ``batch_size`` splits calls into chunks (results identical). ``calls`` and
+    ``evaluations`` (rows) are counted; ``.score`` is the raw callable. A score that records the
+    ``process`` it was built for is refused for another ``process``, naming both.
     """
     if isinstance(score, _CheckedScore) and batch_size is None:
         return score
@@ -823,56 +826,25 @@ def checked_score(score, name="score", *, batch_size=None, process=None):
     return _CheckedScore(raw, name, None if batch_size is None else check_int(batch_size, "batch_size", 1))
 
 
-def call_model(model, name, x, t, owner, *args):
-    """``model(*args)`` with every array argument copied, its output owned by :func:`own_output` (shape
-    that of ``x``); a raise is re-raised as :class:`ScoreEvaluationError` naming ``name`` and ``t``."""
-    try:
-        value = model(*(a.copy() if isinstance(a, np.ndarray) else a for a in args))
-    except Exception as err:
-        if getattr(err, "checked_output", False):        # an adapter's own check of its model: as it is
-            raise
-        raise ScoreEvaluationError(f"`{name}` raised {type(err).__name__} at {_when(t)}: {err}"
-                                   + _rowwise_hint(t)) from err
-    return own_output(value, x.shape, t, name, owner)
-
-
-def own_output(value, shape, t, name, owner=None):
-    """A model's output as a new float64 array of ``shape``, finite; else a TypeError/ValueError naming
-    ``name`` and the time. Tensor-likes convert through ``__array__``; bool, integer and complex
-    outputs are refused; a float dtype below float32's precision is warned of once per ``owner``."""
-    said = f"`{name}` returned"
-    if not (isinstance(value, np.ndarray) or hasattr(value, "__array__")):       # None, a list, a float
-        raise _checked_output(TypeError, f"{said} {type(value).__name__} at {_when(t)}; expected an array of "
-                                         f"shape {tuple(shape)}")
-    try:
-        native = np.asarray(value)
-    except Exception as err:
-        raise _checked_output(TypeError, f"{said} {type(value).__name__} at {_when(t)}, which does not convert "
-                                         f"to an array: {err}") from None
-    if native.dtype.kind != "f":
-        kind = {"b": "booleans", "c": "complex values", "i": "integers", "u": "integers"}.get(native.dtype.kind,
-                                                                                             "non-numbers")
-        raise _checked_output(TypeError, f"{said} {kind} ({native.dtype}) at {_when(t)}; a score or model output "
-                                         "must be floating point")
-    if native.shape != tuple(shape):
-        raise _checked_output(ValueError, f"{said} shape {native.shape} at {_when(t)}; expected {tuple(shape)}"
-                                          + _rowwise_hint(t))
-    array = np.array(native, dtype=float)          # a copy: the model may reuse its buffer
+def checked_output(value, shape, t, name):
+    """A score's output as a new float64 array: floating point, of ``shape``, finite; else an error naming
+    ``name`` and the time (marked, so that an outer wrapper passes it on unchanged)."""
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise _checked_output(TypeError, f"`{name}` returned {array.dtype} values at {_when(t)}; it must be float")
+    if array.shape != tuple(shape):
+        raise _checked_output(ValueError, f"`{name}` returned shape {array.shape} at {_when(t)}; "
+                                          f"expected {tuple(shape)}")
     finite = np.all(np.isfinite(array.reshape(len(array), -1)), axis=1) if array.ndim else np.isfinite(array)
     if not np.all(finite):
         rows = "" if np.ndim(t) == 0 else f" (rows {np.flatnonzero(~finite)[:5].tolist()})"
         where = _when(t if np.ndim(t) == 0 else np.asarray(getval(t))[~finite])
-        raise _checked_output(ValueError, f"{said} non-finite values at {where}{rows}")
-    if native.dtype.itemsize < 4 and owner is not None and owner.low_precision is None:
-        owner.low_precision = native.dtype.name
-        warnings.warn(f"`{name}` returns {native.dtype.name}, below float32 precision: costs and schedules "
-                      "computed from it are biased (about 9% in Lambda with float16); cast the model's output to "
-                      "float32 or float64", RuntimeWarning, stacklevel=4)
-    return array
+        raise _checked_output(ValueError, f"`{name}` returned non-finite values at {where}{rows}")
+    return np.array(array, dtype=float)
 
 
 def _checked_output(kind, message):
-    """An error of :func:`own_output`, marked so that an outer model-call wrapper passes it on unchanged."""
+    """An error of a checked output, marked so that an outer model-call wrapper passes it on unchanged."""
     err = kind(message)
     err.checked_output = True
     return err
@@ -883,11 +855,6 @@ def _when(t):
         return f"t = {float(getval(t)):.6g}"
     t = np.asarray(getval(t), dtype=float)
     return f"t in [{t.min():.6g}, {t.max():.6g}] (one time per row)"
-
-
-def _rowwise_hint(t):
-    return ("; it was given one time per row, an array of shape (n,): a score that takes one float t at a time "
-            "must be wrapped to take one time per row (Part II of scoreopt has such a wrapper)") if np.ndim(t) else ""
 
 
 def check_velocity(velocity, process):
@@ -924,21 +891,6 @@ def check_process(process):
                          f"t_min to t_max (t = 0 is the data end, noise grows with t); it goes from {nu[0]:.4g} to "
                          f"{nu[-1]:.4g}")
     return process
-
-
-def check_data_scale(second_moment, process):
-    """Warn when the data's scale (the root of the largest per-coordinate ``E[x^2]``) lies outside the noise
-    levels the process reaches: its noise never covers the data, or its cleanest level already hides it."""
-    scale = float(np.sqrt(np.max(second_moment)))
-    nu_min, nu_max = nsr_range(process)
-    if scale > nu_max or 0 < scale < nu_min:
-        warnings.warn(f"the data's scale ({scale:.3g}, root mean square of its largest coordinate) is "
-                      + (f"above the largest noise-to-signal ratio of the process {process.name} ({nu_max:.3g}): its "
-                         "noise never covers the data" if scale > nu_max else
-                         f"below the smallest noise-to-signal ratio of the process {process.name} ({nu_min:.3g}): "
-                         "its cleanest level already hides the data")
-                      + "; rescale the data (to about unit scale) or use a process whose range covers it",
-                      RuntimeWarning, stacklevel=3)
 
 
 def nsr_range(process):
@@ -1048,13 +1000,6 @@ def check_gamma(gamma):
     return gamma
 
 
-def check_bool(value, name):
-    """``True`` or ``False`` (or a NumPy bool); a string such as ``'no'`` is refused, not read as truthy."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"`{name}` must be True or False, got {value!r}")
-
-
 def check_callable(f, name, signature):
     """``f`` if it is callable, else a TypeError naming ``name`` and the ``signature`` expected."""
     if not callable(f):
@@ -1109,6 +1054,7 @@ from concurrent.futures.process import BrokenProcessPool                        
 from contextlib import contextmanager                                                 # noqa: E402
 from datetime import datetime, timezone                                               # noqa: E402
 from importlib.metadata import version as package_version                             # noqa: E402
+from autograd.tracer import Box                                                        # noqa: E402
 from scipy.special import stdtrit                                                      # noqa: E402
 
 __all__ += [
@@ -1116,9 +1062,35 @@ __all__ += [
     "EqualCostResult", "equal_cost_schedule", "iterate_schedule", "stop_at_budget",
     "ScheduleMap", "estimate_schedule_map", "load_schedule_map",
     "flow_matching", "process_from_alphas_cumprod", "to_timesteps", "to_sigmas",
-    "score_from_denoiser", "score_from_eps", "score_from_v", "score_from_flow", "rowwise_score",
+    "score_from_denoiser", "score_from_eps", "score_from_v", "score_from_flow", "rowwise_score", "guest_score",
     "write_atomically", "progress_printer", "main",
 ]
+
+
+# --------------------------------------------------------------------------------
+# Checks that only this part needs
+# --------------------------------------------------------------------------------
+
+def check_data_scale(second_moment, process):
+    """Warn when the data's scale (the root of the largest per-coordinate ``E[x^2]``) lies outside the noise
+    levels the process reaches: its noise never covers the data, or its cleanest level already hides it."""
+    scale = float(np.sqrt(np.max(second_moment)))
+    nu_min, nu_max = nsr_range(process)
+    if scale > nu_max or 0 < scale < nu_min:
+        warnings.warn(f"the data's scale ({scale:.3g}, root mean square of its largest coordinate) is "
+                      + (f"above the largest noise-to-signal ratio of the process {process.name} ({nu_max:.3g}): its "
+                         "noise never covers the data" if scale > nu_max else
+                         f"below the smallest noise-to-signal ratio of the process {process.name} ({nu_min:.3g}): "
+                         "its cleanest level already hides the data")
+                      + "; rescale the data (to about unit scale) or use a process whose range covers it",
+                      RuntimeWarning, stacklevel=3)
+
+
+def check_bool(value, name):
+    """``True`` or ``False`` (or a NumPy bool); a string such as ``'no'`` is refused, not read as truthy."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"`{name}` must be True or False, got {value!r}")
 
 
 # --------------------------------------------------------------------------------
@@ -1246,7 +1218,7 @@ def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, m
     process = check_process(process)
     ts = check_schedule(ts, process)
     cost = resolve(predictor_cost if cost is None else cost, COSTS, "cost")
-    score = checked_score(score, batch_size=batch_size, process=process)
+    score = guest_score(score, batch_size=batch_size, process=process)
     x0, seed = check_data(x0), int(as_rng(rng).integers(2 ** 63))
     order = (2 if cost is corrector_cost else 4) if order is None else check_positive(order, "order")
     user = None if callback is None else check_callable(callback, "callback", "callback(done, total, info)")
@@ -1490,7 +1462,7 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
               callback):
     """Check :func:`estimate_schedule_map`'s arguments once; choose the grid and the samples."""
     process = check_process(process)
-    score = checked_score(score, batch_size=batch_size, process=process)
+    score = guest_score(score, batch_size=batch_size, process=process)
     x0 = check_data(x0)
     check_data_scale(np.mean(x0 ** 2, axis=0), process)
     seed = int(rng) if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) else None
@@ -1777,6 +1749,91 @@ def to_sigmas(process, ts):
     ``sampler.sample(..., denoise=True)`` with Euler). :meth:`ScheduleMap.sigmas` takes the number of levels."""
     process = check_process(process)
     return np.append(process.nsr(check_schedule(ts, process))[::-1], 0.0)
+
+
+class _Guest:
+    """A guest framework's model as a score: called through :func:`call_model` (copies in; tensors converted;
+    bool, integer and complex outputs refused; float16 warned of once). Module level, so it pickles whenever
+    the model does; autograd's traced values pass through to the model untouched."""
+
+    def __init__(self, model, name):
+        self.model, self.name, self.low_precision = model, name, None
+        self.process = getattr(model, "process", None)
+
+    def __call__(self, x, t):
+        if isinstance(x, Box) or isinstance(t, Box):             # autograd is tracing: the model as it is
+            return self.model(x, t)
+        return call_model(self.model, self.name, x, t, self, x, t)
+
+
+def guest_score(score, name="score", *, batch_size=None, process=None):
+    """``scoreopt.checked_score`` around ``score`` hardened for a guest framework's model (:class:`_Guest`):
+    what this part's functions call a user's score through. Idempotent.
+
+    >>> score = guest_score(lambda x, t: np.float32(-1.0) * x, process=ve())
+    >>> score(np.ones((2, 1)), 0.5).dtype, score.calls
+    (dtype('float64'), 1)
+    """
+    if isinstance(score, _CheckedScore) and isinstance(score.score, (_Guest, _Adapter)) and batch_size is None:
+        return score
+    raw = score.score if isinstance(score, _CheckedScore) else check_callable(score, name, f"{name}(x, t)")
+    if not isinstance(raw, (_Guest, _Adapter)):
+        raw = _Guest(raw, name)
+    return checked_score(raw, name, batch_size=batch_size, process=process)
+
+
+def call_model(model, name, x, t, owner, *args):
+    """``model(*args)`` with every array argument copied, its output owned by :func:`own_output` (shape
+    that of ``x``); a raise is re-raised as :class:`ScoreEvaluationError` naming ``name`` and ``t``."""
+    try:
+        value = model(*(a.copy() if isinstance(a, np.ndarray) else a for a in args))
+    except Exception as err:
+        if getattr(err, "checked_output", False):        # an adapter's own check of its model: as it is
+            raise
+        raise ScoreEvaluationError(f"`{name}` raised {type(err).__name__} at {_when(t)}: {err}"
+                                   + _rowwise_hint(t)) from err
+    return own_output(value, x.shape, t, name, owner)
+
+
+def own_output(value, shape, t, name, owner=None):
+    """A model's output as a new float64 array of ``shape``, finite; else a TypeError/ValueError naming
+    ``name`` and the time. Tensor-likes convert through ``__array__``; bool, integer and complex
+    outputs are refused; a float dtype below float32's precision is warned of once per ``owner``."""
+    said = f"`{name}` returned"
+    if not (isinstance(value, np.ndarray) or hasattr(value, "__array__")):       # None, a list, a float
+        raise _checked_output(TypeError, f"{said} {type(value).__name__} at {_when(t)}; expected an array of "
+                                         f"shape {tuple(shape)}")
+    try:
+        native = np.asarray(value)
+    except Exception as err:
+        raise _checked_output(TypeError, f"{said} {type(value).__name__} at {_when(t)}, which does not convert "
+                                         f"to an array: {err}") from None
+    if native.dtype.kind != "f":
+        kind = {"b": "booleans", "c": "complex values", "i": "integers", "u": "integers"}.get(native.dtype.kind,
+                                                                                             "non-numbers")
+        raise _checked_output(TypeError, f"{said} {kind} ({native.dtype}) at {_when(t)}; a score or model output "
+                                         "must be floating point")
+    if native.shape != tuple(shape):
+        raise _checked_output(ValueError, f"{said} shape {native.shape} at {_when(t)}; expected {tuple(shape)}"
+                                          + _rowwise_hint(t))
+    array = np.array(native, dtype=float)          # a copy: the model may reuse its buffer
+    finite = np.all(np.isfinite(array.reshape(len(array), -1)), axis=1) if array.ndim else np.isfinite(array)
+    if not np.all(finite):
+        rows = "" if np.ndim(t) == 0 else f" (rows {np.flatnonzero(~finite)[:5].tolist()})"
+        where = _when(t if np.ndim(t) == 0 else np.asarray(getval(t))[~finite])
+        raise _checked_output(ValueError, f"{said} non-finite values at {where}{rows}")
+    if native.dtype.itemsize < 4 and owner is not None and owner.low_precision is None:
+        owner.low_precision = native.dtype.name
+        warnings.warn(f"`{name}` returns {native.dtype.name}, below float32 precision: costs and schedules "
+                      "computed from it are biased (about 9% in Lambda with float16); cast the model's output to "
+                      "float32 or float64", RuntimeWarning, stacklevel=4)
+    return array
+
+
+def _rowwise_hint(t):
+    return ("; it was given one time per row, an array of shape (n,): a score that takes one float t at a time "
+            "can be wrapped with scoreopt.rowwise_score(score)") if np.ndim(t) else ""
+
 
 
 class _Adapter:
