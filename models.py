@@ -790,7 +790,11 @@ def retain_freed_memory():
     """Ask glibc's allocator to keep freed memory for reuse; returns whether it applied. Opt-in and
     process-wide, never called by the library: a training step's large temporaries are otherwise paged in
     afresh every step (measured: about 2 times slower for a 3x128 batch-1024 step). Raises
-    ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD`` to 512 MiB; ``False`` where libc is not glibc."""
+    ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD`` to 512 MiB; ``False`` where libc is not glibc.
+
+    >>> if __name__ == "__main__":       # in a script, before its work (examples/cantor.py); never in a library
+    ...     retain_freed_memory()
+    """
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 512 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
@@ -813,7 +817,16 @@ def save_checkpoint(path, state):
     state, history, the preconditioning and its data moments, the run's definition. The file is first checked
     by :func:`load_checkpoint`'s rules (a state it would refuse, e.g. NaN parameters or a schedule that does
     not increase, is a ``ValueError`` naming the field, and ``path`` is left as it was), then written through
-    ``scoreopt.write_atomically``: an interrupted save never corrupts the previous checkpoint."""
+    ``scoreopt.write_atomically``: an interrupted save never corrupts the previous checkpoint.
+
+    >>> import os, tempfile, scoreopt as so
+    >>> state = train(init_mlp(0, width=8, depth=1), Gaussian([0.0], [0.25]), so.ve(), so.uniform_schedule(so.ve(), 4),
+    ...               rng=0, n_steps=3, batch_size=8)
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+    >>> save_checkpoint(path, state)
+    >>> load_checkpoint(path).step
+    3
+    """
     if not isinstance(state, TrainingState):
         raise TypeError(f"`state` must be a models.TrainingState, got {type(state).__name__}")
     buffer = io.BytesIO()
@@ -845,7 +858,17 @@ def load_checkpoint(path):
     """Load a checkpoint written by :func:`save_checkpoint` as a :class:`TrainingState`. A missing, truncated
     or corrupted file, or one whose fields break a rule (parameters, moments or Adam state not finite, a
     schedule that does not increase, an unknown preconditioning or version), is a ``ValueError`` naming the
-    path and the field. Checkpoints of versions 2 and 3 load too (version 2 as ``preconditioning="eps"``)."""
+    path and the field. Checkpoints of versions 2 and 3 load too (version 2 as ``preconditioning="eps"``).
+
+    >>> import os, tempfile, scoreopt as so
+    >>> state = train(init_mlp(0, width=8, depth=1), Gaussian([0.0], [0.25]), so.ve(), so.uniform_schedule(so.ve(), 4),
+    ...               rng=0, n_steps=3, batch_size=8)
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+    >>> save_checkpoint(path, state)
+    >>> back = load_checkpoint(path)
+    >>> back.step, bool(np.array_equal(back.ts, state.ts)), back.run["n_steps"]
+    (3, True, 3)
+    """
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at `{path}`")
     try:
@@ -900,7 +923,15 @@ def checkpointer(path, every=1000, callback=None):
     """A :func:`train` callback that saves the run to ``path`` every ``every`` steps and at the last step
     (:func:`save_checkpoint`), then calls ``callback`` if given. The folder is checked now: it must exist and
     take a file. A failed save (a full disk) is an ``OSError`` naming the step and the last good checkpoint,
-    which is intact; :func:`resume` continues from it."""
+    which is intact; :func:`resume` continues from it.
+
+    >>> import os, tempfile, scoreopt as so
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+    >>> state = train(init_mlp(0, width=8, depth=1), Gaussian([0.0], [0.25]), so.ve(), so.uniform_schedule(so.ve(), 4),
+    ...               rng=0, n_steps=4, batch_size=8, callback=checkpointer(path, every=2))
+    >>> load_checkpoint(path).step
+    4
+    """
     every = check_int(every, "every", 1)
     folder, base = os.path.split(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -934,7 +965,16 @@ def resume(path, params, data, process, ts=None, *, allow_changes=(), **options)
     run (architecture, process, initial schedule, ``n_steps``, ``lr``, ``levels``, ``preconditioning``,
     ``batch_size``, ``online``) is refused, listing what differs, unless named in ``allow_changes`` (a name or
     a sequence of names, e.g. ``"n_steps"`` to extend a run). A resumed run gives the same parameters, bit for
-    bit, as an uninterrupted one."""
+    bit, as an uninterrupted one.
+
+    >>> import os, tempfile, scoreopt as so
+    >>> path, p = os.path.join(tempfile.mkdtemp(), "run.npz"), so.ve()
+    >>> run = lambda n_steps, **kw: resume(path, init_mlp(0, width=8, depth=1), Gaussian([0.0], [0.25]), p,
+    ...                                    so.uniform_schedule(p, 4), rng=0, n_steps=n_steps, batch_size=8,
+    ...                                    callback=checkpointer(path, every=1), **kw)
+    >>> run(3).step, run(6, allow_changes="n_steps").step                 # the second continues the first
+    (3, 6)
+    """
     if not os.path.exists(path):
         return train(params, data, process, ts, **options)
     saved = load_checkpoint(path)

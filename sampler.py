@@ -489,6 +489,11 @@ def gaussian_output_law(target, process, ts, *, predictor="euler", corrector_ste
     on a probe batch (rows ``x_T = 0``, ``x_T = 1``, then one per noise draw), so this is the law of the
     implemented sampler (docs/derivations.md, 6); the draws are counted by a first run on two rows.
     ``start``: ``(mean, var)`` of ``x_T`` per coordinate (default: :func:`prior_sample`'s law).
+
+    >>> import models, scoreopt as so
+    >>> law = gaussian_output_law(models.Gaussian([0.0], [0.25]), so.ve(), so.edm_schedule(so.ve(), 50))
+    >>> round(float(law.var[0]), 3)                                        # Euler, T = 50: 0.25 as T grows
+    0.223
     """
     ts, law = _gaussian_law(target, process, ts, predictor, corrector_steps, corrector_ratio,
                             check_bool(denoise, "denoise"), start)
@@ -532,7 +537,11 @@ class _TargetScore:
 
 def gaussian_kl(mean, var, target_mean, target_var):
     """``KL(N(mean, diag var) || N(target_mean, diag target_var))``, with ``log1p`` so that a KL near 0 keeps
-    its relative precision: ``0.5 sum_k [u_k - log(1 + u_k) + (mean_k - m_k)^2 / lam_k]``, ``u = var/lam - 1``."""
+    its relative precision: ``0.5 sum_k [u_k - log(1 + u_k) + (mean_k - m_k)^2 / lam_k]``, ``u = var/lam - 1``.
+
+    >>> round(float(gaussian_kl(np.zeros(1), np.full(1, 2.0), np.zeros(1), np.ones(1))), 4)   # (2 - 1 - log 2) / 2
+    0.1534
+    """
     arrays = [as_real_array(a, name) for a, name in ((mean, "mean"), (var, "var"), (target_mean, "target_mean"),
                                                      (target_var, "target_var"))]
     if any(a.shape != arrays[0].shape for a in arrays):
@@ -569,6 +578,14 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     ``mean(log p_out(x_out) - log p_0(x_out))`` estimates ``KL(p_out || p_0)`` with no density
     estimate. ``score`` must be autograd-differentiable in ``x``. A step that folds the line (slope
     <= 0 at a sample) is named; a step that draws noise or carries a state is refused.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> x_T = prior_sample(p, 3, [0.25], 0)
+    >>> out = flow_log_density(lambda x, t: target.score(x, t, p), p, so.edm_schedule(p, 20), x_T,
+    ...                        lambda x: -0.5 * np.sum(x ** 2, axis=1) / 6400.25 - 0.5 * np.log(2 * np.pi * 6400.25))
+    >>> out.x.shape, out.log_density.shape
+    ((3, 1), (3,))
     """
     step = resolve_step(predictor, "predictor")
     if getattr(step, "multistep", False):
@@ -646,6 +663,11 @@ def gaussian_optimal_schedule(target, process, T, *, predictor="heun", corrector
     best of every baseline (arctan with the data's root mean variance) and ``starts``; never worse than
     a start (docs/derivations.md, 7). For ``"euler_maruyama"``, and ``"dpmpp_2m"`` in one dimension,
     the optimiser cancels per-step errors of opposite signs: no yardstick there.
+
+    >>> import models, scoreopt as so
+    >>> ts = gaussian_optimal_schedule(models.Gaussian([0.0], [0.25]), so.ve(), 2)
+    >>> len(ts), float(ts[0]), float(ts[-1])
+    (3, 0.0, 1.0)
     """
     process = check_process(process)
     T, n_refine = check_int(T, "T", 1), check_int(n_refine, "n_refine", 1)
@@ -689,6 +711,10 @@ def flow_weight(x0, kind="data", rank=None, rng=0):
     covariance to keep; the other ``d - k`` directions share their mean variance (a low-rank-plus-isotropic
     covariance). Default: all of them (``O(n d^2 + d^3)``) up to ``d = FULL_RANK_MAX``, else the top
     ``LOW_RANK`` by randomised subspace iteration (``rng``), ``O(n d k)`` time and ``O(d k)`` memory.
+
+    >>> w = flow_weight(np.random.default_rng(0).standard_normal((100, 3)))
+    >>> w.kind
+    'data'
     """
     x0 = check_data(x0, min_rows=2)
     if kind not in ("data", "kl", "scalar"):
@@ -759,6 +785,12 @@ def flow_error_cost(score, process, t_cur, t_next, x0, rng, *, step="euler", wei
     are refused. All intervals go through one score call per stage (one time per row: ``score`` must take
     per-row times; ``scoreopt.rowwise_score`` adapts one that does not). Returns an ``Estimate`` of the
     shape of ``t_cur``, the standard error over rows.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> score, x0 = lambda x, t: target.score(x, t, p), target.sample(500, 0)
+    >>> bool(flow_error_cost(score, p, 0.6, 0.55, x0, 0).value < flow_error_cost(score, p, 0.6, 0.5, x0, 0).value)
+    True
     """
     process = check_process(process)
     t_cur, t_next = check_step_times(t_cur, t_next, process, towards_data=True)
@@ -900,6 +932,12 @@ def equal_error_schedule(score, process, T, x0, rng, *, step="euler", weight="da
     (docs/derivations.md, 9). ``budget``: at most this many per-sample score evaluations (fewer
     updates). ``batch_size``, ``callback``: as ``scoreopt.equal_cost_schedule``. Returns a
     ``scoreopt.EqualCostResult`` (``n_evaluations`` the rows passed to the score).
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> r = equal_error_schedule(lambda x, t: target.score(x, t, p), p, 4, target.sample(500, 0), 0, step="heun")
+    >>> len(r.ts), float(r.ts[0]), float(r.ts[-1])
+    (5, 0.0, 1.0)
     """
     process = check_process(process)
     step, T = resolve_step(step), check_int(T, "T", 1)
@@ -1034,6 +1072,13 @@ def coupled_optimal_schedule(score, process, T, x0, rng, *, step="euler", n_draw
     (written with ``autograd.numpy``; a PyTorch model behind NumPy is not) and take a float ``t``.
     Deterministic steps only. Every start's error is checked (a score that is not finite on a start's
     path is named). Returns an :class:`OracleSchedule`.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> r = coupled_optimal_schedule(lambda x, t: target.score(x, t, p), p, 3, target.sample(200, 0), 0, n_draws=8,
+    ...                              reference_steps=20, max_iter=3)
+    >>> len(r.ts), bool(r.error <= min(r.start_errors.values()))
+    (4, True)
     """
     process, T = check_process(process), check_int(T, "T", 1)
     checked = guest_score(score, process=process)
@@ -1084,7 +1129,12 @@ MAX_W1_RANGE = 1e6
 def wasserstein1(samples, cdf, grid_size=200_001):
     """``W1 = int |F_n(x) - F(x)| dx`` between 1-D samples and an exact CDF, on a uniform grid (trapezoid) over
     the samples' range widened until ``F`` is below 1e-12 and above ``1 - 1e-12``; a CDF that does not
-    reach them within ``MAX_W1_RANGE`` times the samples' spread (or 1) is an error, not a hang."""
+    reach them within ``MAX_W1_RANGE`` times the samples' spread (or 1) is an error, not a hang.
+
+    >>> from scipy.special import ndtr
+    >>> round(wasserstein1(np.random.default_rng(0).standard_normal((2000, 1)), ndtr), 2)   # to N(0, 1)
+    0.03
+    """
     x = _samples_1d(samples, "samples", minimum=1)
     check_callable(cdf, "cdf", "cdf(x) on an array")
     grid_size = check_int(grid_size, "grid_size", 3)
@@ -1125,7 +1175,11 @@ class ModeCoverage(NamedTuple):
 
 def mode_coverage(samples, modes, weights=None, radius=None):
     """Mass of 1-D samples within ``radius`` of each mode, and how many modes hold at least half their weight
-    (equal weights by default); the default radius is a quarter of the smallest gap between modes."""
+    (equal weights by default); the default radius is a quarter of the smallest gap between modes.
+
+    >>> mode_coverage(np.array([[0.0], [0.01], [1.0]]), np.array([0.0, 1.0])).covered
+    2
+    """
     x = _samples_1d(samples, "samples", minimum=1)
     modes = as_real_array(modes, "modes").reshape(-1)
     if len(modes) == 0 or not np.all(np.isfinite(modes)):
@@ -1144,7 +1198,13 @@ def mode_coverage(samples, modes, weights=None, radius=None):
 
 
 def mean_log_density(samples, target):
-    """Mean log-density of samples under the true ``p_0`` (the paper's "average likelihood")."""
+    """Mean log-density of samples under the true ``p_0`` (the paper's "average likelihood").
+
+    >>> import models
+    >>> x = np.random.default_rng(0).standard_normal((2000, 1))
+    >>> round(float(mean_log_density(x, models.Gaussian([0.0], [1.0]))), 2)     # -(1 + log 2 pi) / 2 = -1.42
+    -1.42
+    """
     values = np.asarray(target.log_prob(samples), dtype=float)
     if values.size == 0:
         raise ValueError("`samples` must not be empty")
@@ -1152,7 +1212,11 @@ def mean_log_density(samples, target):
 
 
 def density_estimate(samples, grid, bandwidth=None):
-    """Gaussian kernel density estimate of 1-D samples on ``grid`` (for plots only)."""
+    """Gaussian kernel density estimate of 1-D samples on ``grid`` (for plots only).
+
+    >>> density_estimate(np.random.default_rng(0).standard_normal((2000, 1)), np.array([0.0])).round(1)   # 0.399
+    array([0.4])
+    """
     x = _samples_1d(samples, "samples", minimum=2)
     if x[0] == x[-1]:
         raise ValueError("`samples` must not all be equal: a kernel density needs a spread")
@@ -1161,7 +1225,15 @@ def density_estimate(samples, grid, bandwidth=None):
 
 def score_error(score, exact_score, process, ts, x0, rng):
     """``E_{i, x ~ p_{t_i}} sigma(t_i)^2 ||S_theta(x, t_i) - S(x, t_i)||^2`` over the levels of ``ts``, fresh
-    noise per level; an ``Estimate`` whose standard error treats the levels as independent."""
+    noise per level; an ``Estimate`` whose standard error treats the levels as independent.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> score = lambda x, t: target.score(x, t, p)
+    >>> off = lambda x, t: 1.1 * score(x, t)                             # a model 10% off the exact score
+    >>> score_error(off, score, p, so.uniform_schedule(p, 4), target.sample(200, 0), 0).value > 0
+    True
+    """
     r = score_error_by_level(score, exact_score, process, ts, x0, rng)
     return Estimate(float(r.score_error.mean()), float(np.sqrt(np.sum(r.score_stderr ** 2)) / len(r.ts)))
 
@@ -1196,7 +1268,12 @@ def score_error_by_level(score, exact_score, process, ts, x0, rng):
 
 def sliced_wasserstein(x, y, rng, n_projections=256):
     """Sliced W1 between two samples ``(n, d)`` and ``(m, d)``: the mean over ``n_projections`` random
-    directions (uniform on the sphere) of the exact 1-D W1 of the two empirical laws of the projections."""
+    directions (uniform on the sphere) of the exact 1-D W1 of the two empirical laws of the projections.
+
+    >>> x = np.random.default_rng(0).standard_normal((1000, 2))
+    >>> bool(sliced_wasserstein(x[:500], x[500:], 0) < sliced_wasserstein(x[:500], x[500:] + 1.0, 0))
+    True
+    """
     x, y = check_data(x, "x"), check_data(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"`x` and `y` must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
@@ -1216,7 +1293,12 @@ def _w1_empirical(a, b):
 def mmd2(x, y, bandwidth=None):
     """Unbiased squared maximum mean discrepancy with a Gaussian kernel ``exp(-|u - v|^2 / (2 h^2))``, ``h``
     the median distance of the pooled samples by default; the U-statistic may be slightly negative for
-    equal laws. Memory ``O((n + m)^2)``."""
+    equal laws. Memory ``O((n + m)^2)``.
+
+    >>> x = np.random.default_rng(0).standard_normal((1000, 1))
+    >>> round(float(mmd2(x[:500], x[500:])), 3), bool(mmd2(x[:500], x[500:] + 1.0) > 0.1)
+    (0.001, True)
+    """
     x, y = check_data(x, "x", min_rows=2), check_data(y, "y", min_rows=2)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"`x` and `y` must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")

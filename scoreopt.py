@@ -1214,6 +1214,12 @@ def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, m
     last step (``v(t_min)^2 = sigma_min^2`` makes it look free: docs/derivations.md, 4);
     prefer :func:`estimate_schedule_map` for the corrector cost. Returns an
     :class:`EqualCostResult` whose ``n_evaluations`` counts the rows passed to the score.
+
+    >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)          # exact score of N(0, 0.5^2) data
+    >>> x0 = 0.5 * np.random.default_rng(0).standard_normal((400, 1))
+    >>> r = equal_cost_schedule(gauss, ve(), uniform_schedule(ve(), 4), x0, 0)
+    >>> r.converged, float(r.ts[0]), float(r.ts[-1]), bool(np.ptp(np.log(r.costs)) < 0.2)   # equal costs
+    (True, 0.0, 1.0, True)
     """
     process = check_process(process)
     ts = check_schedule(ts, process)
@@ -1240,7 +1246,17 @@ def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, m
 def stop_at_budget(budget, callback=None):
     """A callback for :func:`equal_cost_schedule` that stops the updates before the next one (and the final
     evaluation of the costs) would spend more than ``budget`` per-sample score evaluations; it measures what
-    one evaluation of the costs spends on the first update. ``callback`` is called too, if given."""
+    one evaluation of the costs spends on the first update. ``callback`` is called too, if given.
+
+    >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)
+    >>> x0 = 0.5 * np.random.default_rng(0).standard_normal((400, 1))
+    >>> import warnings
+    >>> with warnings.catch_warnings():                       # stopped on purpose: it says it did not converge
+    ...     warnings.simplefilter("ignore")
+    ...     r = equal_cost_schedule(gauss, ve(), uniform_schedule(ve(), 4), x0, 0, callback=stop_at_budget(10_000))
+    >>> r.n_evaluations <= 10_000, r.converged                  # 3,200 per evaluation of the costs
+    (True, False)
+    """
     budget = check_int(budget, "budget", 1)
 
     def stop(it, total, info):
@@ -1421,6 +1437,12 @@ def estimate_schedule_map(score, process, x0, rng, *, n_grid=1000, velocity=None
 
     Returns a :class:`ScheduleMap`; ``metadata`` records the process (name, range, ``nu`` on the
     grid), the settings, evaluations, score calls, seed (if an int was given), version and time.
+
+    >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)          # exact score of N(0, 0.5^2) data
+    >>> x0 = 0.5 * np.random.default_rng(0).standard_normal((400, 1))
+    >>> smap = estimate_schedule_map(gauss, ve(), x0, 0, n_grid=50)
+    >>> round(smap.length, 1), len(smap.schedule(10))                    # closed form: Lambda = 9.54
+    (9.5, 11)
     """
     plan = _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, workers, control_variate,
                      batch_size, callback)
@@ -1674,6 +1696,10 @@ def flow_matching(t_min=0.002 / 1.002, t_max=80.0 / 81.0):
     ``nu = t / (1 - t)`` is infinite at ``t = 1``, so ``t_max < 1``; the default range is EDM's
     ``nu`` in ``[0.002, 80]``. :meth:`ScheduleMap.flow_times` exports from ``t = 1``, where such
     models start; a velocity model becomes a score through :func:`score_from_flow`.
+
+    >>> p = flow_matching()
+    >>> round(float(p.nsr(p.t_min)), 4), round(float(p.nsr(p.t_max)), 1)    # EDM's range of nu
+    (0.002, 80.0)
     """
     t_min, t_max = check_real(t_min, "t_min"), check_real(t_max, "t_max")
     if not 0.0 < t_min < t_max < 1.0:
@@ -1701,6 +1727,11 @@ def process_from_alphas_cumprod(alphas_cumprod):
     model's timesteps. The table must be strictly decreasing in ``(0, 1)`` with a log-SNR that
     falls by more than 1e-9 at every step. The process's name carries the table's length and a
     hash of its content, so a map of one table refuses to export timesteps for another.
+
+    >>> alphas_cumprod = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))      # DDPM's "linear" table
+    >>> p = process_from_alphas_cumprod(alphas_cumprod)
+    >>> p.n_timesteps, bool(np.isclose(p.s(0.0) ** 2, alphas_cumprod[0]))
+    (1000, True)
     """
     abar = as_real_array(alphas_cumprod, "alphas_cumprod")
     if abar.ndim != 1 or len(abar) < 2 or not np.all(np.isfinite(abar)) or np.any((abar <= 0) | (abar >= 1)):
@@ -1723,6 +1754,10 @@ def to_timesteps(process, ts, *, merge=False):
     ``k = round(t (N - 1))`` for a process from :func:`process_from_alphas_cumprod`. Two times that
     round to the same timestep are an error, or with ``merge=True`` are merged with a
     ``RuntimeWarning`` saying how many steps remain.
+
+    >>> p = process_from_alphas_cumprod(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+    >>> to_timesteps(p, uniform_schedule(p, 4)).tolist()                   # descending, diffusers' convention
+    [999, 749, 500, 250, 0]
     """
     process = check_process(process)
     ts, merge = check_schedule(ts, process), check_bool(merge, "merge")
@@ -1746,7 +1781,11 @@ def _table_timesteps(ts, N, merge, fewer):
 def to_sigmas(process, ts):
     """A schedule's levels as descending ``nu`` with a trailing 0 (k-diffusion's and diffusers' ``sigmas=``):
     ``T + 1`` levels, so ``T + 1`` Euler model calls, the last from ``nu(t_min)`` to 0 (the final denoising;
-    ``sampler.sample(..., denoise=True)`` with Euler). :meth:`ScheduleMap.sigmas` takes the number of levels."""
+    ``sampler.sample(..., denoise=True)`` with Euler). :meth:`ScheduleMap.sigmas` takes the number of levels.
+
+    >>> to_sigmas(ve(), loglinear_schedule(ve(), 2)).round(3).tolist()     # descending, and a final 0
+    [80.0, 0.4, 0.002, 0.0]
+    """
     process = check_process(process)
     return np.append(process.nsr(check_schedule(ts, process))[::-1], 0.0)
 
@@ -1877,24 +1916,50 @@ class _FlowScore(_Adapter):
 
 def score_from_denoiser(denoiser, process):
     """Score of a denoiser ``D(y, nu) ~ E[x_0 | y]`` in k-diffusion/EDM convention (``y = x / s``, noise level
-    ``nu``): Tweedie's formula ``D = y + nu^2 grad_y log p(y)`` gives ``S(x, t) = (D(x/s, nu) - x/s) / (s nu^2)``."""
+    ``nu``): Tweedie's formula ``D = y + nu^2 grad_y log p(y)`` gives ``S(x, t) = (D(x/s, nu) - x/s) / (s nu^2)``.
+
+    >>> exact = lambda y, nu: y * 0.25 / (0.25 + nu ** 2)                  # E[x_0 | y] for N(0, 0.5^2) data
+    >>> score = score_from_denoiser(exact, ve())
+    >>> bool(np.isclose(score(np.ones((1, 1)), 0.5)[0, 0], -1 / (0.25 + 0.4 ** 2)))
+    True
+    """
     return _DenoiserScore(denoiser, process, "denoiser")
 
 
 def score_from_eps(eps_model, process):
-    """Score of a noise prediction ``eps(x, t) ~ E[eps | x_t]``: ``S = -eps / sigma``."""
+    """Score of a noise prediction ``eps(x, t) ~ E[eps | x_t]``: ``S = -eps / sigma``.
+
+    >>> p = vp_linear()
+    >>> eps = lambda x, t: x * p.sigma(t) / (p.s(t) ** 2 * 0.25 + p.sigma(t) ** 2)   # E[eps | x_t], N(0, 0.5^2) data
+    >>> exact = -1 / (p.s(0.5) ** 2 * 0.25 + p.sigma(0.5) ** 2)
+    >>> bool(np.isclose(score_from_eps(eps, p)(np.ones((1, 1)), 0.5)[0, 0], exact))
+    True
+    """
     return _EpsScore(eps_model, process, "eps_model")
 
 
 def score_from_v(v_model, process):
     """Score of a v-prediction ``v(x, t) ~ E[s eps - sigma x_0 | x_t]`` (Salimans & Ho 2022):
-    ``eps = (sigma x + s v) / (s^2 + sigma^2)`` and ``S = -eps / sigma``."""
+    ``eps = (sigma x + s v) / (s^2 + sigma^2)`` and ``S = -eps / sigma``.
+
+    >>> p = vp_cosine()
+    >>> a = lambda t: p.s(t) ** 2 * 0.25 + p.sigma(t) ** 2                  # Var x_t for N(0, 0.5^2) data
+    >>> v = lambda x, t: x * (p.s(t) * p.sigma(t) - p.sigma(t) * p.s(t) * 0.25) / a(t)   # E[s eps - sigma x_0 | x_t]
+    >>> bool(np.isclose(score_from_v(v, p)(np.ones((1, 1)), 0.5)[0, 0], -1 / a(0.5)))
+    True
+    """
     return _VScore(v_model, process, "v_model")
 
 
 def score_from_flow(flow_model, process):
     """Score of a flow-matching velocity ``u(x, t) ~ E[s' x_0 + sigma' eps | x_t]``: ``eps = (s u - s' x) /
-    (s sigma' - sigma s')`` and ``S = -eps / sigma``; under :func:`flow_matching`, ``S = -(x + (1 - t) u) / t``."""
+    (s sigma' - sigma s')`` and ``S = -eps / sigma``; under :func:`flow_matching`, ``S = -(x + (1 - t) u) / t``.
+
+    >>> p = flow_matching()
+    >>> u = lambda x, t: x * (t - (1 - t) * 0.25) / ((1 - t) ** 2 * 0.25 + t ** 2)   # E[eps - x_0 | x_t], N(0, 0.5^2)
+    >>> bool(np.isclose(score_from_flow(u, p)(np.ones((1, 1)), 0.5)[0, 0], -1 / (0.25 * 0.25 + 0.25)))
+    True
+    """
     return _FlowScore(flow_model, process, "flow_model")
 
 
@@ -2015,6 +2080,14 @@ def load_schedule_map(path):
     positive, increasing, one per time); ``delta``, ``Lambda`` and its groups (finite,
     non-negative, ``Lambda`` from 0, not decreasing, not all zero); ``length`` (the end of
     ``Lambda``); the error bars; ``order`` (1, 2, 3, 4, 6 or 8); the counts.
+
+    >>> import os, tempfile
+    >>> smap = estimate_schedule_map(lambda x, t: -x / (0.25 + ve().sigma(t) ** 2), ve(),
+    ...                              0.5 * np.random.default_rng(0).standard_normal((400, 1)), 0, n_grid=50)
+    >>> path = os.path.join(tempfile.mkdtemp(), "map.json")
+    >>> smap.save(path)
+    >>> bool(np.array_equal(load_schedule_map(path).schedule(10), smap.schedule(10)))
+    True
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -2122,7 +2195,17 @@ def _jsonable(value, name):
 
 def progress_printer(label="", lines=10, file=None):
     """A callback ``callback(done, total, info)`` that prints ``label done/total`` about ``lines`` times a run,
-    with what ``info`` holds of ``loss``, ``Lambda``, ``evaluations`` and ``elapsed``."""
+    with what ``info`` holds of ``loss``, ``Lambda``, ``evaluations`` and ``elapsed``.
+
+    >>> import io
+    >>> out = io.StringIO()
+    >>> callback = progress_printer("map", lines=2, file=out)
+    >>> callback(1, 2, {"elapsed": 0.5}), callback(2, 2, {"elapsed": 1.0})
+    (None, None)
+    >>> print(out.getvalue(), end="")
+    map 1/2  0.5 s
+    map 2/2  1.0 s
+    """
     lines = check_int(lines, "lines", 1)
 
     def callback(done, total, info):
