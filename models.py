@@ -22,8 +22,9 @@ from autograd.misc import flatten
 from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
-from scoreopt import (ROUTES, as_column, as_rng, check_callable, check_data, check_data_scale, check_gamma, check_int,
-                      check_positive, check_process, check_schedule, nsr_range, online_update, resolve)
+from scoreopt import (COSTS, ROUTES, as_column, as_rng, check_callable, check_data, check_gamma,
+                      check_int, check_positive, check_process, check_schedule, grid_route, interval_route, nsr_range,
+                      online_update, resolve)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "noise_features", "silu", "preconditioning_coefficients", "mlp_score", "ScoreModel",
@@ -505,28 +506,25 @@ class _OnlineSettings(NamedTuple):
     cost: object = "corrector"
     n_samples: int = 1000
     order: int = 2
-    route: object = "intervals"
+    route: object = "grid"
     n_grid: int = 200
 
 
 class OnlineSchedule(_OnlineSettings):
     """Settings of Algorithm 2's schedule update, checked at construction. After ``burn_in`` optimiser steps,
     every ``every`` steps, ``scoreopt.online_update`` finds a target schedule from the current model and
-    ``n_samples`` fresh data samples and blends the schedule towards it by ``gamma``. ``route``:
-    ``"intervals"`` (the paper's: the interval costs, ``cost`` of ``order``, through Algorithm 1),
-    ``"grid"`` (derived: a map on ``n_grid`` levels; avoids the interval route's one huge last step on
-    smooth data, docs/derivations.md, 4) or a route function."""
+    ``n_samples`` fresh data samples and blends the schedule towards it by ``gamma``. ``route``: ``"grid"``
+    (the default, ``scoreopt.grid_route``: Theorem 3.1 on ``n_grid`` levels), ``"intervals"``
+    (``scoreopt.interval_route``, the paper's: the interval costs, ``cost`` of ``order``, through Algorithm 1;
+    it degenerates on smooth data with few steps) or a route function, called with no options."""
     __slots__ = ()
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls, *args, **kwargs)
         check_int(self.every, "every", 1), check_int(self.burn_in, "burn_in", 0), check_gamma(self.gamma)
         check_int(self.n_samples, "n_samples", 2), check_int(self.n_grid, "n_grid", 2)
-        check_positive(self.order, "order")
-        if not (callable(self.cost) or self.cost in ("corrector", "predictor")):
-            raise ValueError(f"`cost` must be 'corrector', 'predictor' or a cost function, got {self.cost!r}")
-        resolve(self.route, ROUTES, "route")
-        if self.route == "grid" and self.cost != "corrector":
+        check_positive(self.order, "order"), resolve(self.cost, COSTS, "cost")
+        if resolve(self.route, ROUTES, "route") is grid_route and self.cost != "corrector":
             raise ValueError("`cost` must be 'corrector' with route 'grid'")
         return self
 
@@ -536,13 +534,10 @@ class OnlineSchedule(_OnlineSettings):
 
     def update(self, model, process, ts, x0, rng):
         """Algorithm 2's steps 2-4 with these settings (``scoreopt.online_update``)."""
-        options = ({"cost": self.cost, "order": self.order} if self.route == "intervals" else
-                   {"n_grid": self.n_grid} if self.route == "grid" else {})
-        return online_update(model, process, ts, x0, rng, gamma=self.gamma, route=self.route, **options)
-
-    def describe(self):
-        """The settings as plain JSON values (functions by name), for a checkpoint's run definition."""
-        return {k: getattr(v, "__name__", v) for k, v in self._asdict().items()}
+        route = resolve(self.route, ROUTES, "route")
+        options = ({"n_grid": self.n_grid} if route is grid_route else
+                   {"cost": self.cost, "order": self.order} if route is interval_route else {})
+        return online_update(model, process, ts, x0, rng, gamma=self.gamma, route=route, **options)
 
 
 class TrainingState(NamedTuple):
@@ -557,7 +552,7 @@ class TrainingState(NamedTuple):
     history: dict
     data_mean: np.ndarray   # input standardisation the model was trained with, (d,)
     data_var: np.ndarray
-    run: dict = None        # what defines the run (architecture, process, settings): see `train`
+    run: dict = None        # what defines the run, recorded by a caller that saves it (None here)
     preconditioning: str = "edm"
 
     def score(self, process):
@@ -580,15 +575,15 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     1. a DSM step with Adam, training times drawn from the levels of the current ``ts`` (``levels``);
     2-4. with an :class:`OnlineSchedule`, every few steps after a burn-in, ``scoreopt.online_update``.
 
-    ``params``: from :func:`init_mlp`, or a :class:`TrainingState` to continue (a checkpoint:
-    ``resume``). ``data``: a target (anything with ``sample(n, rng)``) or samples ``(N, d)``; a constant
-    coordinate and a single row are valid. ``ts``: the initial schedule (may be None with
+    ``params``: from :func:`init_mlp`, or a :class:`TrainingState` to continue. ``data``: a target
+    (anything with ``sample(n, rng)``) or samples ``(N, d)``; a constant coordinate and a single row
+    are valid. ``ts``: the initial schedule (may be None with
     ``levels="uniform"`` and no ``online``). ``rng``: the only source of randomness. ``lr``: Adam's step,
     decayed by a cosine to 0 over ``n_steps``, or a function ``lr(step, n_steps)``. ``levels``:
     ``levels(ts, n, rng, process) -> t`` or a name of ``LEVELS``. ``preconditioning``: ``"edm"`` or
     ``"eps"``. ``callback(step, n_steps, info)`` after every step, ``info`` with ``loss``, ``ts``,
-    ``params``, ``elapsed``, the last ``Lambda`` and ``state()``, the :class:`TrainingState` (e.g.
-    ``checkpointer``); a callback may raise ``StopIteration`` to end the run early. Returns the final
+    ``params``, ``elapsed``, the last ``Lambda`` and ``state()``, the :class:`TrainingState` (to save
+    it); a callback may raise ``StopIteration`` to end the run early. Returns the final
     :class:`TrainingState`; raises :class:`TrainingDiverged` naming the step if the loss or the
     parameters stop being finite or the loss exceeds ``MAX_LOSS_RATIO`` times the first.
 
@@ -600,17 +595,15 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     """
     process, ts, draw_t = _train_iv(params, process, ts, n_steps, batch_size, lr, levels, preconditioning, online,
                                     callback)
-    run = _run_definition(params, process, ts, n_steps, batch_size, lr, draw_t, preconditioning, online)
     resumed = isinstance(params, TrainingState)
     moments = (params.data_mean, params.data_var) if resumed else _data_moments(data, params[-1][0].shape[1])
-    check_data_scale(moments[0] ** 2 + moments[1], process)
     draw, rate = _data_sampler(data), lr if callable(lr) else partial(_cosine_decay, float(lr))
-    state = params if resumed else _fresh_state(params, run, rng, moments, preconditioning)
+    state = params if resumed else _fresh_state(params, ts, rng, moments, preconditioning)
     theta, unflatten = flatten(state.params)
     ts, adam, step, rng, history = state.ts, state.adam, state.step, as_rng(state.rng), state.history
     losses, start, loss_and_grad = list(history["loss"]), time.perf_counter(), value_and_grad(prepared_dsm_loss)
     now = lambda: TrainingState(unflatten(theta), ts, adam, step, rng, dict(history, loss=np.array(losses)),
-                                *moments, run, preconditioning)
+                                *moments, state.run, preconditioning)
     while step < n_steps:
         # 1. DSM step on the score model, levels drawn from the current schedule
         x0 = draw(batch_size, rng)
@@ -657,25 +650,15 @@ def _train_iv(params, process, ts, n_steps, batch_size, lr, levels, precondition
     return process, ts, draw_t
 
 
-def _run_definition(params, process, ts, n_steps, batch_size, lr, draw_t, preconditioning, online):
-    """What defines a run, as plain JSON values: a checkpoint records it and :func:`resume` compares it."""
-    layers = params.params if isinstance(params, TrainingState) else params
-    return {"layer_shapes": [list(W.shape) for W, _ in layers], "process": process.name,
-            "t_min": float(process.t_min), "t_max": float(process.t_max), "initial_ts": [float(t) for t in ts],
-            "n_steps": int(n_steps), "lr": getattr(lr, "__name__", lr), "levels": draw_t.__name__,
-            "preconditioning": preconditioning, "batch_size": batch_size,
-            "online": None if online is None else online.describe()}
-
-
 def _cosine_decay(lr, step, n_steps):
     return lr * (0.5 * (1 + np.cos(np.pi * step / n_steps)))
 
 
-def _fresh_state(params, run, rng, moments, preconditioning):
+def _fresh_state(params, ts, rng, moments, preconditioning):
     empty = {"loss": np.zeros(0), "update_step": np.zeros(0, int), "Lambda": np.zeros(0),
-             "schedules": np.zeros((0, len(run["initial_ts"]))), "costs": np.zeros((0, len(run["initial_ts"]) - 1))}
-    return TrainingState(params, np.array(run["initial_ts"]), adam_init(flatten(params)[0]), 0, as_rng(rng), empty,
-                         *moments, run, preconditioning)
+             "schedules": np.zeros((0, len(ts))), "costs": np.zeros((0, len(ts) - 1))}
+    return TrainingState(params, ts, adam_init(flatten(params)[0]), 0, as_rng(rng), empty, *moments, None,
+                         preconditioning)
 
 
 def _data_moments(data, dim):
@@ -730,10 +713,11 @@ import io                                                                  # noq
 import json                                                                # noqa: E402
 import os                                                                  # noqa: E402
 import tempfile                                                            # noqa: E402
+from functools import wraps                                                # noqa: E402
 
-from scoreopt import time_from_nsr, write_atomically                       # noqa: E402
+from scoreopt import check_data_scale, time_from_nsr, write_atomically     # noqa: E402
 
-__all__ += ["between_levels", "lognormal_levels", "LEVELS", "retain_freed_memory", "save_checkpoint",
+__all__ += ["between_levels", "lognormal_levels", "ALL_LEVELS", "retain_freed_memory", "save_checkpoint",
             "load_checkpoint", "checkpointer", "resume"]
 
 
@@ -751,14 +735,66 @@ def lognormal_levels(ts, n, rng, process, p_mean=-1.2, p_std=1.2):
     return time_from_nsr(process, nu)
 
 
-LEVELS.update(between=between_levels, lognormal=lognormal_levels)
+# Every name of a level sampler: Part I's (``LEVELS``) and these. Part I's ``dsm_loss`` and ``train`` take the
+# functions; this part's ``train`` and ``resume`` also take these names.
+ALL_LEVELS = {**LEVELS, "between": between_levels, "lognormal": lognormal_levels}
+
+
+# --------------------------------------------------------------------------------
+# Training that records what defines the run, for checkpoints and resume
+# --------------------------------------------------------------------------------
+
+_paper_train = train
+
+
+@wraps(_paper_train)
+def train(params, data, process, ts=None, *, levels="levels", **options):
+    # Part I's train with the level names of ALL_LEVELS, and the run's definition recorded in every state that
+    # it returns or shows a callback (a checkpoint saves it; resume compares it).
+    levels = resolve(levels, ALL_LEVELS, "levels")
+    checked = _train_iv(params, process, ts, options.get("n_steps"), options.get("batch_size", 256),
+                        options.get("lr", 1e-3), levels, options.get("preconditioning", "edm"), options.get("online"),
+                        options.get("callback"))
+    run = _run_definition(params, *checked[:2], options.get("n_steps"), options.get("batch_size", 256),
+                          options.get("lr", 1e-3), levels, options.get("preconditioning", "edm"), options.get("online"))
+    moments = (params.data_mean, params.data_var) if isinstance(params, TrainingState) else \
+        _data_moments(data, params[-1][0].shape[1])
+    check_data_scale(moments[0] ** 2 + moments[1], checked[0])         # data the process never covers: warned of
+    callback = options.get("callback")
+    if callback is not None:
+        options["callback"] = lambda step, n_steps, info: callback(
+            step, n_steps, dict(info, state=lambda: info["state"]()._replace(run=run)))
+    if isinstance(params, TrainingState):
+        params = params._replace(run=run)
+    return _paper_train(params, data, process, ts, levels=levels, **options)._replace(run=run)
+
+
+train.__doc__ = _paper_train.__doc__ + """
+    Part II: ``levels`` may also be a name of ``ALL_LEVELS``; every state (returned, or ``info["state"]()``)
+    records what defines the run in ``run``, which a checkpoint saves and :func:`resume` compares.
+    """
+
+
+def _run_definition(params, process, ts, n_steps, batch_size, lr, draw_t, preconditioning, online):
+    """What defines a run, as plain JSON values: a checkpoint records it and :func:`resume` compares it."""
+    layers = params.params if isinstance(params, TrainingState) else params
+    return {"layer_shapes": [list(W.shape) for W, _ in layers], "process": process.name,
+            "t_min": float(process.t_min), "t_max": float(process.t_max), "initial_ts": [float(t) for t in ts],
+            "n_steps": int(n_steps), "lr": getattr(lr, "__name__", lr), "levels": draw_t.__name__,
+            "preconditioning": preconditioning, "batch_size": batch_size,
+            "online": None if online is None else {k: getattr(v, "__name__", v) for k, v in online._asdict().items()}}
+
 
 
 def retain_freed_memory():
     """Ask glibc's allocator to keep freed memory for reuse; returns whether it applied. Opt-in and
     process-wide, never called by the library: a training step's large temporaries are otherwise paged in
     afresh every step (measured: about 2 times slower for a 3x128 batch-1024 step). Raises
-    ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD`` to 512 MiB; ``False`` where libc is not glibc."""
+    ``M_MMAP_THRESHOLD`` to 32 MiB and ``M_TRIM_THRESHOLD`` to 512 MiB; ``False`` where libc is not glibc.
+
+    >>> if __name__ == "__main__":       # in a script, before its work (examples/cantor.py); never in a library
+    ...     retain_freed_memory()
+    """
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 512 << 20))  # M_MMAP_, M_TRIM_THRESHOLD
@@ -781,7 +817,16 @@ def save_checkpoint(path, state):
     state, history, the preconditioning and its data moments, the run's definition. The file is first checked
     by :func:`load_checkpoint`'s rules (a state it would refuse, e.g. NaN parameters or a schedule that does
     not increase, is a ``ValueError`` naming the field, and ``path`` is left as it was), then written through
-    ``scoreopt.write_atomically``: an interrupted save never corrupts the previous checkpoint."""
+    ``scoreopt.write_atomically``: an interrupted save never corrupts the previous checkpoint.
+
+    >>> import os, tempfile, scoreopt as so
+    >>> state = train(init_mlp(0, width=8, depth=1), Gaussian([0.0], [0.25]), so.ve(), so.uniform_schedule(so.ve(), 4),
+    ...               rng=0, n_steps=3, batch_size=8)
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+    >>> save_checkpoint(path, state)
+    >>> load_checkpoint(path).step
+    3
+    """
     if not isinstance(state, TrainingState):
         raise TypeError(f"`state` must be a models.TrainingState, got {type(state).__name__}")
     buffer = io.BytesIO()
@@ -813,7 +858,17 @@ def load_checkpoint(path):
     """Load a checkpoint written by :func:`save_checkpoint` as a :class:`TrainingState`. A missing, truncated
     or corrupted file, or one whose fields break a rule (parameters, moments or Adam state not finite, a
     schedule that does not increase, an unknown preconditioning or version), is a ``ValueError`` naming the
-    path and the field. Checkpoints of versions 2 and 3 load too (version 2 as ``preconditioning="eps"``)."""
+    path and the field. Checkpoints of versions 2 and 3 load too (version 2 as ``preconditioning="eps"``).
+
+    >>> import os, tempfile, scoreopt as so
+    >>> state = train(init_mlp(0, width=8, depth=1), Gaussian([0.0], [0.25]), so.ve(), so.uniform_schedule(so.ve(), 4),
+    ...               rng=0, n_steps=3, batch_size=8)
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+    >>> save_checkpoint(path, state)
+    >>> back = load_checkpoint(path)
+    >>> back.step, bool(np.array_equal(back.ts, state.ts)), back.run["n_steps"]
+    (3, True, 3)
+    """
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at `{path}`")
     try:
@@ -868,7 +923,15 @@ def checkpointer(path, every=1000, callback=None):
     """A :func:`train` callback that saves the run to ``path`` every ``every`` steps and at the last step
     (:func:`save_checkpoint`), then calls ``callback`` if given. The folder is checked now: it must exist and
     take a file. A failed save (a full disk) is an ``OSError`` naming the step and the last good checkpoint,
-    which is intact; :func:`resume` continues from it."""
+    which is intact; :func:`resume` continues from it.
+
+    >>> import os, tempfile, scoreopt as so
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+    >>> state = train(init_mlp(0, width=8, depth=1), Gaussian([0.0], [0.25]), so.ve(), so.uniform_schedule(so.ve(), 4),
+    ...               rng=0, n_steps=4, batch_size=8, callback=checkpointer(path, every=2))
+    >>> load_checkpoint(path).step
+    4
+    """
     every = check_int(every, "every", 1)
     folder, base = os.path.split(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -902,14 +965,24 @@ def resume(path, params, data, process, ts=None, *, allow_changes=(), **options)
     run (architecture, process, initial schedule, ``n_steps``, ``lr``, ``levels``, ``preconditioning``,
     ``batch_size``, ``online``) is refused, listing what differs, unless named in ``allow_changes`` (a name or
     a sequence of names, e.g. ``"n_steps"`` to extend a run). A resumed run gives the same parameters, bit for
-    bit, as an uninterrupted one."""
+    bit, as an uninterrupted one.
+
+    >>> import os, tempfile, scoreopt as so
+    >>> path, p = os.path.join(tempfile.mkdtemp(), "run.npz"), so.ve()
+    >>> run = lambda n_steps, **kw: resume(path, init_mlp(0, width=8, depth=1), Gaussian([0.0], [0.25]), p,
+    ...                                    so.uniform_schedule(p, 4), rng=0, n_steps=n_steps, batch_size=8,
+    ...                                    callback=checkpointer(path, every=1), **kw)
+    >>> run(3).step, run(6, allow_changes="n_steps").step                 # the second continues the first
+    (3, 6)
+    """
     if not os.path.exists(path):
         return train(params, data, process, ts, **options)
     saved = load_checkpoint(path)
     allow = {allow_changes} if isinstance(allow_changes, str) else set(allow_changes)
     settings = [options.get("n_steps"), options.get("batch_size", 256), options.get("lr", 1e-3)]
     preconditioning, online = options.get("preconditioning", "edm"), options.get("online")
-    process, ts, draw_t = _train_iv(params, process, ts, *settings, options.get("levels", "levels"), preconditioning,
+    process, ts, draw_t = _train_iv(params, process, ts, *settings,
+                                    resolve(options.get("levels", "levels"), ALL_LEVELS, "levels"), preconditioning,
                                     online, options.get("callback"))
     run = _run_definition(params, process, ts, *settings, draw_t, preconditioning, online)
     unknown = allow - set(run)

@@ -19,7 +19,6 @@ local error against the model's own flow (the recommended schedule for a trained
 teacher-trajectory dynamic programming (GITS), the coupled-error oracle, and the metrics.
 """
 
-import inspect
 import time
 from functools import partial
 from typing import NamedTuple
@@ -28,7 +27,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from scoreopt import (ScoreEvaluationError, as_column, as_rng, as_real_array, check_bool, check_callable,
+from scoreopt import (ScoreEvaluationError, as_column, as_rng, as_real_array, check_callable,
                       check_data, check_int, check_positive, check_process, check_schedule, checked_score,
                       ddim_coefficients)
 
@@ -139,30 +138,17 @@ PREDICTORS = {"none": identity_step, "euler": euler_step, "ancestral": ancestral
               "euler_maruyama": euler_maruyama_step}
 
 
-def resolve_predictor(predictor, name="predictor"):
-    """The step for a name of :data:`PREDICTORS`, or a callable as it is (its signature checked against the
-    step contract). A ``functools.partial`` of a step keeps the step's ``multistep`` and ``order`` marks.
+def resolve_predictor(predictor, name="predictor", names=PREDICTORS):
+    """The step for a name of ``names`` (:data:`PREDICTORS`), or a callable as it is.
 
     >>> resolve_predictor("euler") is euler_step
     True
     """
-    if isinstance(predictor, str) and predictor in PREDICTORS:
-        return PREDICTORS[predictor]
+    if isinstance(predictor, str) and predictor in names:
+        return names[predictor]
     if not callable(predictor):
-        raise ValueError(f"`{name}` must be one of {sorted(PREDICTORS)} or a step function "
+        raise ValueError(f"`{name}` must be one of {sorted(names)} or a step function "
                          f"step(score, process, x, t_cur, t_next, rng) -> (x, nfe), got {predictor!r}")
-    if isinstance(predictor, partial):
-        for mark in ("multistep", "order"):
-            if hasattr(predictor.func, mark) and not hasattr(predictor, mark):
-                setattr(predictor, mark, getattr(predictor.func, mark))
-    arguments = (None,) * (7 if getattr(predictor, "multistep", False) else 6)
-    try:
-        inspect.signature(predictor).bind(*arguments)
-    except TypeError as err:
-        raise TypeError(f"`{name}` {_name(predictor)} does not take the step's arguments (score, process, x, "
-                        f"t_cur, t_next, rng{', carry' if len(arguments) == 7 else ''}): {err}") from None
-    except ValueError:    # no signature to inspect (a builtin): checked at its first call
-        pass
     return predictor
 
 
@@ -209,13 +195,12 @@ def sample(score, process, ts, x_T, rng, *, predictor="euler", corrector_steps=0
     process = check_process(process)
     ts, x = check_schedule(ts, process), check_data(x_T, "x_T")
     predict = _sampler_iv(score, predictor, corrector_steps, corrector_ratio)
-    if max_growth is not None:
-        check_positive(max_growth, "max_growth")
     if callback is not None:
         check_callable(callback, "callback", "callback(step, T, info)")
+    predict, after = checked_steps(predict, ts, x, max_growth, callback)
     return Sampled(*_sample_loop(checked_score(score, batch_size=batch_size, process=process), process, ts, x,
-                                 as_rng(rng), predict, corrector_steps, corrector_ratio, check_bool(denoise, "denoise"),
-                                 max_growth=max_growth, callback=callback))
+                                 as_rng(rng), predict, corrector_steps, corrector_ratio, denoise,
+                                 after))
 
 
 def _sampler_iv(score, predictor, corrector_steps, corrector_ratio):
@@ -225,39 +210,64 @@ def _sampler_iv(score, predictor, corrector_steps, corrector_ratio):
     return resolve_predictor(predictor)
 
 
-def _sample_loop(score, process, ts, x, rng, predict, corrector_steps, corrector_ratio, denoise, check=True,
-                 max_growth=EXPLOSION_FACTOR, callback=None):
-    """The sampler's loop on checked arguments (``rng`` needs only ``standard_normal``). ``check=False`` skips
-    the checks of every step's output, so that autograd can trace the loop; ``score`` is then raw."""
-    T, nfe, carry = len(ts) - 1, 0, None
-    multistep = getattr(predict, "multistep", False)
-    limit = (np.inf if max_growth is None else max_growth * max(1.0, float(np.max(np.abs(getval(x)))))) \
-        if check else None
-    start = time.perf_counter()
-    for i, (t_cur, t_next) in enumerate(zip(ts[:0:-1], ts[-2::-1])):       # t_T = t_max down to t_0 = t_min
-        try:
-            if multistep:                                                  # predictor
-                out = predict(score, process, x, t_cur, t_next, rng, carry)
-                x, n, carry = _step_output(out, x.shape, predict, 3) if check else out
-            else:
-                x, n = _step_output(predict(score, process, x, t_cur, t_next, rng), x.shape, predict, 2) if check \
-                    else predict(score, process, x, t_cur, t_next, rng)
-            step_size = corrector_ratio * process.sigma(t_next) ** 2        # corrector, v = sigma
-            for _ in range(corrector_steps):
-                x = langevin_step(score, x, t_next, step_size, rng)
-        except (ValueError, ScoreEvaluationError) as err:
-            if not check:
-                raise
-            raise type(err)(f"{err} (step {i + 1} of {T}, from t = {t_cur:.6g} to t = {t_next:.6g})") \
-                from (err.__cause__ or err)
+def _sample_loop(score, process, ts, x, rng, predict, corrector_steps=0, corrector_ratio=0.1, denoise=False,
+                 callback=None):
+    """The sampler's loop, in EDM's shape, on checked arguments (``rng`` needs only ``standard_normal``). It
+    checks nothing itself, so that autograd can trace it: :func:`sample` passes the checks in with the step
+    and the callback (:func:`checked_steps`)."""
+    T, nfe, carry, start = len(ts) - 1, 0, None, time.perf_counter()
+    for i, (t_cur, t_next) in enumerate(zip(ts[:0:-1], ts[-2::-1])):          # t_T = t_max down to t_0 = t_min
+        # Predictor, from t_cur to t_next
+        if getattr(predict, "multistep", False):
+            x, n, carry = predict(score, process, x, t_cur, t_next, rng, carry)
+        else:
+            x, n = predict(score, process, x, t_cur, t_next, rng)
+        # Corrector: Langevin steps at t_next with eps = r sigma^2 (velocity v = sigma)
+        for _ in range(corrector_steps):
+            x = langevin_step(score, x, t_next, corrector_ratio * process.sigma(t_next) ** 2, rng)
         nfe += n + corrector_steps
-        if check:
-            _check_samples(x, limit, f" (step {i + 1} of {T}, from t = {t_cur:.6g} to t = {t_next:.6g})")
         if callback is not None:
-            callback(i + 1, T, {"t": float(t_next), "elapsed": time.perf_counter() - start})
+            callback(i + 1, T, {"t": t_next, "t_cur": t_cur, "x": x, "elapsed": time.perf_counter() - start})
+    # Final denoising at t_0: Tweedie's formula
     if denoise:
         x, nfe = tweedie_denoise(score, process, x, ts[0]), nfe + 1
     return x, nfe
+
+
+def checked_steps(predict, ts, x_T, max_growth=EXPLOSION_FACTOR, callback=None):
+    """The sampler's checks, wrapped around its step: ``(predict, callback)`` for the loop. The step's output
+    is checked against the contract and an error in it names the step; after every step (predictor and
+    corrector) non-finite samples, or ``|x|`` beyond ``max_growth`` times the start's largest ``|x|`` (or 1),
+    are a ``FloatingPointError`` naming the step; then ``callback`` is called as it is."""
+    if max_growth is not None:
+        check_positive(max_growth, "max_growth")
+    limit = np.inf if max_growth is None else max_growth * max(1.0, float(np.max(np.abs(getval(x_T)))))
+    return _CheckedStep(predict, len(ts) - 1), partial(_after_step, limit, callback)
+
+
+def _where(i, T, t_cur, t_next):
+    return f" (step {i} of {T}, from t = {float(t_cur):.6g} to t = {float(t_next):.6g})"
+
+
+class _CheckedStep:
+    """A step whose output is checked (:func:`_step_output`) and whose errors name the step."""
+
+    def __init__(self, step, T):
+        self.step, self.T, self.i, self.multistep = step, T, 0, getattr(step, "multistep", False)
+
+    def __call__(self, score, process, x, t_cur, t_next, rng, *carry):
+        self.i += 1
+        try:
+            return _step_output(self.step(score, process, x, t_cur, t_next, rng, *carry), x.shape, self.step,
+                                2 + len(carry))
+        except (ValueError, ScoreEvaluationError) as err:
+            raise type(err)(f"{err}{_where(self.i, self.T, t_cur, t_next)}") from (err.__cause__ or err)
+
+
+def _after_step(limit, callback, i, T, info):
+    _check_samples(info["x"], limit, _where(i, T, info["t_cur"], info["t"]))
+    if callback is not None:
+        callback(i, T, {"t": float(info["t"]), "elapsed": info["elapsed"]})
 
 
 def _step_output(out, shape, step, size):
@@ -316,7 +326,9 @@ def prior_variance(process, data_var):
 # PART II. DERIVED OR ADDED HERE (docs/derivations.md)
 # ================================================================================
 
+import inspect                                                              # noqa: E402
 import warnings                                                             # noqa: E402
+from functools import wraps                                                 # noqa: E402
 
 from autograd import elementwise_grad, value_and_grad                       # noqa: E402
 from scipy.integrate import trapezoid                                       # noqa: E402
@@ -324,17 +336,17 @@ from scipy.optimize import minimize                                         # no
 from scipy.spatial.distance import cdist                                    # noqa: E402
 from scipy.stats import gaussian_kde                                        # noqa: E402
 
-from scoreopt import (Estimate, EqualCostResult, baseline_schedules, check_data_scale,  # noqa: E402
-                      check_step_times, consumer_schedules, equal_cost_schedule, loglinear_schedule, mean_stderr, nsr,
-                      nsr_range, stop_at_budget, time_from_nsr, _iterate)
+from scoreopt import (Estimate, EqualCostResult, baseline_schedules, check_bool, check_data_scale,  # noqa: E402
+                      check_step_times, consumer_schedules, equal_cost_schedule, guest_score, loglinear_schedule,
+                      mean_stderr, nsr, nsr_range, stop_at_budget, time_from_nsr, _iterate)
 
-__all__ += ["heun_step", "dpmpp_2m_step", "GaussianLaw", "gaussian_output_law", "gaussian_kl", "gaussian_schedule_kl",
-            "FlowDensity", "flow_log_density", "gaussian_optimal_schedule", "FlowWeight", "flow_weight",
-            "flow_error_cost", "equal_error_schedule", "TeacherSchedule", "teacher_schedule", "coupled_error",
-            "OracleSchedule", "coupled_optimal_schedule", "levels_for_calls", "sample_calls", "equal_error_calls",
-            "Recommendation", "KINDS", "recommended_schedule", "wasserstein1", "ModeCoverage", "mode_coverage",
-            "mean_log_density", "density_estimate", "score_error", "ScoreErrorByLevel", "score_error_by_level",
-            "sliced_wasserstein", "mmd2"]
+__all__ += ["heun_step", "dpmpp_2m_step", "ALL_PREDICTORS", "resolve_step", "GaussianLaw", "gaussian_output_law",
+            "gaussian_kl", "gaussian_schedule_kl", "FlowDensity", "flow_log_density", "gaussian_optimal_schedule",
+            "FlowWeight", "flow_weight", "flow_error_cost", "equal_error_schedule", "TeacherSchedule",
+            "teacher_schedule", "coupled_error", "OracleSchedule", "coupled_optimal_schedule", "levels_for_calls",
+            "sample_calls", "equal_error_calls", "Recommendation", "KINDS", "recommended_schedule", "wasserstein1",
+            "ModeCoverage", "mode_coverage", "mean_log_density", "density_estimate", "score_error",
+            "ScoreErrorByLevel", "score_error_by_level", "sliced_wasserstein", "mmd2"]
 
 
 # --------------------------------------------------------------------------------
@@ -393,7 +405,48 @@ def dpmpp_2m_step(score, process, x, t_cur, t_next, rng, carry=None):
 
 
 heun_step.order, dpmpp_2m_step.order, dpmpp_2m_step.multistep = 2, 2, True
-PREDICTORS.update(heun=heun_step, dpmpp_2m=dpmpp_2m_step)
+
+# Every step by name: Part I's (``PREDICTORS``) and these two. This part's functions, and its ``sample``, resolve
+# names here; Part I's ``sample`` takes these steps as functions.
+ALL_PREDICTORS = {**PREDICTORS, "heun": heun_step, "dpmpp_2m": dpmpp_2m_step}
+
+
+def resolve_step(step, name="step"):
+    """A step by a name of :data:`ALL_PREDICTORS`, or a callable whose signature is checked against the step
+    contract. A ``functools.partial`` of a step keeps the step's ``multistep`` and ``order`` marks.
+
+    >>> resolve_step("heun") is heun_step
+    True
+    """
+    predictor = resolve_predictor(step, name, ALL_PREDICTORS)
+    if isinstance(predictor, partial):
+        for mark in ("multistep", "order"):
+            if hasattr(predictor.func, mark) and not hasattr(predictor, mark):
+                setattr(predictor, mark, getattr(predictor.func, mark))
+    arguments = (None,) * (7 if getattr(predictor, "multistep", False) else 6)
+    try:
+        inspect.signature(predictor).bind(*arguments)
+    except TypeError as err:
+        raise TypeError(f"`{name}` {_name(predictor)} does not take the step's arguments (score, process, x, "
+                        f"t_cur, t_next, rng{', carry' if len(arguments) == 7 else ''}): {err}") from None
+    except ValueError:    # no signature to inspect (a builtin): checked at its first call
+        pass
+    return predictor
+
+_paper_sample = sample
+
+
+@wraps(_paper_sample)
+def sample(score, process, ts, x_T, rng, *, predictor="euler", **options):
+    score = guest_score(score, batch_size=options.pop("batch_size", None), process=check_process(process))
+    check_bool(options.get("denoise", False), "denoise")
+    return _paper_sample(score, process, ts, x_T, rng, predictor=resolve_step(predictor, "predictor"),
+                         **options)
+
+
+sample.__doc__ = _paper_sample.__doc__ + """
+    Part II: ``predictor`` may also be a name of ``ALL_PREDICTORS`` (``"heun"``, ``"dpmpp_2m"``).
+    """
 
 
 # --------------------------------------------------------------------------------
@@ -438,6 +491,11 @@ def gaussian_output_law(target, process, ts, *, predictor="euler", corrector_ste
     on a probe batch (rows ``x_T = 0``, ``x_T = 1``, then one per noise draw), so this is the law of the
     implemented sampler (docs/derivations.md, 6); the draws are counted by a first run on two rows.
     ``start``: ``(mean, var)`` of ``x_T`` per coordinate (default: :func:`prior_sample`'s law).
+
+    >>> import models, scoreopt as so
+    >>> law = gaussian_output_law(models.Gaussian([0.0], [0.25]), so.ve(), so.edm_schedule(so.ve(), 50))
+    >>> round(float(law.var[0]), 3)                                        # Euler, T = 50: 0.25 as T grows
+    0.223
     """
     ts, law = _gaussian_law(target, process, ts, predictor, corrector_steps, corrector_ratio,
                             check_bool(denoise, "denoise"), start)
@@ -450,11 +508,13 @@ def _gaussian_law(target, process, ts, predictor, corrector_steps, corrector_rat
         raise ValueError("`target` must be a Gaussian (one component) for an exact law")
     process = check_process(process)
     ts, score = check_schedule(ts, process), _TargetScore(target, process)
-    predict = _sampler_iv(score, predictor, corrector_steps, corrector_ratio)
+    predict = _sampler_iv(score, resolve_step(predictor, "predictor"), corrector_steps, corrector_ratio)
     d = target.dim
     mean_T, var_T = (np.zeros(d), prior_variance(process, target.variance())) if start is None else start
-    run = lambda ts, x, noise, check: _sample_loop(checked_score(score) if check else score, process, ts, x, noise,
-                                                   predict, corrector_steps, corrector_ratio, denoise, check)[0]
+    def run(ts, x, noise, check):
+        step, after = checked_steps(predict, ts, x) if check else (predict, None)
+        return _sample_loop(checked_score(score) if check else score, process, ts, x, noise, step, corrector_steps,
+                            corrector_ratio, denoise, after)[0]
     counter = _Noise("count")
     run(ts, np.zeros((2, d)), counter, True)     # also checks that the scores are finite
     probe = np.zeros((2 + counter.calls, d))
@@ -479,7 +539,11 @@ class _TargetScore:
 
 def gaussian_kl(mean, var, target_mean, target_var):
     """``KL(N(mean, diag var) || N(target_mean, diag target_var))``, with ``log1p`` so that a KL near 0 keeps
-    its relative precision: ``0.5 sum_k [u_k - log(1 + u_k) + (mean_k - m_k)^2 / lam_k]``, ``u = var/lam - 1``."""
+    its relative precision: ``0.5 sum_k [u_k - log(1 + u_k) + (mean_k - m_k)^2 / lam_k]``, ``u = var/lam - 1``.
+
+    >>> round(float(gaussian_kl(np.zeros(1), np.full(1, 2.0), np.zeros(1), np.ones(1))), 4)   # (2 - 1 - log 2) / 2
+    0.1534
+    """
     arrays = [as_real_array(a, name) for a, name in ((mean, "mean"), (var, "var"), (target_mean, "target_mean"),
                                                      (target_var, "target_var"))]
     if any(a.shape != arrays[0].shape for a in arrays):
@@ -516,8 +580,16 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     ``mean(log p_out(x_out) - log p_0(x_out))`` estimates ``KL(p_out || p_0)`` with no density
     estimate. ``score`` must be autograd-differentiable in ``x``. A step that folds the line (slope
     <= 0 at a sample) is named; a step that draws noise or carries a state is refused.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> x_T = prior_sample(p, 3, [0.25], 0)
+    >>> out = flow_log_density(lambda x, t: target.score(x, t, p), p, so.edm_schedule(p, 20), x_T,
+    ...                        lambda x: -0.5 * np.sum(x ** 2, axis=1) / 6400.25 - 0.5 * np.log(2 * np.pi * 6400.25))
+    >>> out.x.shape, out.log_density.shape
+    ((3, 1), (3,))
     """
-    step = resolve_predictor(predictor)
+    step = resolve_step(predictor, "predictor")
     if getattr(step, "multistep", False):
         raise ValueError("`predictor` carries a state from step to step; the change of variables here follows "
                          "one-step maps")
@@ -526,7 +598,7 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     check_callable(log_prob_T, "log_prob_T", "log_prob_T(x)")
     if x.shape[1] != 1:
         raise ValueError("`x_T` must have one column: the flow density is for 1-D data")
-    checked, noise = checked_score(score, process=process), _Noise("none", "the change of variables (flow_log_density)")
+    checked, noise = guest_score(score, process=process), _Noise("none", "the change of variables (flow_log_density)")
     log_density = np.asarray(log_prob_T(x), dtype=float).reshape(-1)
     for t_cur, t_next in zip(ts[:0:-1], ts[-2::-1]):
         slope = elementwise_grad(lambda y: anp.sum(step(checked.score, process, y, t_cur, t_next, noise)[0]))(x)[:, 0]
@@ -593,6 +665,11 @@ def gaussian_optimal_schedule(target, process, T, *, predictor="heun", corrector
     best of every baseline (arctan with the data's root mean variance) and ``starts``; never worse than
     a start (docs/derivations.md, 7). For ``"euler_maruyama"``, and ``"dpmpp_2m"`` in one dimension,
     the optimiser cancels per-step errors of opposite signs: no yardstick there.
+
+    >>> import models, scoreopt as so
+    >>> ts = gaussian_optimal_schedule(models.Gaussian([0.0], [0.25]), so.ve(), 2)
+    >>> len(ts), float(ts[0]), float(ts[-1])
+    (3, 0.0, 1.0)
     """
     process = check_process(process)
     T, n_refine = check_int(T, "T", 1), check_int(n_refine, "n_refine", 1)
@@ -636,6 +713,10 @@ def flow_weight(x0, kind="data", rank=None, rng=0):
     covariance to keep; the other ``d - k`` directions share their mean variance (a low-rank-plus-isotropic
     covariance). Default: all of them (``O(n d^2 + d^3)``) up to ``d = FULL_RANK_MAX``, else the top
     ``LOW_RANK`` by randomised subspace iteration (``rng``), ``O(n d k)`` time and ``O(d k)`` memory.
+
+    >>> w = flow_weight(np.random.default_rng(0).standard_normal((100, 3)))
+    >>> w.kind
+    'data'
     """
     x0 = check_data(x0, min_rows=2)
     if kind not in ("data", "kl", "scalar"):
@@ -706,11 +787,17 @@ def flow_error_cost(score, process, t_cur, t_next, x0, rng, *, step="euler", wei
     are refused. All intervals go through one score call per stage (one time per row: ``score`` must take
     per-row times; ``scoreopt.rowwise_score`` adapts one that does not). Returns an ``Estimate`` of the
     shape of ``t_cur``, the standard error over rows.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> score, x0 = lambda x, t: target.score(x, t, p), target.sample(500, 0)
+    >>> bool(flow_error_cost(score, p, 0.6, 0.55, x0, 0).value < flow_error_cost(score, p, 0.6, 0.5, x0, 0).value)
+    True
     """
     process = check_process(process)
     t_cur, t_next = check_step_times(t_cur, t_next, process, towards_data=True)
-    score, x0, rng = checked_score(score, process=process), check_data(x0, min_rows=2), as_rng(rng)
-    step = resolve_predictor(step, "step")
+    score, x0, rng = guest_score(score, process=process), check_data(x0, min_rows=2), as_rng(rng)
+    step = resolve_step(step)
     weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
     if step is ancestral_step and len(x0) < 4:
         raise ValueError(f"`x0` (n_samples) needs at least 4 rows for the ancestral step's error in law, got {len(x0)}")
@@ -801,7 +888,7 @@ def _squared_mean(M):
 def _deterministic(step, score, process, x, t, t2, carry, where="the local error against the model's flow"):
     """The step on per-row times with no noise source: a stochastic step is refused, naming ``where``."""
     noise = _Noise("none", where)
-    if step not in PREDICTORS.values():                    # a step of the user's gets a copy: the caller reuses x
+    if step not in ALL_PREDICTORS.values():                    # a step of the user's gets a copy: the caller reuses x
         x = x.copy()
     if getattr(step, "multistep", False):
         return _step_output(step(score, process, x, t, t2, noise, carry), x.shape, step, 3)[0]
@@ -847,9 +934,15 @@ def equal_error_schedule(score, process, T, x0, rng, *, step="euler", weight="da
     (docs/derivations.md, 9). ``budget``: at most this many per-sample score evaluations (fewer
     updates). ``batch_size``, ``callback``: as ``scoreopt.equal_cost_schedule``. Returns a
     ``scoreopt.EqualCostResult`` (``n_evaluations`` the rows passed to the score).
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> r = equal_error_schedule(lambda x, t: target.score(x, t, p), p, 4, target.sample(500, 0), 0, step="heun")
+    >>> len(r.ts), float(r.ts[0]), float(r.ts[-1])
+    (5, 0.0, 1.0)
     """
     process = check_process(process)
-    step, T = resolve_predictor(step, "step"), check_int(T, "T", 1)
+    step, T = resolve_step(step), check_int(T, "T", 1)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
     check_data_scale(np.mean(x0 ** 2, axis=0), process)
     weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
@@ -886,7 +979,7 @@ def teacher_schedule(score, process, T, x0, rng, *, step="euler", n_draws=32, n_
     one-step samplers. Evaluations: ``n_draws (2 K G + G)``, plus ``n_draws G (G + 1) / 2`` for Heun.
     """
     process, T = check_process(process), check_int(T, "T", 1)
-    score = checked_score(score, batch_size=batch_size, process=process)
+    score = guest_score(score, batch_size=batch_size, process=process)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
     step = _one_step(step, "teacher_schedule")
     G, K = check_int(n_cells, "n_cells", T), check_int(n_substeps, "n_substeps", 1)
@@ -938,7 +1031,7 @@ def _cheapest_path(C, T):
 
 
 def _one_step(step, where):
-    step = resolve_predictor(step, "step")
+    step = resolve_step(step)
     if getattr(step, "multistep", False):
         raise ValueError(f"`step` carries a state from step to step; {where} takes one-step samplers")
     if step is ancestral_step or step is euler_maruyama_step:
@@ -954,8 +1047,9 @@ def coupled_error(score, process, ts, x_T, reference, *, step="euler"):
     if reference.shape != x_T.shape:
         raise ValueError(f"`reference` must have the shape of `x_T`, {x_T.shape}")
     step = _one_step(step, "coupled_error")
-    x = _sample_loop(checked_score(score, process=process), process, ts, x_T, _Noise("none", "coupled_error"), step,
-                     0, 0.1, False)[0]
+    step, after = checked_steps(step, ts, x_T)
+    x = _sample_loop(guest_score(score, process=process), process, ts, x_T, _Noise("none", "coupled_error"), step,
+                     0, 0.1, False, after)[0]
     return float(np.mean((x - reference) ** 2))
 
 
@@ -980,17 +1074,27 @@ def coupled_optimal_schedule(score, process, T, x0, rng, *, step="euler", n_draw
     (written with ``autograd.numpy``; a PyTorch model behind NumPy is not) and take a float ``t``.
     Deterministic steps only. Every start's error is checked (a score that is not finite on a start's
     path is named). Returns an :class:`OracleSchedule`.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> r = coupled_optimal_schedule(lambda x, t: target.score(x, t, p), p, 3, target.sample(200, 0), 0, n_draws=8,
+    ...                              reference_steps=20, max_iter=3)
+    >>> len(r.ts), bool(r.error <= min(r.start_errors.values()))
+    (4, True)
     """
     process, T = check_process(process), check_int(T, "T", 1)
-    checked = checked_score(score, process=process)
+    checked = guest_score(score, process=process)
     x0, rng, step = check_data(x0, min_rows=2), as_rng(rng), _one_step(step, "coupled_optimal_schedule")
     counted = _CountingScore(checked.score)
     x_T = prior_sample(process, check_int(n_draws, "n_draws", 2), x0.var(axis=0), rng)
     fine = loglinear_schedule(process, check_int(reference_steps, "reference_steps", T))
-    reference = _sample_loop(checked_score(counted), process, fine, x_T, _Noise("none"), heun_step, 0, 0.1, False)[0]
+    reference = _sample_loop(checked_score(counted), process, fine, x_T, _Noise("none"), heun_step, 0, 0.1, False,
+                             checked_steps(heun_step, fine, x_T)[1])[0]
     candidates = _starting_schedules(process, T, float(np.sqrt(np.mean(x0.var(axis=0)))), starts)
-    run = lambda ts, check=False: _sample_loop(checked_score(counted) if check else counted, process, ts, x_T,
-                                               _Noise("none"), step, 0, 0.1, False, check)[0]
+    def run(ts, check=False):
+        predict, after = checked_steps(step, ts, x_T) if check else (step, None)
+        return _sample_loop(checked_score(counted) if check else counted, process, ts, x_T, _Noise("none"), predict,
+                            0, 0.1, False, after)[0]
     objective = lambda ts: anp.log(anp.mean((run(ts) - reference) ** 2) + 1e-300)
     try:
         value_and_grad(objective)(candidates["loglinear"])          # the first traced evaluation
@@ -1029,7 +1133,7 @@ def levels_for_calls(n_calls, step="euler"):
     >>> levels_for_calls(10, "dpmpp_2m"), levels_for_calls(9, "heun")
     (10, 5)
     """
-    step, n_calls = resolve_predictor(step, "step"), check_int(n_calls, "n_calls", 1)
+    step, n_calls = resolve_step(step), check_int(n_calls, "n_calls", 1)
     if step is not heun_step:
         return n_calls
     if n_calls % 2 == 0:
@@ -1053,12 +1157,9 @@ def sample_calls(score, process, ts, x_T, rng, *, step="euler", batch_size=None)
     """
     process = check_process(process)
     ts, x = check_schedule(ts, process, endpoints=False, min_len=1), check_data(x_T, "x_T")
-    ts = np.append(ts, ts[-1]) if len(ts) == 1 else ts                # one call: no step between levels
-    predict = _sampler_iv(score, step, 0, 0.1)
-    x, nfe = _sample_loop(checked_score(score, batch_size=batch_size, process=process), process, ts, x, as_rng(rng),
-                          predict, 0, 0.1, True) if len(np.unique(ts)) > 1 else \
-        (tweedie_denoise(checked_score(score, process=process), process, x, ts[0]), 1)
-    return Sampled(x, nfe)
+    step, after = checked_steps(resolve_step(step), ts, x)
+    score = guest_score(score, batch_size=batch_size, process=process)
+    return Sampled(*_calls_run(score, process, ts, x, step, as_rng(rng), after))
 
 
 def _final_error(score, process, t, x0, rng, step, weight, K):
@@ -1159,13 +1260,13 @@ def equal_error_calls(score, process, n_calls, x0, rng, *, step="euler", weight=
     (6, True, True)
     """
     process = check_process(process)
-    step = resolve_predictor(step, "step")
+    step = resolve_step(step)
     n = levels_for_calls(n_calls, step)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
     check_data_scale(np.mean(x0 ** 2, axis=0), process)
     weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
     points = x0[rng.choice(len(x0), min(check_int(n_samples, "n_samples", 2), len(x0)), replace=False)]
-    checked, seed = checked_score(score, batch_size=batch_size, process=process), int(rng.integers(2 ** 63))
+    checked, seed = guest_score(score, batch_size=batch_size, process=process), int(rng.integers(2 ** 63))
     user = None if callback is None else check_callable(callback, "callback", "callback(done, total, info)")
     if budget is not None:
         user = stop_at_budget(budget, user)
@@ -1233,14 +1334,14 @@ def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defa
     >>> len(best.ts), best.n_calls, best.name in best.candidates
     (6, 6, True)
     """
-    process, step = check_process(process), resolve_predictor(step, "step")
+    process, step = check_process(process), resolve_step(step)
     if step is ancestral_step or step is euler_maruyama_step:
         raise ValueError("`step` must be deterministic for recommended_schedule, which compares each candidate's "
                          "samples with the model's own solution from the same draws; equal_error_calls gives the "
                          "rule's schedule for a stochastic step")
     n = levels_for_calls(n_calls, step)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
-    checked = checked_score(score, batch_size=batch_size, process=process)
+    checked = guest_score(score, batch_size=batch_size, process=process)
     if defaults is None:
         defaults = consumer_schedules(process, n, shift=shift)
     candidates = _candidates(process, n, x0, defaults, smap)
@@ -1252,7 +1353,7 @@ def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defa
     x_T = prior_sample(process, check_int(n_draws, "n_draws", 2), x0.var(axis=0), rng)
     fine = loglinear_schedule(process, check_int(reference_steps, "reference_steps", n))
     reference = _sample_loop(checked, process, fine, x_T, _Noise("none", "the reference"), heun_step, 0, 0.1, True)[0]
-    errors = lambda ts: np.mean((_calls_run(checked, process, ts, x_T, step) - reference) ** 2, axis=1)
+    errors = lambda ts: np.mean((_calls_run(checked, process, ts, x_T, step)[0] - reference) ** 2, axis=1)
     measured = {key: errors(ts) for key, ts in candidates.items()}
     if refine:
         best = min(measured, key=lambda key: measured[key].mean())
@@ -1280,12 +1381,13 @@ def _candidates(process, n, x0, defaults, smap):
     return out
 
 
-def _calls_run(score, process, ts, x_T, step):
-    """:func:`sample_calls` on checked arguments, deterministic."""
-    ts = np.append(ts, ts[-1]) if len(ts) == 1 else ts
-    if ts[0] == ts[-1]:
-        return tweedie_denoise(score, process, x_T, ts[0])
-    return _sample_loop(score, process, ts, x_T, _Noise("none", "recommended_schedule"), step, 0, 0.1, True)[0]
+def _calls_run(score, process, ts, x_T, step, rng=None, callback=None):
+    """The sampler on the call levels ``ts`` and its last step to 0, on checked arguments: ``(x, nfe)``.
+    Deterministic (``rng`` None) unless given one."""
+    rng = _Noise("none", "recommended_schedule") if rng is None else rng
+    if len(ts) == 1:                                                    # one call: the denoiser at the top
+        return tweedie_denoise(score, process, x_T, ts[0]), 1
+    return _sample_loop(score, process, ts, x_T, rng, step, 0, 0.1, True, callback)
 
 
 def _paired_stderr(a, b):
@@ -1342,7 +1444,12 @@ MAX_W1_RANGE = 1e6
 def wasserstein1(samples, cdf, grid_size=200_001):
     """``W1 = int |F_n(x) - F(x)| dx`` between 1-D samples and an exact CDF, on a uniform grid (trapezoid) over
     the samples' range widened until ``F`` is below 1e-12 and above ``1 - 1e-12``; a CDF that does not
-    reach them within ``MAX_W1_RANGE`` times the samples' spread (or 1) is an error, not a hang."""
+    reach them within ``MAX_W1_RANGE`` times the samples' spread (or 1) is an error, not a hang.
+
+    >>> from scipy.special import ndtr
+    >>> round(wasserstein1(np.random.default_rng(0).standard_normal((2000, 1)), ndtr), 2)   # to N(0, 1)
+    0.03
+    """
     x = _samples_1d(samples, "samples", minimum=1)
     check_callable(cdf, "cdf", "cdf(x) on an array")
     grid_size = check_int(grid_size, "grid_size", 3)
@@ -1383,7 +1490,11 @@ class ModeCoverage(NamedTuple):
 
 def mode_coverage(samples, modes, weights=None, radius=None):
     """Mass of 1-D samples within ``radius`` of each mode, and how many modes hold at least half their weight
-    (equal weights by default); the default radius is a quarter of the smallest gap between modes."""
+    (equal weights by default); the default radius is a quarter of the smallest gap between modes.
+
+    >>> mode_coverage(np.array([[0.0], [0.01], [1.0]]), np.array([0.0, 1.0])).covered
+    2
+    """
     x = _samples_1d(samples, "samples", minimum=1)
     modes = as_real_array(modes, "modes").reshape(-1)
     if len(modes) == 0 or not np.all(np.isfinite(modes)):
@@ -1402,7 +1513,13 @@ def mode_coverage(samples, modes, weights=None, radius=None):
 
 
 def mean_log_density(samples, target):
-    """Mean log-density of samples under the true ``p_0`` (the paper's "average likelihood")."""
+    """Mean log-density of samples under the true ``p_0`` (the paper's "average likelihood").
+
+    >>> import models
+    >>> x = np.random.default_rng(0).standard_normal((2000, 1))
+    >>> round(float(mean_log_density(x, models.Gaussian([0.0], [1.0]))), 2)     # -(1 + log 2 pi) / 2 = -1.42
+    -1.42
+    """
     values = np.asarray(target.log_prob(samples), dtype=float)
     if values.size == 0:
         raise ValueError("`samples` must not be empty")
@@ -1410,7 +1527,11 @@ def mean_log_density(samples, target):
 
 
 def density_estimate(samples, grid, bandwidth=None):
-    """Gaussian kernel density estimate of 1-D samples on ``grid`` (for plots only)."""
+    """Gaussian kernel density estimate of 1-D samples on ``grid`` (for plots only).
+
+    >>> density_estimate(np.random.default_rng(0).standard_normal((2000, 1)), np.array([0.0])).round(1)   # 0.399
+    array([0.4])
+    """
     x = _samples_1d(samples, "samples", minimum=2)
     if x[0] == x[-1]:
         raise ValueError("`samples` must not all be equal: a kernel density needs a spread")
@@ -1419,7 +1540,15 @@ def density_estimate(samples, grid, bandwidth=None):
 
 def score_error(score, exact_score, process, ts, x0, rng):
     """``E_{i, x ~ p_{t_i}} sigma(t_i)^2 ||S_theta(x, t_i) - S(x, t_i)||^2`` over the levels of ``ts``, fresh
-    noise per level; an ``Estimate`` whose standard error treats the levels as independent."""
+    noise per level; an ``Estimate`` whose standard error treats the levels as independent.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> score = lambda x, t: target.score(x, t, p)
+    >>> off = lambda x, t: 1.1 * score(x, t)                             # a model 10% off the exact score
+    >>> score_error(off, score, p, so.uniform_schedule(p, 4), target.sample(200, 0), 0).value > 0
+    True
+    """
     r = score_error_by_level(score, exact_score, process, ts, x0, rng)
     return Estimate(float(r.score_error.mean()), float(np.sqrt(np.sum(r.score_stderr ** 2)) / len(r.ts)))
 
@@ -1442,7 +1571,7 @@ def score_error_by_level(score, exact_score, process, ts, x0, rng):
     process = check_process(process)
     ts = check_schedule(ts, process, endpoints=False, min_len=1)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
-    score, exact = checked_score(score, process=process), checked_score(exact_score, "exact_score")
+    score, exact = guest_score(score, process=process), guest_score(exact_score, "exact_score")
     levels = []
     for t in ts:
         x = float(process.s(t)) * x0 + float(process.sigma(t)) * rng.standard_normal(x0.shape)
@@ -1454,7 +1583,12 @@ def score_error_by_level(score, exact_score, process, ts, x0, rng):
 
 def sliced_wasserstein(x, y, rng, n_projections=256):
     """Sliced W1 between two samples ``(n, d)`` and ``(m, d)``: the mean over ``n_projections`` random
-    directions (uniform on the sphere) of the exact 1-D W1 of the two empirical laws of the projections."""
+    directions (uniform on the sphere) of the exact 1-D W1 of the two empirical laws of the projections.
+
+    >>> x = np.random.default_rng(0).standard_normal((1000, 2))
+    >>> bool(sliced_wasserstein(x[:500], x[500:], 0) < sliced_wasserstein(x[:500], x[500:] + 1.0, 0))
+    True
+    """
     x, y = check_data(x, "x"), check_data(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"`x` and `y` must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
@@ -1474,7 +1608,12 @@ def _w1_empirical(a, b):
 def mmd2(x, y, bandwidth=None):
     """Unbiased squared maximum mean discrepancy with a Gaussian kernel ``exp(-|u - v|^2 / (2 h^2))``, ``h``
     the median distance of the pooled samples by default; the U-statistic may be slightly negative for
-    equal laws. Memory ``O((n + m)^2)``."""
+    equal laws. Memory ``O((n + m)^2)``.
+
+    >>> x = np.random.default_rng(0).standard_normal((1000, 1))
+    >>> round(float(mmd2(x[:500], x[500:])), 3), bool(mmd2(x[:500], x[500:] + 1.0) > 0.1)
+    (0.001, True)
+    """
     x, y = check_data(x, "x", min_rows=2), check_data(y, "y", min_rows=2)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"`x` and `y` must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")

@@ -47,9 +47,9 @@ __all__ = [
     "Process", "ve", "vp_linear", "vp_cosine", "nsr", "time_from_nsr",
     "uniform_schedule", "edm_schedule", "cosine_schedule",
     "Estimate", "ScoreEvaluationError", "corrector_cost", "ddim_coefficients", "predictor_cost", "interval_costs",
-    "local_cost", "central_difference", "forward_mode",
+    "local_cost", "central_difference", "forward_mode", "gaussian_local_cost",
     "cumulative_cost", "optimal_schedule", "update_schedule", "path_length", "path_energy",
-    "blend", "OnlineUpdate", "online_update", "interval_route",
+    "blend", "OnlineUpdate", "online_update", "grid_route", "interval_route",
 ]
 
 # The checks at the end of Part I (check_*, as_rng, as_real_array, as_column, resolve, nsr_range,
@@ -519,6 +519,38 @@ DERIVATIVES = {"central": central_difference, "fd": central_difference, "autogra
 
 
 # --------------------------------------------------------------------------------
+# The exact local cost for Gaussian data (derived: docs/derivations.md, 1)
+# --------------------------------------------------------------------------------
+
+def gaussian_local_cost(process, ts, variances, mean=None):
+    """Exact ``delta_c(t)`` for data ``N(mean, diag(variances))`` with ``v = sigma`` (derived).
+
+    ``p_t = N(s mean, diag(a))``, ``a_k = s^2 lambda_k + sigma^2``, and
+    ``delta_c = sigma^2 [sum_k a_k'^2 / a_k^3 + sum_k s'^2 mean_k^2 / a_k^2]`` with
+    ``a_k' = 2 s s' lambda_k + 2 sigma sigma'``. ``ts`` may have any shape; a variance may be 0. The exact
+    answer that a copy of this part checks itself against: for ``ve()`` and ``N(0, c^2 I_d)`` it integrates to
+    ``Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) - sigma / sqrt(c^2 + sigma^2)]`` (docs/derivations.md, 1).
+
+    >>> ts = time_from_nsr(ve(), np.geomspace(0.002, 80.0, 2001))
+    >>> delta = gaussian_local_cost(ve(), ts, [0.25])                       # N(0, 0.5^2) data
+    >>> L = lambda s: 2 * (np.arcsinh(s / 0.5) - s / np.sqrt(0.25 + s ** 2))
+    >>> round(float(cumulative_cost(ts, delta)[-1]), 3), round(float(L(80.0) - L(0.002)), 3)
+    (9.537, 9.537)
+    """
+    process = check_process(process)
+    ts = check_times(ts, process, "ts")
+    lam = as_real_array(variances, "variances").reshape(-1)
+    mu = np.zeros_like(lam) if mean is None else as_real_array(mean, "mean").reshape(-1)
+    if np.any(lam < 0) or not np.all(np.isfinite(lam)) or mu.shape != lam.shape or not np.all(np.isfinite(mu)):
+        raise ValueError("`variances` must be finite and non-negative, and `mean` finite of the same length")
+    s, sigma = process.s(ts), process.sigma(ts)
+    ds, dsigma = elementwise_grad(process.s)(ts), elementwise_grad(process.sigma)(ts)
+    s, sigma, ds, dsigma = (np.asarray(a, dtype=float)[..., None] for a in (s, sigma, ds, dsigma))
+    a, da = s ** 2 * lam + sigma ** 2, 2 * s * ds * lam + 2 * sigma * dsigma
+    return sigma[..., 0] ** 2 * (np.sum(da ** 2 / a ** 3, axis=-1) + np.sum(ds ** 2 * mu ** 2 / a ** 2, axis=-1))
+
+
+# --------------------------------------------------------------------------------
 # The path length Lambda, its inverse, the optimal schedule and Algorithm 1
 # --------------------------------------------------------------------------------
 
@@ -577,7 +609,7 @@ def optimal_schedule(ts, delta, T, *, order=2):
     zero cost everywhere a warning is issued and the uniform schedule returned. This is the
     schedule for a Langevin corrector (annealed Langevin, predictor-corrector samplers): with
     the ODE samplers people use most it was measured to lose to simple baselines (README,
-    "Which schedule for which sampler"; ``sampler.equal_error_schedule`` is made for those).
+    "Which schedule for which sampler", names the schedules made for those).
 
     >>> ts = np.linspace(0.0, 1.0, 101)
     >>> optimal_schedule(ts, np.ones(101), 4).round(6).tolist()          # constant cost: uniform
@@ -665,10 +697,35 @@ class OnlineUpdate(NamedTuple):
     length: float           # the path length this update measured
 
 
+def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
+    """Algorithm 2's steps 2-3 on a dense grid, the default route: ``delta_c`` at ``n_grid`` times uniform in
+    ``log nu`` (:func:`local_cost`), then ``ts* = Lambda^{-1}(i Lambda / T)`` (:func:`optimal_schedule`,
+    Theorem 3.1). ``costs`` are the squared shares of ``Lambda`` over the steps of ``ts``. Returns
+    ``(ts_star, costs, length)``.
+
+    >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)        # exact score of N(0, 0.5^2) under ve()
+    >>> x0 = 0.5 * np.random.default_rng(1).standard_normal((1000, 1))
+    >>> ts_star, costs, length = grid_route(gauss, ve(), uniform_schedule(ve(), 10), x0, 0)
+    >>> round(float(ve().sigma(ts_star[1])), 2), round(length, 2)      # closed form: 0.90 and 9.54
+    (0.9, 9.54)
+    """
+    grid = _schedule_from_nsr(process, np.geomspace(*nsr_range(process), check_int(n_grid, "n_grid", 2)))
+    delta = local_cost(score, process, grid, x0, rng, velocity=velocity).value
+    Lambda = cumulative_cost(grid, delta)
+    return optimal_schedule(grid, delta, len(ts) - 1), np.diff(np.interp(ts, grid, Lambda)) ** 2, float(Lambda[-1])
+
+
 def interval_route(score, process, ts, x0, rng, *, cost=corrector_cost, order=2):
-    """Algorithm 2's steps 2-3 as in the paper: the interval costs of ``ts`` (:func:`interval_costs`,
-    the corrector cost by default), then ``ts* = UpdateSchedule(ts, L)`` (Algorithm 1).
-    Returns ``(ts_star, costs, length)``, ``length`` the :func:`path_length` of the costs.
+    """Algorithm 2's steps 2-3 as the paper writes them: the interval costs of ``ts`` (:func:`interval_costs`,
+    the corrector cost by default), then ``ts* = UpdateSchedule(ts, L)`` (Algorithm 1). Returns
+    ``(ts_star, costs, length)``, ``length`` the :func:`path_length` of the costs.
+
+    When it degenerates (derived, docs/derivations.md, 4): on smooth data with few steps the corrector cost of
+    the cleanest step, ``v(t_0)^2 E||S(x, t_1) - S(x, t_0)||^2`` with ``v(t_0) = sigma_min``, stays small however
+    wide the step, so iterating moves level after level to the noisy end and the first step grows. With the
+    exact score of N(0, 0.5^2) under ``ve()``, 30 updates with ``gamma = 0.5`` from the uniform schedule give
+    ``sigma_1`` = 41.1, 21.0, 6.58 for T = 5, 10, 20, where the optimal schedule (:func:`grid_route`) has
+    1.65, 0.90, 0.59. Use it with many steps, or with a cost whose velocity does not vanish at the clean end.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
     >>> x0 = np.random.default_rng(1).standard_normal((500, 1))
@@ -680,15 +737,17 @@ def interval_route(score, process, ts, x0, rng, *, cost=corrector_cost, order=2)
     return update_schedule(ts, costs, order=order), costs, path_length(costs, order=order)
 
 
-ROUTES = {"intervals": interval_route}
+ROUTES = {"grid": grid_route, "intervals": interval_route}
 
 
-def online_update(score, process, ts, x0, rng, *, gamma, route=interval_route, **route_options):
+def online_update(score, process, ts, x0, rng, *, gamma, route=grid_route, **route_options):
     """Algorithm 2 of the paper, steps 2-4: one schedule update with the score model fixed.
 
     2-3. ``route(score, process, ts, x0, rng, **route_options) -> (ts_star, costs, length)``
-    finds the target schedule: :func:`interval_route` (the paper's; alias ``"intervals"``), or
-    any function with its signature (``"grid"``, the dense-grid route, is added in Part II).
+    finds the target schedule: :func:`grid_route` (the default, alias ``"grid"``: Theorem 3.1 on a
+    dense grid), :func:`interval_route` (``"intervals"``: Algorithm 1 on the interval costs, as the
+    paper writes it; it degenerates on smooth data with few steps, see there), or any function with
+    their signature.
     4. ``ts <- gamma ts_star + (1 - gamma) ts`` (:func:`blend`). Step 1, optimiser steps on
     the model with ``ts`` fixed, is the caller's: ``models.train`` calls this every few steps
     after a burn-in. The route's output is checked and a bad one is named. Returns an
@@ -726,9 +785,7 @@ class _CheckedScore:
     """A user's score, called as :func:`checked_score` describes; ``.score`` is the raw callable."""
 
     def __init__(self, score, name, batch_size):
-        self.score, self.name, self.batch_size = score, name, batch_size
-        self.calls = self.evaluations = 0
-        self.low_precision = None
+        self.score, self.name, self.batch_size, self.calls, self.evaluations = score, name, batch_size, 0, 0
 
     def __call__(self, x, t):
         size = len(x) if self.batch_size is None else self.batch_size
@@ -737,21 +794,26 @@ class _CheckedScore:
 
     def _call(self, x, t):
         self.calls, self.evaluations = self.calls + 1, self.evaluations + len(x)
-        return call_model(self.score, self.name, x, t, self, x, t)
+        try:
+            value = self.score(x, t)
+        except Exception as err:
+            if isinstance(err, ScoreEvaluationError) or getattr(err, "checked_output", False):   # a wrapper's: as it is
+                raise
+            raise ScoreEvaluationError(f"`{self.name}` raised {type(err).__name__} at {_when(t)}: {err}") from err
+        return self.check(value, x, t)
 
     def check(self, value, x, t):
-        return own_output(value, x.shape, t, self.name, self)
+        return checked_output(value, x.shape, t, self.name)
 
 
 def checked_score(score, name="score", *, batch_size=None, process=None):
     """``score`` wrapped so that every call is checked and counted: the one model-call wrapper.
 
-    The score is called with a copy of ``x`` (a model that writes into its input cannot change
-    the library's arrays) and what it returns is copied (:func:`own_output`); a raise becomes a
-    :class:`ScoreEvaluationError` naming the time. ``batch_size`` splits calls into chunks
-    (results identical). ``calls`` and ``evaluations`` (rows) are counted; ``.score`` is the
-    raw callable. A score that records the ``process`` it was built for (the adapters and
-    ``models.ScoreModel`` do) is refused for another ``process``, naming both.
+    What the score returns must be a floating-point array of the shape of ``x``, finite
+    (:func:`checked_output`, a new float64 array); a raise becomes a :class:`ScoreEvaluationError`
+    naming the time. ``batch_size`` splits calls into chunks (results identical). ``calls`` and
+    ``evaluations`` (rows) are counted; ``.score`` is the raw callable. A score that records the
+    ``process`` it was built for is refused for another ``process``, naming both.
     """
     if isinstance(score, _CheckedScore) and batch_size is None:
         return score
@@ -764,56 +826,25 @@ def checked_score(score, name="score", *, batch_size=None, process=None):
     return _CheckedScore(raw, name, None if batch_size is None else check_int(batch_size, "batch_size", 1))
 
 
-def call_model(model, name, x, t, owner, *args):
-    """``model(*args)`` with every array argument copied, its output owned by :func:`own_output` (shape
-    that of ``x``); a raise is re-raised as :class:`ScoreEvaluationError` naming ``name`` and ``t``."""
-    try:
-        value = model(*(a.copy() if isinstance(a, np.ndarray) else a for a in args))
-    except Exception as err:
-        if getattr(err, "checked_output", False):        # an adapter's own check of its model: as it is
-            raise
-        raise ScoreEvaluationError(f"`{name}` raised {type(err).__name__} at {_when(t)}: {err}"
-                                   + _rowwise_hint(t)) from err
-    return own_output(value, x.shape, t, name, owner)
-
-
-def own_output(value, shape, t, name, owner=None):
-    """A model's output as a new float64 array of ``shape``, finite; else a TypeError/ValueError naming
-    ``name`` and the time. Tensor-likes convert through ``__array__``; bool, integer and complex
-    outputs are refused; a float dtype below float32's precision is warned of once per ``owner``."""
-    said = f"`{name}` returned"
-    if not (isinstance(value, np.ndarray) or hasattr(value, "__array__")):       # None, a list, a float
-        raise _checked_output(TypeError, f"{said} {type(value).__name__} at {_when(t)}; expected an array of "
-                                         f"shape {tuple(shape)}")
-    try:
-        native = np.asarray(value)
-    except Exception as err:
-        raise _checked_output(TypeError, f"{said} {type(value).__name__} at {_when(t)}, which does not convert "
-                                         f"to an array: {err}") from None
-    if native.dtype.kind != "f":
-        kind = {"b": "booleans", "c": "complex values", "i": "integers", "u": "integers"}.get(native.dtype.kind,
-                                                                                             "non-numbers")
-        raise _checked_output(TypeError, f"{said} {kind} ({native.dtype}) at {_when(t)}; a score or model output "
-                                         "must be floating point")
-    if native.shape != tuple(shape):
-        raise _checked_output(ValueError, f"{said} shape {native.shape} at {_when(t)}; expected {tuple(shape)}"
-                                          + _rowwise_hint(t))
-    array = np.array(native, dtype=float)          # a copy: the model may reuse its buffer
+def checked_output(value, shape, t, name):
+    """A score's output as a new float64 array: floating point, of ``shape``, finite; else an error naming
+    ``name`` and the time (marked, so that an outer wrapper passes it on unchanged)."""
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise _checked_output(TypeError, f"`{name}` returned {array.dtype} values at {_when(t)}; it must be float")
+    if array.shape != tuple(shape):
+        raise _checked_output(ValueError, f"`{name}` returned shape {array.shape} at {_when(t)}; "
+                                          f"expected {tuple(shape)}")
     finite = np.all(np.isfinite(array.reshape(len(array), -1)), axis=1) if array.ndim else np.isfinite(array)
     if not np.all(finite):
         rows = "" if np.ndim(t) == 0 else f" (rows {np.flatnonzero(~finite)[:5].tolist()})"
         where = _when(t if np.ndim(t) == 0 else np.asarray(getval(t))[~finite])
-        raise _checked_output(ValueError, f"{said} non-finite values at {where}{rows}")
-    if native.dtype.itemsize < 4 and owner is not None and owner.low_precision is None:
-        owner.low_precision = native.dtype.name
-        warnings.warn(f"`{name}` returns {native.dtype.name}, below float32 precision: costs and schedules "
-                      "computed from it are biased (about 9% in Lambda with float16); cast the model's output to "
-                      "float32 or float64", RuntimeWarning, stacklevel=4)
-    return array
+        raise _checked_output(ValueError, f"`{name}` returned non-finite values at {where}{rows}")
+    return np.array(array, dtype=float)
 
 
 def _checked_output(kind, message):
-    """An error of :func:`own_output`, marked so that an outer model-call wrapper passes it on unchanged."""
+    """An error of a checked output, marked so that an outer model-call wrapper passes it on unchanged."""
     err = kind(message)
     err.checked_output = True
     return err
@@ -824,11 +855,6 @@ def _when(t):
         return f"t = {float(getval(t)):.6g}"
     t = np.asarray(getval(t), dtype=float)
     return f"t in [{t.min():.6g}, {t.max():.6g}] (one time per row)"
-
-
-def _rowwise_hint(t):
-    return ("; it was given one time per row, an array of shape (n,): a score that takes one float t at a time "
-            "can be wrapped with scoreopt.rowwise_score(score)") if np.ndim(t) else ""
 
 
 def check_velocity(velocity, process):
@@ -865,21 +891,6 @@ def check_process(process):
                          f"t_min to t_max (t = 0 is the data end, noise grows with t); it goes from {nu[0]:.4g} to "
                          f"{nu[-1]:.4g}")
     return process
-
-
-def check_data_scale(second_moment, process):
-    """Warn when the data's scale (the root of the largest per-coordinate ``E[x^2]``) lies outside the noise
-    levels the process reaches: its noise never covers the data, or its cleanest level already hides it."""
-    scale = float(np.sqrt(np.max(second_moment)))
-    nu_min, nu_max = nsr_range(process)
-    if scale > nu_max or 0 < scale < nu_min:
-        warnings.warn(f"the data's scale ({scale:.3g}, root mean square of its largest coordinate) is "
-                      + (f"above the largest noise-to-signal ratio of the process {process.name} ({nu_max:.3g}): its "
-                         "noise never covers the data" if scale > nu_max else
-                         f"below the smallest noise-to-signal ratio of the process {process.name} ({nu_min:.3g}): "
-                         "its cleanest level already hides the data")
-                      + "; rescale the data (to about unit scale) or use a process whose range covers it",
-                      RuntimeWarning, stacklevel=3)
 
 
 def nsr_range(process):
@@ -989,13 +1000,6 @@ def check_gamma(gamma):
     return gamma
 
 
-def check_bool(value, name):
-    """``True`` or ``False`` (or a NumPy bool); a string such as ``'no'`` is refused, not read as truthy."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"`{name}` must be True or False, got {value!r}")
-
-
 def check_callable(f, name, signature):
     """``f`` if it is callable, else a TypeError naming ``name`` and the ``signature`` expected."""
     if not callable(f):
@@ -1050,17 +1054,44 @@ from concurrent.futures.process import BrokenProcessPool                        
 from contextlib import contextmanager                                                 # noqa: E402
 from datetime import datetime, timezone                                               # noqa: E402
 from importlib.metadata import version as package_version                             # noqa: E402
+from autograd.tracer import Box                                                        # noqa: E402
 from scipy.special import stdtrit                                                      # noqa: E402
 
 __all__ += [
-    "loglinear_schedule", "arctan_schedule", "baseline_schedules", "gaussian_local_cost",
+    "loglinear_schedule", "arctan_schedule", "baseline_schedules",
     "EqualCostResult", "equal_cost_schedule", "iterate_schedule", "stop_at_budget",
-    "ScheduleMap", "estimate_schedule_map", "grid_route", "load_schedule_map",
+    "ScheduleMap", "estimate_schedule_map", "load_schedule_map",
     "flow_matching", "process_from_alphas_cumprod", "to_timesteps", "to_sigmas", "snap_to_table",
     "consumer_schedules", "to_diffusers", "to_comfyui",
-    "score_from_denoiser", "score_from_eps", "score_from_v", "score_from_flow", "rowwise_score",
+    "score_from_denoiser", "score_from_eps", "score_from_v", "score_from_flow", "rowwise_score", "guest_score",
     "write_atomically", "progress_printer", "main",
 ]
+
+
+# --------------------------------------------------------------------------------
+# Checks that only this part needs
+# --------------------------------------------------------------------------------
+
+def check_data_scale(second_moment, process):
+    """Warn when the data's scale (the root of the largest per-coordinate ``E[x^2]``) lies outside the noise
+    levels the process reaches: its noise never covers the data, or its cleanest level already hides it."""
+    scale = float(np.sqrt(np.max(second_moment)))
+    nu_min, nu_max = nsr_range(process)
+    if scale > nu_max or 0 < scale < nu_min:
+        warnings.warn(f"the data's scale ({scale:.3g}, root mean square of its largest coordinate) is "
+                      + (f"above the largest noise-to-signal ratio of the process {process.name} ({nu_max:.3g}): its "
+                         "noise never covers the data" if scale > nu_max else
+                         f"below the smallest noise-to-signal ratio of the process {process.name} ({nu_min:.3g}): "
+                         "its cleanest level already hides the data")
+                      + "; rescale the data (to about unit scale) or use a process whose range covers it",
+                      RuntimeWarning, stacklevel=3)
+
+
+def check_bool(value, name):
+    """``True`` or ``False`` (or a NumPy bool); a string such as ``'no'`` is refused, not read as truthy."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"`{name}` must be True or False, got {value!r}")
 
 
 # --------------------------------------------------------------------------------
@@ -1088,30 +1119,6 @@ def baseline_schedules(process, T, c=0.5):
            "loglinear": loglinear_schedule(process, T), "arctan": arctan_schedule(process, T, c)}
     out.update({f"edm{rho}": edm_schedule(process, T, float(rho)) for rho in (3, 7, 100)})
     return out
-
-
-# --------------------------------------------------------------------------------
-# The local cost for Gaussian data in closed form (docs/derivations.md, 1)
-# --------------------------------------------------------------------------------
-
-def gaussian_local_cost(process, ts, variances, mean=None):
-    """Exact ``delta_c(t)`` for data ``N(mean, diag(variances))`` with ``v = sigma`` (derived).
-
-    ``p_t = N(s mean, diag(a))``, ``a_k = s^2 lambda_k + sigma^2``, and
-    ``delta_c = sigma^2 [sum_k a_k'^2 / a_k^3 + sum_k s'^2 mean_k^2 / a_k^2]`` with
-    ``a_k' = 2 s s' lambda_k + 2 sigma sigma'``. ``ts`` may have any shape; a variance may be 0.
-    """
-    process = check_process(process)
-    ts = check_times(ts, process, "ts")
-    lam = as_real_array(variances, "variances").reshape(-1)
-    mu = np.zeros_like(lam) if mean is None else as_real_array(mean, "mean").reshape(-1)
-    if np.any(lam < 0) or not np.all(np.isfinite(lam)) or mu.shape != lam.shape or not np.all(np.isfinite(mu)):
-        raise ValueError("`variances` must be finite and non-negative, and `mean` finite of the same length")
-    s, sigma = process.s(ts), process.sigma(ts)
-    ds, dsigma = elementwise_grad(process.s)(ts), elementwise_grad(process.sigma)(ts)
-    s, sigma, ds, dsigma = (np.asarray(a, dtype=float)[..., None] for a in (s, sigma, ds, dsigma))
-    a, da = s ** 2 * lam + sigma ** 2, 2 * s * ds * lam + 2 * sigma * dsigma
-    return sigma[..., 0] ** 2 * (np.sum(da ** 2 / a ** 3, axis=-1) + np.sum(ds ** 2 * mu ** 2 / a ** 2, axis=-1))
 
 
 # --------------------------------------------------------------------------------
@@ -1208,11 +1215,17 @@ def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, m
     last step (``v(t_min)^2 = sigma_min^2`` makes it look free: docs/derivations.md, 4);
     prefer :func:`estimate_schedule_map` for the corrector cost. Returns an
     :class:`EqualCostResult` whose ``n_evaluations`` counts the rows passed to the score.
+
+    >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)          # exact score of N(0, 0.5^2) data
+    >>> x0 = 0.5 * np.random.default_rng(0).standard_normal((400, 1))
+    >>> r = equal_cost_schedule(gauss, ve(), uniform_schedule(ve(), 4), x0, 0)
+    >>> r.converged, float(r.ts[0]), float(r.ts[-1]), bool(np.ptp(np.log(r.costs)) < 0.2)   # equal costs
+    (True, 0.0, 1.0, True)
     """
     process = check_process(process)
     ts = check_schedule(ts, process)
     cost = resolve(predictor_cost if cost is None else cost, COSTS, "cost")
-    score = checked_score(score, batch_size=batch_size, process=process)
+    score = guest_score(score, batch_size=batch_size, process=process)
     x0, seed = check_data(x0), int(as_rng(rng).integers(2 ** 63))
     order = (2 if cost is corrector_cost else 4) if order is None else check_positive(order, "order")
     user = None if callback is None else check_callable(callback, "callback", "callback(done, total, info)")
@@ -1234,7 +1247,17 @@ def equal_cost_schedule(score, process, ts, x0, rng, *, cost=None, order=None, m
 def stop_at_budget(budget, callback=None):
     """A callback for :func:`equal_cost_schedule` that stops the updates before the next one (and the final
     evaluation of the costs) would spend more than ``budget`` per-sample score evaluations; it measures what
-    one evaluation of the costs spends on the first update. ``callback`` is called too, if given."""
+    one evaluation of the costs spends on the first update. ``callback`` is called too, if given.
+
+    >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)
+    >>> x0 = 0.5 * np.random.default_rng(0).standard_normal((400, 1))
+    >>> import warnings
+    >>> with warnings.catch_warnings():                       # stopped on purpose: it says it did not converge
+    ...     warnings.simplefilter("ignore")
+    ...     r = equal_cost_schedule(gauss, ve(), uniform_schedule(ve(), 4), x0, 0, callback=stop_at_budget(10_000))
+    >>> r.n_evaluations <= 10_000, r.converged                  # 3,200 per evaluation of the costs
+    (True, False)
+    """
     budget = check_int(budget, "budget", 1)
 
     def stop(it, total, info):
@@ -1415,6 +1438,12 @@ def estimate_schedule_map(score, process, x0, rng, *, n_grid=1000, velocity=None
 
     Returns a :class:`ScheduleMap`; ``metadata`` records the process (name, range, ``nu`` on the
     grid), the settings, evaluations, score calls, seed (if an int was given), version and time.
+
+    >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)          # exact score of N(0, 0.5^2) data
+    >>> x0 = 0.5 * np.random.default_rng(0).standard_normal((400, 1))
+    >>> smap = estimate_schedule_map(gauss, ve(), x0, 0, n_grid=50)
+    >>> round(smap.length, 1), len(smap.schedule(10))                    # closed form: Lambda = 9.54
+    (9.5, 11)
     """
     plan = _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, workers, control_variate,
                      batch_size, callback)
@@ -1456,7 +1485,7 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
               callback):
     """Check :func:`estimate_schedule_map`'s arguments once; choose the grid and the samples."""
     process = check_process(process)
-    score = checked_score(score, batch_size=batch_size, process=process)
+    score = guest_score(score, batch_size=batch_size, process=process)
     x0 = check_data(x0)
     check_data_scale(np.mean(x0 ** 2, axis=0), process)
     seed = int(rng) if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) else None
@@ -1643,18 +1672,6 @@ def _gaussian_control(values, process, x, t, v2, mean, var):
     return values - (np.dot(values - values.mean(), c) / denominator if denominator > 0 else 0.0) * centred
 
 
-def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
-    """Algorithm 2's steps 2-3 by the dense-grid map (derived: docs/derivations.md, 4): the map of
-    :func:`estimate_schedule_map` on ``n_grid`` levels, ``ts* = Lambda^{-1}(i Lambda / T)``. It avoids the
-    interval route's drift to one huge last step on smooth data. ``costs`` are the squared shares of the
-    map's length over the steps of ``ts``. Returns ``(ts_star, costs, length)``."""
-    smap = estimate_schedule_map(score, process, x0, rng, n_grid=n_grid, velocity=velocity)
-    return smap.schedule(len(ts) - 1), np.diff(np.interp(ts, smap.ts, smap.Lambda)) ** 2, smap.length
-
-
-ROUTES["grid"] = grid_route
-
-
 def _version():
     try:
         return package_version("scoreopt")
@@ -1680,6 +1697,10 @@ def flow_matching(t_min=0.002 / 1.002, t_max=80.0 / 81.0):
     ``nu = t / (1 - t)`` is infinite at ``t = 1``, so ``t_max < 1``; the default range is EDM's
     ``nu`` in ``[0.002, 80]``. :meth:`ScheduleMap.flow_times` exports from ``t = 1``, where such
     models start; a velocity model becomes a score through :func:`score_from_flow`.
+
+    >>> p = flow_matching()
+    >>> round(float(p.nsr(p.t_min)), 4), round(float(p.nsr(p.t_max)), 1)    # EDM's range of nu
+    (0.002, 80.0)
     """
     t_min, t_max = check_real(t_min, "t_min"), check_real(t_max, "t_max")
     if not 0.0 < t_min < t_max < 1.0:
@@ -1707,6 +1728,11 @@ def process_from_alphas_cumprod(alphas_cumprod):
     model's timesteps. The table must be strictly decreasing in ``(0, 1)`` with a log-SNR that
     falls by more than 1e-9 at every step. The process's name carries the table's length and a
     hash of its content, so a map of one table refuses to export timesteps for another.
+
+    >>> alphas_cumprod = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))      # DDPM's "linear" table
+    >>> p = process_from_alphas_cumprod(alphas_cumprod)
+    >>> p.n_timesteps, bool(np.isclose(p.s(0.0) ** 2, alphas_cumprod[0]))
+    (1000, True)
     """
     abar = as_real_array(alphas_cumprod, "alphas_cumprod")
     if abar.ndim != 1 or len(abar) < 2 or not np.all(np.isfinite(abar)) or np.any((abar <= 0) | (abar >= 1)):
@@ -1729,6 +1755,10 @@ def to_timesteps(process, ts, *, merge=False):
     ``k = round(t (N - 1))`` for a process from :func:`process_from_alphas_cumprod`. Two times that
     round to the same timestep are an error, or with ``merge=True`` are merged with a
     ``RuntimeWarning`` saying how many levels remain.
+
+    >>> p = process_from_alphas_cumprod(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+    >>> to_timesteps(p, uniform_schedule(p, 4)).tolist()                   # descending, diffusers' convention
+    [999, 749, 500, 250, 0]
     """
     process = check_process(process)
     ts, merge = _check_levels(ts, process), check_bool(merge, "merge")
@@ -2016,6 +2046,91 @@ def to_comfyui(process, ts):
     return ", ".join(np.format_float_positional(v, trim="-") for v in values)
 
 
+class _Guest:
+    """A guest framework's model as a score: called through :func:`call_model` (copies in; tensors converted;
+    bool, integer and complex outputs refused; float16 warned of once). Module level, so it pickles whenever
+    the model does; autograd's traced values pass through to the model untouched."""
+
+    def __init__(self, model, name):
+        self.model, self.name, self.low_precision = model, name, None
+        self.process = getattr(model, "process", None)
+
+    def __call__(self, x, t):
+        if isinstance(x, Box) or isinstance(t, Box):             # autograd is tracing: the model as it is
+            return self.model(x, t)
+        return call_model(self.model, self.name, x, t, self, x, t)
+
+
+def guest_score(score, name="score", *, batch_size=None, process=None):
+    """``scoreopt.checked_score`` around ``score`` hardened for a guest framework's model (:class:`_Guest`):
+    what this part's functions call a user's score through. Idempotent.
+
+    >>> score = guest_score(lambda x, t: np.float32(-1.0) * x, process=ve())
+    >>> score(np.ones((2, 1)), 0.5).dtype, score.calls
+    (dtype('float64'), 1)
+    """
+    if isinstance(score, _CheckedScore) and isinstance(score.score, (_Guest, _Adapter)) and batch_size is None:
+        return score
+    raw = score.score if isinstance(score, _CheckedScore) else check_callable(score, name, f"{name}(x, t)")
+    if not isinstance(raw, (_Guest, _Adapter)):
+        raw = _Guest(raw, name)
+    return checked_score(raw, name, batch_size=batch_size, process=process)
+
+
+def call_model(model, name, x, t, owner, *args):
+    """``model(*args)`` with every array argument copied, its output owned by :func:`own_output` (shape
+    that of ``x``); a raise is re-raised as :class:`ScoreEvaluationError` naming ``name`` and ``t``."""
+    try:
+        value = model(*(a.copy() if isinstance(a, np.ndarray) else a for a in args))
+    except Exception as err:
+        if getattr(err, "checked_output", False):        # an adapter's own check of its model: as it is
+            raise
+        raise ScoreEvaluationError(f"`{name}` raised {type(err).__name__} at {_when(t)}: {err}"
+                                   + _rowwise_hint(t)) from err
+    return own_output(value, x.shape, t, name, owner)
+
+
+def own_output(value, shape, t, name, owner=None):
+    """A model's output as a new float64 array of ``shape``, finite; else a TypeError/ValueError naming
+    ``name`` and the time. Tensor-likes convert through ``__array__``; bool, integer and complex
+    outputs are refused; a float dtype below float32's precision is warned of once per ``owner``."""
+    said = f"`{name}` returned"
+    if not (isinstance(value, np.ndarray) or hasattr(value, "__array__")):       # None, a list, a float
+        raise _checked_output(TypeError, f"{said} {type(value).__name__} at {_when(t)}; expected an array of "
+                                         f"shape {tuple(shape)}")
+    try:
+        native = np.asarray(value)
+    except Exception as err:
+        raise _checked_output(TypeError, f"{said} {type(value).__name__} at {_when(t)}, which does not convert "
+                                         f"to an array: {err}") from None
+    if native.dtype.kind != "f":
+        kind = {"b": "booleans", "c": "complex values", "i": "integers", "u": "integers"}.get(native.dtype.kind,
+                                                                                             "non-numbers")
+        raise _checked_output(TypeError, f"{said} {kind} ({native.dtype}) at {_when(t)}; a score or model output "
+                                         "must be floating point")
+    if native.shape != tuple(shape):
+        raise _checked_output(ValueError, f"{said} shape {native.shape} at {_when(t)}; expected {tuple(shape)}"
+                                          + _rowwise_hint(t))
+    array = np.array(native, dtype=float)          # a copy: the model may reuse its buffer
+    finite = np.all(np.isfinite(array.reshape(len(array), -1)), axis=1) if array.ndim else np.isfinite(array)
+    if not np.all(finite):
+        rows = "" if np.ndim(t) == 0 else f" (rows {np.flatnonzero(~finite)[:5].tolist()})"
+        where = _when(t if np.ndim(t) == 0 else np.asarray(getval(t))[~finite])
+        raise _checked_output(ValueError, f"{said} non-finite values at {where}{rows}")
+    if native.dtype.itemsize < 4 and owner is not None and owner.low_precision is None:
+        owner.low_precision = native.dtype.name
+        warnings.warn(f"`{name}` returns {native.dtype.name}, below float32 precision: costs and schedules "
+                      "computed from it are biased (about 9% in Lambda with float16); cast the model's output to "
+                      "float32 or float64", RuntimeWarning, stacklevel=4)
+    return array
+
+
+def _rowwise_hint(t):
+    return ("; it was given one time per row, an array of shape (n,): a score that takes one float t at a time "
+            "can be wrapped with scoreopt.rowwise_score(score)") if np.ndim(t) else ""
+
+
+
 class _Adapter:
     """A user's model and the process it was trained on, as a score ``score(x, t)``: a module-level class,
     so it pickles whenever the model does. The model is called through :func:`call_model` (copies in, its
@@ -2057,24 +2172,50 @@ class _FlowScore(_Adapter):
 
 def score_from_denoiser(denoiser, process):
     """Score of a denoiser ``D(y, nu) ~ E[x_0 | y]`` in k-diffusion/EDM convention (``y = x / s``, noise level
-    ``nu``): Tweedie's formula ``D = y + nu^2 grad_y log p(y)`` gives ``S(x, t) = (D(x/s, nu) - x/s) / (s nu^2)``."""
+    ``nu``): Tweedie's formula ``D = y + nu^2 grad_y log p(y)`` gives ``S(x, t) = (D(x/s, nu) - x/s) / (s nu^2)``.
+
+    >>> exact = lambda y, nu: y * 0.25 / (0.25 + nu ** 2)                  # E[x_0 | y] for N(0, 0.5^2) data
+    >>> score = score_from_denoiser(exact, ve())
+    >>> bool(np.isclose(score(np.ones((1, 1)), 0.5)[0, 0], -1 / (0.25 + 0.4 ** 2)))
+    True
+    """
     return _DenoiserScore(denoiser, process, "denoiser")
 
 
 def score_from_eps(eps_model, process):
-    """Score of a noise prediction ``eps(x, t) ~ E[eps | x_t]``: ``S = -eps / sigma``."""
+    """Score of a noise prediction ``eps(x, t) ~ E[eps | x_t]``: ``S = -eps / sigma``.
+
+    >>> p = vp_linear()
+    >>> eps = lambda x, t: x * p.sigma(t) / (p.s(t) ** 2 * 0.25 + p.sigma(t) ** 2)   # E[eps | x_t], N(0, 0.5^2) data
+    >>> exact = -1 / (p.s(0.5) ** 2 * 0.25 + p.sigma(0.5) ** 2)
+    >>> bool(np.isclose(score_from_eps(eps, p)(np.ones((1, 1)), 0.5)[0, 0], exact))
+    True
+    """
     return _EpsScore(eps_model, process, "eps_model")
 
 
 def score_from_v(v_model, process):
     """Score of a v-prediction ``v(x, t) ~ E[s eps - sigma x_0 | x_t]`` (Salimans & Ho 2022):
-    ``eps = (sigma x + s v) / (s^2 + sigma^2)`` and ``S = -eps / sigma``."""
+    ``eps = (sigma x + s v) / (s^2 + sigma^2)`` and ``S = -eps / sigma``.
+
+    >>> p = vp_cosine()
+    >>> a = lambda t: p.s(t) ** 2 * 0.25 + p.sigma(t) ** 2                  # Var x_t for N(0, 0.5^2) data
+    >>> v = lambda x, t: x * (p.s(t) * p.sigma(t) - p.sigma(t) * p.s(t) * 0.25) / a(t)   # E[s eps - sigma x_0 | x_t]
+    >>> bool(np.isclose(score_from_v(v, p)(np.ones((1, 1)), 0.5)[0, 0], -1 / a(0.5)))
+    True
+    """
     return _VScore(v_model, process, "v_model")
 
 
 def score_from_flow(flow_model, process):
     """Score of a flow-matching velocity ``u(x, t) ~ E[s' x_0 + sigma' eps | x_t]``: ``eps = (s u - s' x) /
-    (s sigma' - sigma s')`` and ``S = -eps / sigma``; under :func:`flow_matching`, ``S = -(x + (1 - t) u) / t``."""
+    (s sigma' - sigma s')`` and ``S = -eps / sigma``; under :func:`flow_matching`, ``S = -(x + (1 - t) u) / t``.
+
+    >>> p = flow_matching()
+    >>> u = lambda x, t: x * (t - (1 - t) * 0.25) / ((1 - t) ** 2 * 0.25 + t ** 2)   # E[eps - x_0 | x_t], N(0, 0.5^2)
+    >>> bool(np.isclose(score_from_flow(u, p)(np.ones((1, 1)), 0.5)[0, 0], -1 / (0.25 * 0.25 + 0.25)))
+    True
+    """
     return _FlowScore(flow_model, process, "flow_model")
 
 
@@ -2195,6 +2336,14 @@ def load_schedule_map(path):
     positive, increasing, one per time); ``delta``, ``Lambda`` and its groups (finite,
     non-negative, ``Lambda`` from 0, not decreasing, not all zero); ``length`` (the end of
     ``Lambda``); the error bars; ``order`` (1, 2, 3, 4, 6 or 8); the counts.
+
+    >>> import os, tempfile
+    >>> smap = estimate_schedule_map(lambda x, t: -x / (0.25 + ve().sigma(t) ** 2), ve(),
+    ...                              0.5 * np.random.default_rng(0).standard_normal((400, 1)), 0, n_grid=50)
+    >>> path = os.path.join(tempfile.mkdtemp(), "map.json")
+    >>> smap.save(path)
+    >>> bool(np.array_equal(load_schedule_map(path).schedule(10), smap.schedule(10)))
+    True
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -2302,7 +2451,17 @@ def _jsonable(value, name):
 
 def progress_printer(label="", lines=10, file=None):
     """A callback ``callback(done, total, info)`` that prints ``label done/total`` about ``lines`` times a run,
-    with what ``info`` holds of ``loss``, ``Lambda``, ``evaluations`` and ``elapsed``."""
+    with what ``info`` holds of ``loss``, ``Lambda``, ``evaluations`` and ``elapsed``.
+
+    >>> import io
+    >>> out = io.StringIO()
+    >>> callback = progress_printer("map", lines=2, file=out)
+    >>> callback(1, 2, {"elapsed": 0.5}), callback(2, 2, {"elapsed": 1.0})
+    (None, None)
+    >>> print(out.getvalue(), end="")
+    map 1/2  0.5 s
+    map 2/2  1.0 s
+    """
     lines = check_int(lines, "lines", 1)
 
     def callback(done, total, info):

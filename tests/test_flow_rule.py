@@ -38,7 +38,7 @@ def test_every_step_on_per_row_times_equals_the_step_on_each_time(process, step)
     class Fixed:                              # the same noise for both ways of calling
         def standard_normal(self, shape):
             return noise[:shape[0]] if shape[0] == len(noise) else noise[self.rows]
-    f = sm.PREDICTORS[step]
+    f = sm.ALL_PREDICTORS[step]
     carry = (x / process.s(t)[:, None] + 0.1, t + 0.05) if step == "dpmpp_2m" else None
     extra = (carry,) if step == "dpmpp_2m" else ()
     batched = f(score, process, x, t, t2, Fixed(), *extra)[0]

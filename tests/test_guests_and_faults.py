@@ -23,7 +23,7 @@ import scoreopt as so
 VE, VP = so.ve(), so.vp_linear()
 GAUSS = models.Gaussian([0.0, 0.0], [0.25, 1.0])
 X0 = GAUSS.sample(400, 0)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(so.__file__)))
+ROOT = os.path.dirname(os.path.abspath(so.__file__))          # the folder that holds scoreopt.py, whatever its name
 
 
 def exact(x, t):
@@ -238,12 +238,17 @@ class Tensorish:
 
 
 def test_a_half_precision_tensor_is_warned_of_and_boolean_or_integer_outputs_are_refused():
+    # The guest hardening is Part II's (guest_score, the adapters, every Part II entry point); Part I's short check
+    # refuses a non-float output too, in its own words.
     half = lambda x, t: Tensorish(exact(x, t).astype(np.float16))
     with pytest.warns(RuntimeWarning, match="returns float16, below float32 precision"):
-        so.local_cost(half, VP, [0.3, 0.5], X0, 0)
+        so.estimate_schedule_map(half, VP, X0, 0, n_grid=20)
     for dtype, kind in ((bool, "booleans"), (np.int64, "integers")):
+        model = lambda x, t, dtype=dtype: np.zeros(x.shape, dtype=dtype)
         with pytest.raises(TypeError, match=f"`score` returned {kind}"):
-            so.corrector_cost(lambda x, t, dtype=dtype: np.zeros(x.shape, dtype=dtype), VP, 0.5, 0.4, X0, 0)
+            so.guest_score(model)(X0, 0.5)
+        with pytest.raises(TypeError, match=f"`score` returned {np.dtype(dtype)} values"):
+            so.corrector_cost(model, VP, 0.5, 0.4, X0, 0)
 
 
 # --- 5. The oracle and the multistep solver ---------------------------------------------------------

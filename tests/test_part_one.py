@@ -5,10 +5,14 @@ This is the vendorable core: a reader who copies Part I of ``scoreopt.py``, ``sa
 ``models.py`` gets processes, the costs, the local cost, the path length and its inverse,
 Algorithms 1 and 2, the predictor-corrector sampler and training, and these tests say so.
 """
+import ast
+import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tokenize
 
 import pytest
 
@@ -45,7 +49,8 @@ def test_the_cut_modules_import_alone_and_none_of_part_two_is_left(cut_folder):
             missing = [n for n in m.__all__ if not hasattr(m, n)]
             assert not missing, (m.__name__, missing)
         assert not hasattr(scoreopt, "estimate_schedule_map") and not hasattr(sampler, "heun_step")
-        assert "grid" not in scoreopt.ROUTES and "heun" not in sampler.PREDICTORS
+        assert "heun" not in sampler.PREDICTORS and "between" not in models.LEVELS
+        assert models.OnlineSchedule().route == "grid" and scoreopt.ROUTES["grid"] is scoreopt.grid_route
         print(len(scoreopt.__all__), len(sampler.__all__), len(models.__all__))
     """)
     assert all(int(n) > 5 for n in out.split())
@@ -118,3 +123,88 @@ def test_the_cut_modules_train_with_the_online_update(cut_folder):
         spread = lambda c: np.ptp(np.log(c))
         assert spread(costs[-1]) < spread(costs[0])        # Algorithm 2 moves the costs towards equal
     """)
+
+
+def test_the_cut_algorithm_2_with_exact_scores_reaches_the_closed_form_schedule(cut_folder):
+    # Algorithm 2 by Part I's default route (dense grid, Theorem 3.1), exact score of N(0, 0.5^2) under ve(),
+    # 30 updates with gamma = 0.5 from the uniform schedule: every level within 2% of the closed form
+    # Lambda(sigma) = 2 [asinh(sigma/c) - sigma / sqrt(c^2 + sigma^2)] (docs/derivations.md, 1 and 4).
+    run_cut(cut_folder, """
+        import numpy as np
+        from scipy.optimize import brentq
+        import scoreopt as so
+        p, c, T = so.ve(), 0.5, 10
+        score = lambda x, t: -x / (c ** 2 + p.sigma(t) ** 2)
+        rng, ts = np.random.default_rng(0), so.uniform_schedule(p, T)
+        for _ in range(30):
+            ts = so.online_update(score, p, ts, c * rng.standard_normal((1000, 1)), rng, gamma=0.5).ts
+        L = lambda s: 2 * (np.arcsinh(s / c) - s / np.sqrt(c ** 2 + s ** 2))
+        exact = [brentq(lambda s: L(s) - L(0.002) - i / T * (L(80.0) - L(0.002)), 0.002, 80.0) for i in range(1, T)]
+        sigmas = so.nsr(p, ts)[1:-1]
+        assert np.allclose(sigmas, exact, rtol=0.02), (sigmas, exact)
+        # and Part I's own closed form gives the same exact answer
+        grid = so.time_from_nsr(p, np.geomspace(0.002, 80.0, 4001))
+        Lambda = so.cumulative_cost(grid, so.gaussian_local_cost(p, grid, [c ** 2]))
+        assert abs(Lambda[-1] / (L(80.0) - L(0.002)) - 1) < 1e-4
+    """)
+
+
+def test_the_cut_modules_docstring_examples_run(cut_folder):
+    out = run_cut(cut_folder, """
+        import doctest
+        import scoreopt, sampler, models
+        total = 0
+        for m in (scoreopt, sampler, models):
+            result = doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+            assert result.failed == 0, (m.__name__, result)
+            total += result.attempted
+        print(total)
+    """)
+    assert int(out) > 50
+
+
+def _parts(name):
+    with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
+        text = f.read()
+    cut = text.index("\n# PART II") + 1
+    return text[:cut], text[cut:]
+
+
+def _defined(source):
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def test_no_line_of_part_one_names_anything_that_only_part_two_defines():
+    # Part II's names (functions, classes, constants of all three modules, less those Part I defines too, such as
+    # the wrappers `sample` and `train`) must not occur in Part I's code, strings, docstrings or comments.
+    part_one = {name: _parts(name)[0] for name in MODULES}
+    part_two_names = set().union(*(_defined(_parts(name)[1]) for name in MODULES))
+    part_two_names -= set().union(*(_defined(source) for source in part_one.values())) | {"__all__"}
+    assert {"estimate_schedule_map", "heun_step", "rowwise_score", "checkpointer", "ALL_PREDICTORS"} <= part_two_names
+    found = []
+    for name, source in part_one.items():
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type in (tokenize.NAME, tokenize.STRING, tokenize.COMMENT):
+                for word in sorted(set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", token.string)) & part_two_names):
+                    found.append(f"{name}.py:{token.start[0]}: {word}")
+    assert not found, found
+
+
+def test_part_two_never_writes_into_part_one():
+    # Part II passes its choices into Part I as functions; it never changes a dict of Part I at import.
+    for name in MODULES:
+        one, two = _parts(name)
+        dicts = {n for n in _defined(one) if n.isupper()}
+        for node in ast.walk(ast.parse(two)):
+            if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store):
+                assert getattr(node.value, "id", None) not in dicts, (name, ast.unparse(node))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                assert not (getattr(node.func.value, "id", None) in dicts and node.func.attr in
+                            ("update", "setdefault", "pop", "clear")), (name, ast.unparse(node))

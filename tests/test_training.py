@@ -186,7 +186,8 @@ def train_online(online):
 
 
 def test_online_update_equalises_costs_and_keeps_schedules_valid():
-    out = train_online(models.OnlineSchedule(every=25, burn_in=600, gamma=0.2, cost="corrector", n_samples=500))
+    out = train_online(models.OnlineSchedule(every=25, burn_in=600, gamma=0.2, cost="corrector", n_samples=500,
+                                             route="intervals"))
     costs = out.history["costs"]
     assert len(costs) == 41 and out.history["schedules"].shape == (41, 11)
     spread = costs.max(axis=1) / costs.min(axis=1)

@@ -144,7 +144,7 @@ def step_schedule(target, process, T, sampler_name, start_ts, test="linear"):
     score = Counter(lambda x, t: target.score(x, t, process))
     begin = time.perf_counter()
     res = so.equal_cost_schedule(score, process, start_ts, target.sample(N_STEP_COST, SEED + 6), SEED + 7,
-                                 cost=retired.step_cost, step=sm.PREDICTORS[sampler_name], affine=test == "affine",
+                                 cost=retired.step_cost, step=sm.ALL_PREDICTORS[sampler_name], affine=test == "affine",
                                  max_iter=100, tol=1e-3)
     return res.ts, {"calls": score.calls, "evaluations": score.evaluations, "iterations": res.n_iter,
                     "converged": res.converged, "seconds": time.perf_counter() - begin}
