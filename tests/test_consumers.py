@@ -300,6 +300,7 @@ def test_ddim_is_dpmsolver_order_one_and_euler_sigmas_and_our_euler(spacing, off
     first_order, _ = run_diffusers(torch, dpm1, model, torch.as_tensor(x_T))
     euler = diffusers.EulerDiscreteScheduler()
     euler.set_timesteps(**so.to_diffusers(process, ts, euler))
+    assert len(euler.timesteps) == n and len(euler.sigmas) == n + 1      # the 0 is ours: it appends none
     y_T = torch.as_tensor(x_T / float(process.s(ts[-1])))        # its state is x / s (k-diffusion's)
     by_sigmas, _ = run_diffusers(torch, euler, model, y_T, scale_input=True)
     ours = sample_levels(process, ts, x_T, "euler")
@@ -406,3 +407,19 @@ def test_k_diffusions_own_karras_and_exponential_are_consumer_schedules(n):
                          ("exponential", sampling.get_sigmas_exponential(n, nu_min, nu_max))):
         np.testing.assert_allclose(theirs.double().numpy(), so.to_sigmas(VE, ours[name]), rtol=2e-6, atol=0,
                                    err_msg=name)
+
+
+def test_euler_discrete_timesteps_on_snapped_levels_are_integers_to_float32_rounding():
+    # EulerDiscrete turns sigmas into timesteps by interpolating log sigma in float32: on the table's
+    # points they come out within 3.1e-5 of the integer (measured), so a model that looks its timestep
+    # up must round it, not truncate it; DPMSolverMultistep(solver_order=1) passes the integers.
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+    euler = diffusers.EulerDiscreteScheduler()
+    process = so.process_from_alphas_cumprod(euler.alphas_cumprod.numpy())
+    for n in (4, 6, 10, 20):
+        for name, ts in so.consumer_schedules(process, n).items():
+            snapped = so.snap_to_table(process, ts, merge=True)
+            euler.set_timesteps(**so.to_diffusers(process, snapped, euler))
+            np.testing.assert_allclose(euler.timesteps.numpy(), so.to_timesteps(process, snapped), rtol=0,
+                                       atol=1e-4, err_msg=f"{name} n={n}")
