@@ -423,3 +423,10 @@ def test_euler_discrete_timesteps_on_snapped_levels_are_integers_to_float32_roun
             euler.set_timesteps(**so.to_diffusers(process, snapped, euler))
             np.testing.assert_allclose(euler.timesteps.numpy(), so.to_timesteps(process, snapped), rtol=0,
                                        atol=1e-4, err_msg=f"{name} n={n}")
+
+
+def test_the_guides_diffusers_snippet_runs_as_written(capsys):
+    with open("docs/guide/your-model.md", encoding="utf-8") as f:
+        code = re.search(r"For a diffusers model:\n\n```python\n(.*?)```", f.read(), re.S).group(1)
+    exec(compile(code, "your-model.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("[999, 899, 799, 699, 599, 499, 399, 299, 199, 99]\n")
