@@ -322,7 +322,8 @@ def test_euler_discretes_own_default_and_karras_are_consumer_schedules():
             np.testing.assert_allclose(euler.sigmas.numpy(), expected, rtol=2e-6, err_msg=f"{name} n={n}")
         dpm = diffusers.DPMSolverMultistepScheduler()
         dpm.set_timesteps(n)                                         # its default spacing, "linspace"
-        assert dpm.timesteps.tolist() == so.to_timesteps(process, so.consumer_schedules(process, n)["linspace"]).tolist()
+        linspace = so.consumer_schedules(process, n)["linspace"]
+        assert dpm.timesteps.tolist() == so.to_timesteps(process, linspace).tolist()
         for spacing in ("leading", "trailing"):
             own = diffusers.EulerDiscreteScheduler(timestep_spacing=spacing)
             own.set_timesteps(n)
