@@ -1889,7 +1889,8 @@ def consumer_schedules(process, n, *, shift=None, steps_offset=0):
 
     * a discrete-time model (:func:`process_from_alphas_cumprod`, ``N`` timesteps), diffusers' spacings,
       as timesteps ``k`` at ``t = k / (N - 1)``: ``"linspace"`` (``DPMSolverMultistepScheduler``'s
-      default, ``round(linspace(0, N - 1, n + 1))`` without its 0), ``"leading"`` (``DDIMScheduler``'s
+      default, ``round(linspace(0, N - 1, n + 1))`` without its 0, with ``lambda_min_clipped`` at its
+      default), ``"leading"`` (``DDIMScheduler``'s
       default, ``arange(n) (N // n) + steps_offset``; Stable Diffusion's configs set ``steps_offset=1``),
       ``"trailing"`` (``round(arange(N, 0, -N / n)) - 1``: 999, 899, ..., 99 for ``n = 10``),
       ``"linspace_to_0"`` (``EulerDiscreteScheduler``'s default, ``linspace(0, N - 1, n)`` with ``nu``
@@ -1951,8 +1952,9 @@ _DIFFUSERS_REFUSED = {
 
 
 def _diffusers_scheduler(scheduler, process):
-    """``(name, config, shift)`` of a scheduler given by its class name or as an instance (duck-typed: this
-    module never imports diffusers); an instance's settings and table are checked against the export."""
+    """``(name, shift)`` of a scheduler given by its class name or as an instance (duck-typed: this module
+    never imports diffusers); an instance's settings and table are checked against the export, and its
+    ``shift`` read (a FlowMatch scheduler's; else None)."""
     if isinstance(scheduler, str):
         name, config, shift = scheduler, {}, None
     else:
