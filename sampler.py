@@ -1152,8 +1152,8 @@ def sample_calls(score, process, ts, x_T, rng, *, step="euler", batch_size=None)
     >>> process, score = so.ve(), lambda x, t: -x / (0.25 + so.ve().sigma(t) ** 2)    # N(0, 0.5^2) data
     >>> x_T = prior_sample(process, 4000, [0.25], rng=0)
     >>> x, nfe = sample_calls(score, process, so.edm_schedule(process, 10)[1:], x_T, rng=1)
-    >>> round(float(x.std()), 2), nfe
-    (0.5, 10)
+    >>> round(float(x.std()), 2), nfe                   # 10 Euler calls: short of 0.5
+    (0.38, 10)
     """
     process = check_process(process)
     ts, x = check_schedule(ts, process, endpoints=False, min_len=1), check_data(x_T, "x_T")
@@ -1253,10 +1253,11 @@ def equal_error_calls(score, process, n_calls, x0, rng, *, step="euler", weight=
     ``scoreopt.to_timesteps``, ``scoreopt.to_diffusers``).
 
     >>> import scoreopt as so
-    >>> process, score = so.ve(), lambda x, t: -x / (0.25 + so.ve().sigma(t) ** 2)
+    >>> process = so.ve()
+    >>> score = lambda x, t: -x / (0.25 + np.reshape(process.sigma(t), (-1, 1)) ** 2)   # t: one per row
     >>> x0 = np.random.default_rng(0).normal(0.0, 0.5, (256, 1))
     >>> found = equal_error_calls(score, process, 6, x0, rng=0, step="dpmpp_2m")
-    >>> len(found.ts), found.ts[-1] == process.t_max, found.ts[0] > process.t_min
+    >>> len(found.ts), bool(found.ts[-1] == process.t_max), bool(found.ts[0] > process.t_min)
     (6, True, True)
     """
     process = check_process(process)
@@ -1328,7 +1329,8 @@ def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defa
     Deterministic steps (Euler/DDIM, Heun, DPM-Solver++(2M)). Returns a :class:`Recommendation`.
 
     >>> import scoreopt as so
-    >>> process, score = so.ve(), lambda x, t: -x / (0.25 + so.ve().sigma(t) ** 2)
+    >>> process = so.ve()
+    >>> score = lambda x, t: -x / (0.25 + np.reshape(process.sigma(t), (-1, 1)) ** 2)   # t: one per row
     >>> x0 = np.random.default_rng(0).normal(0.0, 0.5, (256, 1))
     >>> best = recommended_schedule(score, process, 6, x0, rng=0, step="euler", refine=False)
     >>> len(best.ts), best.n_calls, best.name in best.candidates
