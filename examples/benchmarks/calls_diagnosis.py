@@ -30,7 +30,8 @@ try:
     import torch
     import calls_benchmark as cb
 except Exception as err:          # ImportError, or the benchmark's own message (SystemExit)
-    sys.exit(f"this diagnosis needs calls_benchmark.py's packages (torch, diffusers): {type(err).__name__}: {err}")
+    sys.exit(f"this diagnosis needs calls_benchmark.py and its packages, torch and diffusers "
+             f"({type(err).__name__}: {err}): pip install torch diffusers")
 
 import sampler as sm
 import scoreopt as so
