@@ -431,3 +431,17 @@ def test_the_guides_diffusers_snippet_runs_as_written(capsys):
         code = re.search(r"For a diffusers model:\n\n```python\n(.*?)```", f.read(), re.S).group(1)
     exec(compile(code, "your-model.md", "exec"), {})
     assert capsys.readouterr().out.startswith("[999, 899, 799, 699, 599, 499, 399, 299, 199, 99]\n")
+
+
+def test_a_scheduler_instance_of_another_table_or_shift_is_refused():
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+    scaled = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    with pytest.raises(ValueError, match="has the table alphas_cumprod"):
+        so.to_diffusers(TABLE, [0.5], scaled)            # Stable Diffusion's table, diffusers' linear process
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        so.to_diffusers(TABLE, [0.5], diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True))
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    with pytest.raises(ValueError, match="differs from the scheduler's own shift 3"):
+        so.to_diffusers(FLOW, [0.5], flow, shift=1.0)
+    assert so.to_diffusers(FLOW, [0.5], flow) == so.to_diffusers(FLOW, [0.5], flow, shift=3.0)
