@@ -97,7 +97,7 @@ FLOW_SHIFT = 3.0                      # SD3's shift, at sampling
 REFERENCE = dict(ve=200, ddpm=1000, flow=1000)     # the fine solution's resolution (checked against half of it)
 
 QUICK = dict(calls=(4, 6), n_samples=64, n_x0=300, n_train=4000, n_held_out=600, map_budget=4000,
-             rule_budget=2000, reference=dict(ve=40, ddpm=200, flow=200), prefix="quick_",
+             rule_budget=6000, reference=dict(ve=40, ddpm=200, flow=200), prefix="quick_",
              train=dict(ddpm=dict(TRAIN["ddpm"], steps=300), flow=dict(TRAIN["flow"], steps=300),
                         ve=dict(TRAIN["ve"], steps=100, warmup=20)))
 
@@ -323,6 +323,235 @@ def family_context(family, cfg, log, train_if_missing=True):
     return ctx
 
 
+
+# --------------------------------------------------------------------------------
+# The consumers' samplers. Each sampler of a family: the library's `step` for its rules, `levels(n_calls)`
+# (call levels within n calls), `run(ts, x_T)` (a library schedule through the consumer) and its
+# `defaults` {name: run(m, x_T)} (the consumer's own spacings for m levels). Every run returns
+# (samples, model calls).
+# --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def diffusers_sample(net, scheduler, x_T, **timesteps):
+    """The loop of a diffusers pipeline: set_timesteps, scale the prior, scale_model_input, step."""
+    scheduler.set_timesteps(**timesteps)
+    model, x = Counted(net), x_T * getattr(scheduler, "init_noise_sigma", 1.0)
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        x = scheduler.step(model(inp, t), t, x, return_dict=False)[0]
+    return x, model.calls
+
+
+@torch.no_grad()
+def flow_heun(net, x_T, sigmas):
+    """Heun's method on the flow ODE dx/dt = u(x, t) over `sigmas` (descending, ending at 0; the last step
+    Euler, as k-diffusion's sample_heun): the velocity model's own fine solution."""
+    model, x = Counted(net), x_T
+    for t_cur, t_next in zip(sigmas[:-1], sigmas[1:]):
+        d_cur = model(x, 1000 * t_cur)
+        x_next = x + (t_next - t_cur) * d_cur                                # Euler step
+        if t_next > 0:                                                       # second-order correction
+            x_next = x + (t_next - t_cur) * 0.5 * (d_cur + model(x_next, 1000 * t_next))
+        x = x_next
+    return x, model.calls
+
+
+def kdiff_sigmas(process, ts):
+    """k-diffusion's and diffusers' Euler sigmas: nu(ts) descending, then 0 (float32). (so.to_sigmas takes
+    whole schedules from t_min; call levels do not include t_min.)"""
+    return torch.as_tensor(np.append(so.nsr(process, ts)[::-1], 0.0), dtype=torch.float32)
+
+
+def table_timesteps(process, ts):
+    """diffusers' integer timesteps round(t (N - 1)), descending (distinct, or an error)."""
+    k = np.rint(np.asarray(ts) * (process.n_timesteps - 1)).astype(int)[::-1]
+    if np.any(np.diff(k) >= 0):
+        raise ValueError(f"two call levels round to the same timestep: {k.tolist()}")
+    return k.tolist()
+
+
+def flow_sigmas(process, ts, shift=FLOW_SHIFT):
+    """FlowMatchEuler's custom sigmas: t descending, the top level at t_max sent as 1 (the prior), pre-unshifted
+    so that diffusers' shift s t / (1 + (s - 1) t), which it applies to custom sigmas too, gives t back."""
+    t = np.asarray(ts, dtype=float)[::-1].copy()
+    if t[0] >= process.t_max * (1 - 1e-9):
+        t[0] = 1.0
+    return (t / (shift - (shift - 1) * t)).astype(np.float32)
+
+
+# DDPMScheduler's config (and DDIMScheduler's default) has clip_sample=True: DDIM then clips its x0 prediction
+# to [-1, 1] at every step, which is not the probability-flow ODE the other samplers and the fine solution
+# integrate. The benchmark turns it off (DDIMScheduler(clip_sample=False)); DPMSolverMultistep and Euler
+# have no clipping by default.
+NO_CLIP = dict(clip_sample=False)
+
+
+def samplers_of(ctx):
+    net, process = ctx.net, ctx.process
+    if ctx.family == "ve":
+        def k(name):
+            return lambda sigmas, x_T: ib.k_sample(net, name, x_T, sigmas)
+
+        def ve_sampler(name, step):
+            run = k(name)
+            return dict(step=step, levels=(lambda n: n // 2) if name == "heun" else (lambda n: n),
+                        run=lambda ts, x_T: run(kdiff_sigmas(process, ts), x_T),
+                        defaults={"k-diff Karras ρ=7": lambda m, x_T: run(
+                                      sampling.get_sigmas_karras(m, ib.SIGMA_MIN, ib.SIGMA_MAX, rho=7.0), x_T),
+                                  "k-diff exponential": lambda m, x_T: run(
+                                      sampling.get_sigmas_exponential(m, ib.SIGMA_MIN, ib.SIGMA_MAX), x_T)})
+        return {"euler": ve_sampler("euler", "euler"), "heun": ve_sampler("heun", "heun"),
+                "dpmpp_2m": ve_sampler("dpmpp_2m", "dpmpp_2m")}
+    if ctx.family == "ddpm":
+        config = ctx.scheduler.config
+
+        def spacings(cls, karras):
+            out = {f"{cls.__name__[:-9]} {s}": (lambda s: lambda m, x_T: diffusers_sample(
+                net, cls.from_config(config, timestep_spacing=s, **NO_CLIP), x_T, num_inference_steps=m))(s)
+                for s in ("leading", "trailing", "linspace")}
+            if karras:
+                out[f"{cls.__name__[:-9]} Karras"] = lambda m, x_T: diffusers_sample(
+                    net, cls.from_config(config, use_karras_sigmas=True), x_T, num_inference_steps=m)
+            return out
+        dpm = dict(step="dpmpp_2m", levels=lambda n: n, defaults=spacings(DPMSolverMultistepScheduler, True),
+                   run=lambda ts, x_T: diffusers_sample(net, DPMSolverMultistepScheduler.from_config(config), x_T,
+                                                        timesteps=table_timesteps(process, ts)))
+        ddim = dict(step="euler", levels=lambda n: n, defaults=spacings(DDIMScheduler, False),
+                    run=lambda ts, x_T: diffusers_sample(net, DPMSolverMultistepScheduler.from_config(
+                        config, solver_order=1), x_T, timesteps=table_timesteps(process, ts)))
+        euler = dict(step="euler", levels=lambda n: n, defaults=spacings(EulerDiscreteScheduler, True),
+                     run=lambda ts, x_T: diffusers_sample(net, EulerDiscreteScheduler.from_config(config), x_T,
+                                                          sigmas=kdiff_sigmas(process, ts).tolist()))
+        return {"DPM++(2M)": dpm, "DDIM": ddim, "Euler": euler}
+    flow = FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)
+    return {"FlowMatchEuler": dict(
+        step="euler", levels=lambda n: n,
+        defaults={"FlowMatch set_timesteps(n)": lambda m, x_T: diffusers_sample(
+            net, FlowMatchEulerDiscreteScheduler.from_config(flow.config), x_T, num_inference_steps=m)},
+        run=lambda ts, x_T: diffusers_sample(net, FlowMatchEulerDiscreteScheduler.from_config(flow.config), x_T,
+                                             sigmas=flow_sigmas(process, ts).tolist()))}
+
+
+def prior_and_reference(ctx, n, levels, seed=PRIOR_SEED):
+    """The prior draws (what each consumer starts from, the same for every row) and the model's own fine
+    solution from them on `levels` levels: k-diffusion Heun on Karras sigmas (ve), diffusers'
+    DPM-Solver++(2M) on "trailing" timesteps (ddpm; at most 1000), Heun on the flow ODE at uniform-in-t
+    levels shifted by 3 (flow)."""
+    gen = torch.Generator().manual_seed(seed)
+    if ctx.family == "ve":
+        x_T = torch.randn(n, 3, PATCH["ve"], PATCH["ve"], generator=gen) * ib.SIGMA_MAX
+        return x_T, ib.k_sample(ctx.net, "heun", x_T, sampling.get_sigmas_karras(levels, ib.SIGMA_MIN, ib.SIGMA_MAX))
+    x_T = torch.randn(n, ctx.train.shape[1], generator=gen)
+    if ctx.family == "ddpm":
+        return x_T, diffusers_sample(ctx.net, DPMSolverMultistepScheduler.from_config(
+            ctx.scheduler.config, timestep_spacing="trailing"), x_T, num_inference_steps=levels)
+    t = np.linspace(1.0, 0.0, levels + 1)
+    return x_T, flow_heun(ctx.net, x_T, FLOW_SHIFT * t / (1 + (FLOW_SHIFT - 1) * t))
+
+
+def ddim_check(ctx, x_T, m=10):
+    """DDIMScheduler on its own spacings against the same timesteps through DPMSolverMultistep(solver_order=1)
+    and through EulerDiscrete on the matching sigmas: max |difference| of the samples."""
+    out = {}
+    config = ctx.scheduler.config
+    nu = ((1 - ctx.scheduler.alphas_cumprod) / ctx.scheduler.alphas_cumprod).sqrt()
+    for spacing in ("leading", "trailing", "linspace"):
+        ddim = DDIMScheduler.from_config(config, timestep_spacing=spacing, **NO_CLIP)
+        ours, _ = diffusers_sample(ctx.net, ddim, x_T, num_inference_steps=m)
+        k = [int(v) for v in ddim.timesteps]
+        dpm1, _ = diffusers_sample(ctx.net, DPMSolverMultistepScheduler.from_config(config, solver_order=1), x_T,
+                                   timesteps=k)
+        eul, _ = diffusers_sample(ctx.net, EulerDiscreteScheduler.from_config(config), x_T,
+                                  sigmas=nu[k].tolist() + [0.0])
+        out[spacing] = dict(timesteps=k, dpm1=float((ours - dpm1).abs().max()), euler=float((ours - eul).abs().max()))
+    return out
+
+
+# --------------------------------------------------------------------------------
+# One family: find the schedules, sample through the consumers, measure
+# --------------------------------------------------------------------------------
+
+def as_found(found):
+    """(ts, evaluations) of a rule's output: an array, or a result with .ts (and .n_evaluations)."""
+    if found is None:
+        return None, 0
+    ts = np.asarray(getattr(found, "ts", found), dtype=float)
+    return ts, int(getattr(found, "n_evaluations", 0) or 0)
+
+
+def measure(x, reference, held_out):
+    """Per-draw coupled errors (mean over coordinates), their mean and standard error, and sliced W1."""
+    x = x.reshape(len(x), -1).double().numpy()
+    if not np.all(np.isfinite(x)):
+        return dict(coupled=np.inf, stderr=np.nan, sliced_w1=np.inf, per_draw=None)
+    e = np.mean((x - reference) ** 2, axis=1)
+    return dict(coupled=float(e.mean()), stderr=float(e.std(ddof=1) / np.sqrt(len(e))), per_draw=e,
+                sliced_w1=sm.sliced_wasserstein(x, held_out[:len(x)], 0))
+
+
+def evaluate(ctx, cfg, log):
+    n, out = cfg["n_samples"] if ctx.family != "ve" else cfg["n_samples"] // 2, dict(rows=[], found={})
+    levels = cfg["reference"][ctx.family]
+    start = time.perf_counter()
+    x_T, (ref, calls) = prior_and_reference(ctx, n, levels)
+    _, (half, _) = prior_and_reference(ctx, n, levels // 2)
+    reference, half = ref.reshape(n, -1).double().numpy(), half.reshape(n, -1).double().numpy()
+    held_out = ctx.held_out.astype(np.float64)
+    out["reference"] = dict(levels=levels, calls=calls, seconds=time.perf_counter() - start, n=n,
+                            half_gap=float(np.mean((reference - half) ** 2)),
+                            sliced_w1=sm.sliced_wasserstein(reference, held_out[:n], 0),
+                            data_w1=sm.sliced_wasserstein(ctx.train[:n].astype(np.float64), held_out[:n], 0))
+    log(f"  {ctx.family}: fine solution {levels} levels ({calls} calls, {out['reference']['seconds']:.0f} s); "
+        f"its gap to {levels // 2} levels {out['reference']['half_gap']:.2e}")
+    if ctx.family == "ddpm":
+        out["ddim_check"] = ddim_check(ctx, x_T)
+        log(f"  DDIMScheduler vs DPMSolverMultistep(solver_order=1) / Euler: {out['ddim_check']}")
+    x0 = ctx.train[:cfg["n_x0"]].astype(np.float64)
+    start = time.perf_counter()
+    the_map = so.estimate_schedule_map(ctx.score, ctx.process, x0, RULE_SEED, budget=cfg["map_budget"], batch_size=1024)
+    out["map"] = dict(evaluations=the_map.n_evaluations, seconds=time.perf_counter() - start)
+    RULE_BUDGET_NOW[0] = cfg["rule_budget"]
+    for sampler_name, spec in samplers_of(ctx).items():
+        for n_calls in cfg["calls"]:
+            m = spec["levels"](n_calls)
+            runs = [(name, "default", (lambda run: lambda: run(m, x_T))(run), 0, 0.0)
+                    for name, run in spec["defaults"].items()]
+            for name, rule in RULES.items():
+                start = time.perf_counter()
+                try:
+                    found = (top_levels(the_map.schedule(m)) if rule is None
+                             else rule(ctx.score, ctx.process, m, x0, spec["step"]))
+                except Exception as err:                 # a rule that fails is a row that says why
+                    out["rows"].append(dict(family=ctx.family, sampler=sampler_name, n_calls=n_calls, rule=name,
+                                            kind="library", error=f"{type(err).__name__}: {err}"))
+                    log(f"    {name}: {type(err).__name__}: {err}")
+                    continue
+                ts, evaluations = as_found(found)
+                if ts is None:
+                    out["rows"].append(dict(family=ctx.family, sampler=sampler_name, n_calls=n_calls, rule=name,
+                                            kind="library", error="not in the library yet"))
+                    continue
+                evaluations = the_map.n_evaluations if rule is None else evaluations
+                out["found"][(sampler_name, n_calls, name)] = ts
+                kind = "baseline" if name.startswith("lib ") else "library"
+                runs.append((name, kind, (lambda ts: lambda: spec["run"](ts, x_T))(ts), evaluations,
+                             time.perf_counter() - start))
+            for name, kind, sample, evaluations, seconds in runs:
+                row = dict(family=ctx.family, sampler=sampler_name, n_calls=n_calls, rule=name, kind=kind,
+                           levels=m, evaluations=evaluations, find_seconds=seconds)
+                try:
+                    x, calls = sample()
+                except Exception as err:
+                    row["error"] = f"{type(err).__name__}: {err}"
+                    log(f"    {sampler_name} {n_calls} {name}: {row['error']}")
+                else:
+                    row.update(calls=calls, **measure(x, reference, held_out))
+                out["rows"].append(row)
+            done = [r for r in out["rows"] if r["sampler"] == sampler_name and r["n_calls"] == n_calls and "coupled" in r]
+            best = min(done, key=lambda r: r["coupled"])
+            log(f"    {sampler_name:16s} {n_calls:2d} calls: best {best['rule']} {best['coupled']:.3e}")
+    return out
+
 # --------------------------------------------------------------------------------
 # Settings and the run
 # --------------------------------------------------------------------------------
@@ -361,9 +590,180 @@ def run(cfg, log=print):
     for family in cfg["families"]:
         ctx = family_context(family, cfg, log)
         results["families"][family] = dict(info=ctx.info)
-        if cfg["train_only"]:
-            continue
+        if not cfg["train_only"]:
+            start = time.perf_counter()
+            results["families"][family].update(evaluate(ctx, cfg, log), seconds=time.perf_counter() - start)
+        results["load"].append(os.getloadavg())
+    results["seconds"] = time.time() - results["begin"]
+    if cfg["train_only"]:
+        return results
+    results["report"] = report(results, cfg)
+    path = REPORT if cfg["write_docs"] else os.path.join(cfg["cache"], f"{cfg['prefix']}calls.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    so.write_atomically(path, results["report"])
+    log(f"wrote {path}; total {results['seconds'] / 60:.1f} minutes")
     return results
+
+
+# --------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------
+
+TITLE = dict(ve="(a) VE U-Net denoiser, 16x16 RGB patches, k-diffusion samplers",
+             ddpm="(b) DDPM epsilon-model (DDPMScheduler(1000), linear betas), 8x8 RGB patches, diffusers schedulers",
+             flow="(c) rectified-flow velocity model (SD3's recipe), 8x8 RGB patches, FlowMatchEuler(shift=3)")
+
+
+def ratio(a, b):
+    """mean(a) / mean(b) over paired draws, and its standard error (the delta method on a - r b)."""
+    r = a.mean() / b.mean()
+    return r, float(np.std(a - r * b, ddof=1) / np.sqrt(len(a)) / b.mean())
+
+
+def columns(rows):
+    return list(dict.fromkeys((r["sampler"], r["n_calls"]) for r in rows))
+
+
+def cell(rows, key):
+    return {(r["sampler"], r["n_calls"], r["rule"]): r for r in rows}.get(key)
+
+
+def bests(rows, sampler, n_calls):
+    here = [r for r in rows if (r["sampler"], r["n_calls"]) == (sampler, n_calls) and r.get("per_draw") is not None]
+    default = min((r for r in here if r["kind"] == "default"), key=lambda r: r["coupled"], default=None)
+    baseline = min((r for r in here if r["kind"] == "baseline"), key=lambda r: r["coupled"], default=None)
+    return default, baseline
+
+
+def report(results, cfg):
+    load = results["load"]
+    lines = ["# Schedules for n model calls through each consumer's own sampler (issue 29, part 5)", "",
+             f"Written by `{cfg['command']}`: {results['seconds'] / 60:.0f} minutes in all on {machine()}, "
+             f"`torch.set_num_threads({cfg['threads']})`, run under `nice` on a machine shared with other jobs "
+             f"(load average {load[0][0]:.1f} at the start, {max(l[0] for l in load):.1f} at most between "
+             f"families). torch {torch.__version__}, diffusers {diffusers.__version__}.", "",
+             "Every schedule runs through the consumer's own sampler with exactly the stated model calls, counted "
+             "by wrapping the model, from the same prior draws. Cells: the coupled error, the mean squared distance "
+             "per coordinate to the model's own fine solution from the same draw (lower is better). Heun (k-diffusion) "
+             "on m levels makes 2m − 1 calls: its column \"n calls\" runs m = n/2 levels, n − 1 calls. Library "
+             "schedules (`lib …`, the paper's map, today's rule) are the top n of n + 1 levels: the model is not "
+             "called at t_min; the sampler's last step goes to σ = 0 from the lowest call level. A cell marked — "
+             "failed (the reason is listed below the table).", ""]
+    lines += ["## The models and their fine solutions", "",
+              "| family | model | training | fine solution | its gap to half the levels | smallest coupled error "
+              "in the table | sliced W1: fine solution / training data, to held-out |", "|---|---|---|---|---|---|---|"]
+    for family, res in results["families"].items():
+        info, ref = res["info"], res["reference"]
+        smallest = min(r["coupled"] for r in res["rows"] if "coupled" in r)
+        lines.append(f"| {family} | {describe_model(family, info)} | {info['seconds'] / 60:.1f} min, "
+                     f"{info.get('threads', 1)} thread | {reference_name(family, ref['levels'])}, {ref['calls']} "
+                     f"calls on {ref['n']} draws | {ref['half_gap']:.1e} | {smallest:.1e} | "
+                     f"{ref['sliced_w1']:.4f} / {ref['data_w1']:.4f} |")
+    lines += ["", "A fine solution has converged for this table when its gap to the half-resolution one is far below "
+              "the smallest coupled error of the table.", ""]
+    for family, res in results["families"].items():
+        lines += family_tables(family, res)
+    lines += summary(results)
+    return "\n".join(lines) + "\n"
+
+
+def describe_model(family, info):
+    what = dict(ve=f"image_benchmark's U-Net {VE_MODEL['channels']}, EDM preconditioning",
+                ddpm=f"MLP {MLP_SIZE['depth']}x{MLP_SIZE['width']}, sinusoidal timestep embedding, epsilon",
+                flow=f"MLP {MLP_SIZE['depth']}x{MLP_SIZE['width']}, sinusoidal embedding of 1000 t, velocity")[family]
+    return f"{what}, {info['parameters']:,} parameters"
+
+
+def reference_name(family, levels):
+    return dict(ve=f"k-diffusion Heun, Karras ρ=7, {levels} levels",
+                ddpm=f"diffusers DPM-Solver++(2M), {levels} trailing timesteps",
+                flow=f"Heun on the flow ODE, {levels} steps uniform in t shifted by 3")[family]
+
+
+def family_tables(family, res):
+    rows = res["rows"]
+    cols = columns(rows)
+    names = list(dict.fromkeys([r["rule"] for r in rows if r["kind"] == "default"] + list(RULES)))
+    head = "| schedule | " + " | ".join(f"{s} {n}" for s, n in cols) + " | cost to find (evaluations) |"
+    lines = [f"## {TITLE[family]}", "", "Coupled error; the seed noise (standard error over the "
+             f"{res['reference']['n']} draws) is {seed_noise(rows)} of each value.", "", head,
+             "|" + "---|" * (len(cols) + 2)]
+    errors = []
+    for name in names:
+        cells, cost = [], "—"
+        for s, n in cols:
+            r = cell(rows, (s, n, name))
+            if r is None or "error" in r:
+                cells.append("—")
+                if r is not None and r["error"] not in errors:
+                    errors.append(f"{name}: {r['error']}")
+                continue
+            d, b = bests(rows, s, n)
+            mark = "**" if r is d or r is b else ""
+            cells.append(f"{mark}{r['coupled']:.2e}{mark}")
+            cost = f"{r['evaluations']:,}" if r["kind"] != "default" else "0"
+        if any(c != "—" for c in cells) or name in RULES:
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {cost} |")
+    lines += ["", "Bold: the consumer's best default and the library's best baseline in each column. Cost: the "
+              "model evaluations (rows through the score) spent finding the schedule, for the last column "
+              "(the map's once per model)."]
+    if errors:
+        lines += [""] + [f"- {e}" for e in dict.fromkeys(errors)]
+    lines += ["", "Sliced W1 to held-out patches (the fine solution's: "
+              f"{res['reference']['sliced_w1']:.4f}):", "", head.replace(" cost to find (evaluations) |", ""),
+              "|" + "---|" * (len(cols) + 1)]
+    for name in names:
+        cells = []
+        for s, n in cols:
+            r = cell(rows, (s, n, name))
+            cells.append("—" if r is None or "sliced_w1" not in r else f"{r['sliced_w1']:.4f}")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "ddim_check" in res:
+        lines += ["", "DDIMScheduler (10 steps) against the same timesteps through DPMSolverMultistep(solver_order=1) "
+                  "and through EulerDiscrete on the matching sigmas (max |difference| of the samples):", ""]
+        lines += [f"- {sp}: timesteps {c['timesteps']}; DPMSolverMultistep(solver_order=1) {c['dpm1']:.1e}, Euler "
+                  f"{c['euler']:.1e}" for sp, c in res["ddim_check"].items()]
+    lines.append("")
+    return lines
+
+
+def seed_noise(rows):
+    rel = [r["stderr"] / r["coupled"] for r in rows if r.get("per_draw") is not None and r["coupled"] > 0]
+    return f"{100 * min(rel):.0f}–{100 * max(rel):.0f}%" if rel else "—"
+
+
+def summary(results):
+    """Per cell: the library's rows against the consumer's best default and the library's best baseline."""
+    lines = ["## Summary: ratios to the consumer's best default and to the library's best baseline", "",
+             "Coupled error of each library row divided by the best default's and by the best baseline's in the same "
+             "cell, ± the standard error (paired over the draws). Below 1 is better than the best of them.", "",
+             "| family | sampler | calls | best default | best baseline | best baseline / best default | "
+             "paper's map | equal error (today) | rule (n calls) | recommended |", "|" + "---|" * 10]
+    for family, res in results["families"].items():
+        rows = res["rows"]
+        for s, n in columns(rows):
+            d, b = bests(rows, s, n)
+            if d is None or b is None:
+                continue
+            out = [f"{d['rule']} {d['coupled']:.2e}", f"{b['rule']} {b['coupled']:.2e}",
+                   "{:.2f} ± {:.2f}".format(*ratio(b["per_draw"], d["per_draw"]))]
+            for name in ("paper's map", "equal error (today)", "rule (n calls)", "recommended"):
+                r = cell(rows, (s, n, name))
+                if r is None or r.get("per_draw") is None:
+                    out.append("—")
+                    continue
+                out.append("{:.2f} ± {:.2f} / {:.2f} ± {:.2f}".format(*ratio(r["per_draw"], d["per_draw"]),
+                                                                       *ratio(r["per_draw"], b["per_draw"])))
+            lines.append(f"| {family} | {s} | {n} | " + " | ".join(out) + " |")
+    lines += ["", "Each library column: ratio to the best default / ratio to the best baseline. "
+              "'rule (n calls)' and 'recommended' are `sampler.equal_error_calls` and `sampler.recommended_schedule` "
+              "(issue 29, parts 1-3); a — there means the call is not in the library yet.", ""]
+    return lines
+
+
+def machine():
+    return f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), Python {platform.python_version()}"
 
 
 if __name__ == "__main__":
