@@ -44,6 +44,7 @@ standard error over the draws, ratios to the consumer's best default and to the 
 import argparse
 import math
 import os
+import pickle
 import platform
 import sys
 import time
@@ -193,8 +194,8 @@ def train_mlp(family, train, cfg, log):
     """Adam with a cosine decay and an EMA of the weights; returns (EMA model, info)."""
     settings_, gen = cfg["train"][family], torch.Generator().manual_seed(TRAIN_SEED)
     torch.manual_seed(TRAIN_SEED)
-    model = MLP(train.shape[1], **MLP_SIZE)
-    ema = MLP(train.shape[1], **MLP_SIZE).requires_grad_(False)
+    model = MLP(train.shape[1], **cfg["mlp"])
+    ema = MLP(train.shape[1], **cfg["mlp"]).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=settings_["lr"])
     data = torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32))
@@ -223,7 +224,7 @@ def train_mlp(family, train, cfg, log):
 
 def cached_model(family, cfg, log, train_if_missing=True):
     """The trained model of `family` from cfg['cache'], or trained now and saved there; with its data."""
-    size = PATCH[family]
+    size = cfg["patch"][family]
     train, held_out = ib.patches(size, cfg["n_train"], cfg["n_held_out"], ib.PHOTOS)
     path = os.path.join(cfg["cache"], f"{cfg['prefix']}{family}.pt")
     if family == "ve":
@@ -232,11 +233,11 @@ def cached_model(family, cfg, log, train_if_missing=True):
             raise FileNotFoundError(f"no trained model at {path}: run calls_benchmark.py --train-only")
         model, info = ib.trained_model(size, TRAIN_SEED, train, held_out, ve_cfg, path, log)
         return model, info, train, held_out
-    config = dict(family=family, mlp=MLP_SIZE, train=cfg["train"][family], n_train=len(train), patch=size)
+    config = dict(family=family, mlp=cfg["mlp"], train=cfg["train"][family], n_train=len(train), patch=size)
     if os.path.exists(path):
         saved = torch.load(path, map_location="cpu", weights_only=False)
         if saved["config"] == config:
-            model = MLP(train.shape[1], **MLP_SIZE)
+            model = MLP(train.shape[1], **cfg["mlp"])
             model.load_state_dict(saved["ema"])
             log(f"  {family}: loaded {path} (trained {saved['info']['seconds'] / 60:.1f} min)")
             return model.eval(), saved["info"], train, held_out
@@ -318,7 +319,7 @@ def family_context(family, cfg, log, train_if_missing=True):
         ctx.score = so.score_from_flow(ctx.flow_model, ctx.process)
     else:
         ctx.process = ib.PROCESS
-        ctx.denoiser = ib.numpy_denoiser(net, PATCH["ve"])
+        ctx.denoiser = ib.numpy_denoiser(net, cfg["patch"]["ve"])
         ctx.score = so.score_from_denoiser(ctx.denoiser, ctx.process)
     return ctx
 
@@ -439,7 +440,8 @@ def prior_and_reference(ctx, n, levels, seed=PRIOR_SEED):
     levels shifted by 3 (flow)."""
     gen = torch.Generator().manual_seed(seed)
     if ctx.family == "ve":
-        x_T = torch.randn(n, 3, PATCH["ve"], PATCH["ve"], generator=gen) * ib.SIGMA_MAX
+        size = int(math.isqrt(ctx.train.shape[1] // 3))
+        x_T = torch.randn(n, 3, size, size, generator=gen) * ib.SIGMA_MAX
         return x_T, ib.k_sample(ctx.net, "heun", x_T, sampling.get_sigmas_karras(levels, ib.SIGMA_MIN, ib.SIGMA_MAX))
     x_T = torch.randn(n, ctx.train.shape[1], generator=gen)
     if ctx.family == "ddpm":
@@ -463,7 +465,8 @@ def ddim_check(ctx, x_T, m=10):
                                    timesteps=k)
         eul, _ = diffusers_sample(ctx.net, EulerDiscreteScheduler.from_config(config), x_T,
                                   sigmas=nu[k].tolist() + [0.0])
-        out[spacing] = dict(timesteps=k, dpm1=float((ours - dpm1).abs().max()), euler=float((ours - eul).abs().max()))
+        out[spacing] = dict(timesteps=k, dpm1=float((ours - dpm1).abs().max()), euler=float((ours - eul).abs().max()),
+                            scale=float(ours.abs().max()))
     return out
 
 
@@ -564,11 +567,14 @@ def settings(argv=None):
     parser.add_argument("--calls", type=int, nargs="+", help="model calls per sample (default: 4 6 8 10)")
     parser.add_argument("--train-only", action="store_true", help="train (or find) the models and stop")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report again from the last run's results.pkl in --cache")
     args = parser.parse_args(argv)
     cfg = dict(calls=CALLS, families=FAMILIES, n_samples=N_SAMPLES, n_x0=N_X0, n_train=N_TRAIN,
                n_held_out=N_HELD_OUT, map_budget=MAP_BUDGET, rule_budget=RULE_BUDGET, reference=dict(REFERENCE),
-               train=dict(TRAIN), ve_model=VE_MODEL, prefix="", cache=args.cache, threads=args.threads,
-               train_only=args.train_only, quick=args.quick, write_docs=not (args.quick or args.train_only),
+               train=dict(TRAIN), ve_model=VE_MODEL, mlp=MLP_SIZE, patch=PATCH, prefix="", cache=args.cache,
+               threads=args.threads,
+               train_only=args.train_only, quick=args.quick, report_only=args.report_only, write_docs=not (args.quick or args.train_only),
                command="python examples/benchmarks/calls_benchmark.py" + "".join(f" {a}" for a in (argv or [])))
     if args.quick:
         cfg.update(QUICK)
@@ -586,6 +592,11 @@ def main(argv=None, log=print):
 def run(cfg, log=print):
     torch.set_num_threads(cfg["threads"])
     os.makedirs(cfg["cache"], exist_ok=True)
+    saved = os.path.join(cfg["cache"], f"{cfg['prefix']}results.pkl")
+    if cfg.get("report_only"):
+        with open(saved, "rb") as f:
+            results = pickle.load(f)
+        return write_report(results, dict(results["cfg"], write_docs=cfg["write_docs"]), log)
     results = dict(cfg=cfg, families={}, begin=time.time(), load=[os.getloadavg()])
     for family in cfg["families"]:
         ctx = family_context(family, cfg, log)
@@ -594,9 +605,14 @@ def run(cfg, log=print):
             start = time.perf_counter()
             results["families"][family].update(evaluate(ctx, cfg, log), seconds=time.perf_counter() - start)
         results["load"].append(os.getloadavg())
-    results["seconds"] = time.time() - results["begin"]
+        results["seconds"] = time.time() - results["begin"]
+        so.write_atomically(saved, pickle.dumps(results))
     if cfg["train_only"]:
         return results
+    return write_report(results, cfg, log)
+
+
+def write_report(results, cfg, log):
     results["report"] = report(results, cfg)
     path = REPORT if cfg["write_docs"] else os.path.join(cfg["cache"], f"{cfg['prefix']}calls.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -655,7 +671,7 @@ def report(results, cfg):
     for family, res in results["families"].items():
         info, ref = res["info"], res["reference"]
         smallest = min(r["coupled"] for r in res["rows"] if "coupled" in r)
-        lines.append(f"| {family} | {describe_model(family, info)} | {info['seconds'] / 60:.1f} min, "
+        lines.append(f"| {family} | {describe_model(family, info, cfg)} | {info['seconds'] / 60:.1f} min, "
                      f"{info.get('threads', 1)} thread | {reference_name(family, ref['levels'])}, {ref['calls']} "
                      f"calls on {ref['n']} draws | {ref['half_gap']:.1e} | {smallest:.1e} | "
                      f"{ref['sliced_w1']:.4f} / {ref['data_w1']:.4f} |")
@@ -667,10 +683,11 @@ def report(results, cfg):
     return "\n".join(lines) + "\n"
 
 
-def describe_model(family, info):
-    what = dict(ve=f"image_benchmark's U-Net {VE_MODEL['channels']}, EDM preconditioning",
-                ddpm=f"MLP {MLP_SIZE['depth']}x{MLP_SIZE['width']}, sinusoidal timestep embedding, epsilon",
-                flow=f"MLP {MLP_SIZE['depth']}x{MLP_SIZE['width']}, sinusoidal embedding of 1000 t, velocity")[family]
+def describe_model(family, info, cfg):
+    mlp, unet = f"MLP {cfg['mlp']['depth']}x{cfg['mlp']['width']}", cfg["ve_model"]["channels"]
+    what = dict(ve=f"image_benchmark's U-Net, channels {unet}, EDM preconditioning",
+                ddpm=f"{mlp}, sinusoidal timestep embedding, epsilon",
+                flow=f"{mlp}, sinusoidal embedding of 1000 t, velocity")[family]
     return f"{what}, {info['parameters']:,} parameters"
 
 
