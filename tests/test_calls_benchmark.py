@@ -49,6 +49,8 @@ def tiny(module, cache):
     return cfg
 
 
+# The toy budget stops today's equal-error rule after an update or two, on purpose.
+@pytest.mark.filterwarnings("ignore:the equal-cost iteration did not converge:RuntimeWarning")
 def test_tiny_calls_benchmark_runs_every_schedule_through_the_consumer_with_n_calls(module, tmp_path):
     cfg = tiny(module, tmp_path)
     assert not cfg["write_docs"]
