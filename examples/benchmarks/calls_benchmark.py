@@ -10,9 +10,10 @@ sampler with exactly n model calls (counted by wrapping the model), from the sam
     sigmas. Consumer defaults: get_sigmas_karras(n, 0.002, 80, rho=7) and get_sigmas_exponential.
     Heun with m levels makes 2m - 1 calls, so at a budget of n calls (n even) it runs m = n / 2 levels,
     n - 1 calls: the most Heun can do within n.
-(b) ddpm: an epsilon-prediction MLP (with a skip through the table: EpsNet) trained as diffusers' docs train one (DDPMScheduler(1000), linear betas,
-    add_noise, MSE on epsilon, integer timesteps) on 8x8 RGB patches (d = 192), sampled by diffusers'
-    DPMSolverMultistepScheduler (2M, default settings), DDIMScheduler and EulerDiscreteScheduler.
+(b) ddpm: an epsilon-prediction MLP (with a skip through the table: EpsNet) trained as diffusers' docs
+    train one (DDPMScheduler(1000), linear betas, add_noise, MSE on epsilon, integer timesteps) on 8x8 RGB
+    patches (d = 192), sampled by diffusers' DPMSolverMultistepScheduler (2M, default settings),
+    DDIMScheduler (clip_sample=False: the ODE) and EulerDiscreteScheduler.
     Consumer defaults: timestep_spacing "leading", "trailing", "linspace", and use_karras_sigmas=True where
     the scheduler has it. DDIMScheduler takes no custom timesteps: a schedule is run as DDIM through
     DPMSolverMultistepScheduler(solver_order=1, timesteps=...), which reproduces DDIMScheduler on its own
@@ -40,6 +41,9 @@ standard error over the draws, ratios to the consumer's best default and to the 
     python examples/benchmarks/calls_benchmark.py --cache /work/cache/calls     # trains 3 models or reuses them
     python examples/benchmarks/calls_benchmark.py --quick                       # a smoke run; does not write docs/
     python examples/benchmarks/calls_benchmark.py --train-only --families ddpm  # one model
+    python examples/benchmarks/calls_benchmark.py --report-only                 # the report again from results.pkl
+
+The trained models load with load_ve, load_ddpm and load_flow (below), e.g. to diagnose the library's rules.
 """
 import argparse
 import math
@@ -316,7 +320,8 @@ def numpy_model(net, to_timestep, batch=1024):
         out = np.empty(x.shape)
         for i in range(0, len(x), batch):
             xi = torch.as_tensor(x[i:i + batch], dtype=torch.float32)
-            out[i:i + batch] = net(xi, torch.as_tensor(to_timestep(t[i:i + batch]), dtype=torch.float32)).double().numpy()
+            k = torch.as_tensor(to_timestep(t[i:i + batch]), dtype=torch.float32)
+            out[i:i + batch] = net(xi, k).double().numpy()
         return out
 
     return model
@@ -590,7 +595,8 @@ def evaluate(ctx, cfg, log):
                 else:
                     row.update(calls=calls, **measure(x, reference, held_out))
                 out["rows"].append(row)
-            done = [r for r in out["rows"] if r["sampler"] == sampler_name and r["n_calls"] == n_calls and "coupled" in r]
+            done = [r for r in out["rows"]
+                    if r["sampler"] == sampler_name and r["n_calls"] == n_calls and "coupled" in r]
             best = min(done, key=lambda r: r["coupled"])
             log(f"    {sampler_name:16s} {n_calls:2d} calls: best {best['rule']} {best['coupled']:.3e}")
     return out
@@ -614,7 +620,8 @@ def settings(argv=None):
                n_held_out=N_HELD_OUT, map_budget=MAP_BUDGET, rule_budget=RULE_BUDGET, reference=dict(REFERENCE),
                train=dict(TRAIN), ve_model=VE_MODEL, mlp=MLP_SIZE, patch=PATCH, prefix="", cache=args.cache,
                threads=args.threads,
-               train_only=args.train_only, quick=args.quick, report_only=args.report_only, write_docs=not (args.quick or args.train_only),
+               train_only=args.train_only, quick=args.quick, report_only=args.report_only,
+               write_docs=not (args.quick or args.train_only),
                command="python examples/benchmarks/calls_benchmark.py" + "".join(f" {a}" for a in (argv or [])))
     if args.quick:
         cfg.update(QUICK)
@@ -722,14 +729,15 @@ def report(results, cfg):
              "failed (the reason is listed below the table).", ""]
     lines += ["## The models and their fine solutions", "",
               "| family | model | training | fine solution | its gap to half the levels | smallest coupled error "
-              "in the table | sliced W1: fine solution / training data, to held-out |", "|---|---|---|---|---|---|---|"]
+              "in the table | sliced W1: fine solution / training data, to held-out | benchmark (after training) |",
+              "|---|---|---|---|---|---|---|---|"]
     for family, res in results["families"].items():
         info, ref = res["info"], res["reference"]
         smallest = min(r["coupled"] for r in res["rows"] if "coupled" in r)
-        lines.append(f"| {family} | {describe_model(family, info, cfg)} | {info['seconds'] / 60:.1f} min, "
+        lines.append(f"| {family} | {describe_model(family, info, cfg)} | {info['seconds'] / 60:.1f} min wall, "
                      f"{info.get('threads', 1)} thread | {reference_name(family, ref['levels'])}, {ref['calls']} "
                      f"calls on {ref['n']} draws | {ref['half_gap']:.1e} | {smallest:.1e} | "
-                     f"{ref['sliced_w1']:.4f} / {ref['data_w1']:.4f} |")
+                     f"{ref['sliced_w1']:.4f} / {ref['data_w1']:.4f} | {res['seconds'] / 60:.1f} min |")
     lines += ["", "A fine solution has converged for this table when its gap to the half-resolution one is far below "
               "the smallest coupled error of the table.", ""]
     for family, res in results["families"].items():
@@ -837,7 +845,7 @@ def summary(results):
 
 
 def machine():
-    return f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores), Python {platform.python_version()}"
+    return f"{platform.machine()} ({os.cpu_count()} cores), Python {platform.python_version()}"
 
 
 if __name__ == "__main__":
