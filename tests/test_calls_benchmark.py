@@ -118,3 +118,26 @@ def test_exports_are_the_consumers_own_levels(module):
     np.testing.assert_allclose(euler.timesteps.numpy(), ts[::-1] * 999, rtol=1e-4)
     with pytest.raises(ValueError, match="same timestep"):
         module.table_timesteps(process, np.array([0.1, 0.1001, 1.0]))
+
+
+@pytest.mark.filterwarnings("ignore:the equal-cost iteration did not converge:RuntimeWarning")
+def test_a_plugged_in_recommended_call_gets_model_calls_and_its_rows_run(module, tmp_path, monkeypatch):
+    """The hook for issue 29's call: `sampler.recommended_schedule(score, process, n_calls, x0, rng, sampler=step)`
+    is asked for the sampler's model calls (Heun: 2m - 1 for m levels) and its `.ts` (m call levels) runs
+    through the consumer with that many calls; its `.n_evaluations` is the row's cost."""
+    asked = []
+
+    def fake(score, process, n_calls, x0, rng, *, sampler):
+        asked.append((sampler, n_calls))
+        levels = (n_calls + 1) // 2 if sampler == "heun" else n_calls
+        return so.EqualCostResult(so.loglinear_schedule(process, levels)[1:], None, None, True, 0, [], 7)
+
+    monkeypatch.setattr(module.sm, "recommended_schedule", fake, raising=False)
+    cfg = dict(tiny(module, tmp_path), families=("ve", "ddpm"))
+    out = module.run(cfg, log=lambda *args: None)
+    assert sorted(asked) == sorted([("euler", 4), ("heun", 3), ("dpmpp_2m", 4), ("dpmpp_2m", 4), ("euler", 4),
+                                    ("euler", 4)])
+    rows = [r for res in out["families"].values() for r in res["rows"] if r["rule"] == "recommended"]
+    assert len(rows) == 6 and all("error" not in r and r["evaluations"] == 7 for r in rows)
+    assert all(r["calls"] == (3 if r["sampler"] == "heun" else 4) for r in rows)
+    assert "| recommended | " in out["report"]
