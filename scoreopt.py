@@ -1857,6 +1857,7 @@ def _table_defaults(process, n, steps_offset):
     N = process.n_timesteps
     k = {"linspace": np.linspace(0, N - 1, n + 1).round()[1:],             # DPMSolverMultistepScheduler
          "leading": np.arange(n) * (N // n) + steps_offset,                 # DDIMScheduler, EulerDiscrete
+         "leading_dpm": np.arange(1, n + 1) * (N // (n + 1)) + steps_offset,  # DPMSolverMultistepScheduler
          "trailing": (np.arange(N, 0, -N / n).round() - 1)[::-1]}           # all three
     for name, steps in k.items():
         if len(steps) != n or steps[0] < 0 or steps[-1] > N - 1 or np.any(np.diff(steps) <= 0):
@@ -1892,6 +1893,8 @@ def consumer_schedules(process, n, *, shift=None, steps_offset=0):
       default, ``round(linspace(0, N - 1, n + 1))`` without its 0, with ``lambda_min_clipped`` at its
       default), ``"leading"`` (``DDIMScheduler``'s
       default, ``arange(n) (N // n) + steps_offset``; Stable Diffusion's configs set ``steps_offset=1``),
+      ``"leading_dpm"`` (``DPMSolverMultistepScheduler``'s ``"leading"``, ``arange(1, n + 1) (N // (n + 1))
+      + steps_offset``: its top call is below timestep ``N - 1``),
       ``"trailing"`` (``round(arange(N, 0, -N / n)) - 1``: 999, 899, ..., 99 for ``n = 10``),
       ``"linspace_to_0"`` (``EulerDiscreteScheduler``'s default, ``linspace(0, N - 1, n)`` with ``nu``
       linear between the table's points: its last call is at timestep 0) and ``"karras"``

@@ -122,14 +122,14 @@ def test_exports_are_the_consumers_own_levels(module):
 
 @pytest.mark.filterwarnings("ignore:the equal-cost iteration did not converge:RuntimeWarning")
 def test_a_plugged_in_recommended_call_gets_model_calls_and_its_rows_run(module, tmp_path, monkeypatch):
-    """The hook for issue 29's call: `sampler.recommended_schedule(score, process, n_calls, x0, rng, sampler=step)`
+    """The row of issue 29's call: `sampler.recommended_schedule(score, process, n_calls, x0, rng, step=, shift=)`
     is asked for the sampler's model calls (Heun: 2m - 1 for m levels) and its `.ts` (m call levels) runs
     through the consumer with that many calls; its `.n_evaluations` is the row's cost."""
     asked = []
 
-    def fake(score, process, n_calls, x0, rng, *, sampler):
-        asked.append((sampler, n_calls))
-        levels = (n_calls + 1) // 2 if sampler == "heun" else n_calls
+    def fake(score, process, n_calls, x0, rng, *, step, shift):
+        asked.append((step, n_calls))
+        levels = (n_calls + 1) // 2 if step == "heun" else n_calls
         return so.EqualCostResult(so.loglinear_schedule(process, levels)[1:], None, None, True, 0, [], 7)
 
     monkeypatch.setattr(module.sm, "recommended_schedule", fake, raising=False)

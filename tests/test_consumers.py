@@ -109,7 +109,7 @@ def test_snap_to_table_moves_levels_to_the_nearest_timestep_and_round_trips():
 @pytest.mark.parametrize("n", [1, 2, 4, 6, 8, 10, 25, 50])
 def test_table_defaults_are_diffusers_spacings(n):
     got = {name: levels_of(ts) for name, ts in so.consumer_schedules(TABLE, n).items()
-           if name in ("linspace", "leading", "trailing")}
+           if name in ("linspace", "leading", "leading_dpm", "trailing")}
     i = np.arange(n)
     # DPMSolverMultistepScheduler "linspace": n + 1 points from 0 to N - 1, rounded, without the 0
     np.testing.assert_array_equal(got["linspace"], np.round((i + 1) * (N - 1) / n))
@@ -117,6 +117,8 @@ def test_table_defaults_are_diffusers_spacings(n):
     np.testing.assert_array_equal(got["leading"], i * (N // n))
     offset = levels_of(so.consumer_schedules(TABLE, n, steps_offset=1)["leading"])
     np.testing.assert_array_equal(offset, i * (N // n) + 1)
+    # DPMSolverMultistepScheduler "leading": (1 .. n) * (N // (n + 1)) + steps_offset: its top call below N - 1
+    np.testing.assert_array_equal(got["leading_dpm"], (i + 1) * (N // (n + 1)))
     # "trailing": N - i N / n, rounded, minus 1; its top call is timestep N - 1
     np.testing.assert_array_equal(got["trailing"], np.sort(np.round(N - i * N / n) - 1))
     assert got["trailing"][-1] == N - 1
@@ -163,7 +165,8 @@ def test_flow_default_is_flowmatch_schedulers_shifted_uniform_schedule(shift, n)
 
 
 def test_consumer_schedules_choose_by_the_kind_of_process():
-    assert sorted(so.consumer_schedules(TABLE, 4)) == ["karras", "leading", "linspace", "linspace_to_0", "trailing"]
+    assert sorted(so.consumer_schedules(TABLE, 4)) == ["karras", "leading", "leading_dpm", "linspace", "linspace_to_0",
+                                                       "trailing"]
     assert sorted(so.consumer_schedules(VE, 4)) == ["exponential", "karras"]
     assert sorted(so.consumer_schedules(FLOW, 4, shift=3.0)) == ["shifted"]
     for process, kw in ((TABLE, {}), (VE, {}), (FLOW, {"shift": 3.0})):
@@ -324,6 +327,10 @@ def test_euler_discretes_own_default_and_karras_are_consumer_schedules():
         dpm.set_timesteps(n)                                         # its default spacing, "linspace"
         linspace = so.consumer_schedules(process, n)["linspace"]
         assert dpm.timesteps.tolist() == so.to_timesteps(process, linspace).tolist()
+        dpm = diffusers.DPMSolverMultistepScheduler(timestep_spacing="leading")
+        dpm.set_timesteps(n)
+        leading = so.consumer_schedules(process, n)["leading_dpm"]
+        assert dpm.timesteps.tolist() == so.to_timesteps(process, leading).tolist()
         for spacing in ("leading", "trailing"):
             own = diffusers.EulerDiscreteScheduler(timestep_spacing=spacing)
             own.set_timesteps(n)

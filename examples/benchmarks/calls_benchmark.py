@@ -137,12 +137,16 @@ def equal_error_today(score, process, n, x0, step):
     return SimpleNamespace(ts=top_levels(found.ts), n_evaluations=found.n_evaluations)
 
 
-def issue29(name):
-    """The call of issue 29 `sampler.<name>(score, process, n_calls, x0, rng, sampler=step)`, when it exists."""
-    def find(score, process, n, x0, step):
-        rule = getattr(sm, name, None)
-        return None if rule is None else rule(score, process, model_calls(step, n), x0, RULE_SEED, sampler=step)
-    return find
+def rule_for_calls(score, process, n, x0, step):
+    """sampler.equal_error_calls: the equal local-error rule on the levels of n calls."""
+    return sm.equal_error_calls(score, process, model_calls(step, n), x0, RULE_SEED, step=step)
+
+
+def recommended(score, process, n, x0, step):
+    """sampler.recommended_schedule: the rule, the consumers' defaults and the baselines, checked against the
+    model's own solution (flow matching: the scheduler's shift, 3)."""
+    shift = FLOW_SHIFT if process.name.startswith("flow_matching") else None
+    return sm.recommended_schedule(score, process, model_calls(step, n), x0, RULE_SEED, step=step, shift=shift)
 
 
 RULE_BUDGET_NOW = [RULE_BUDGET]       # today's rule's budget, lowered by --quick
@@ -150,8 +154,8 @@ BASELINES = ("uniform", "cosine", "loglinear", "arctan", "edm3", "edm7", "edm100
 RULES = {**{f"lib {name}": library_baseline(name) for name in BASELINES},
          "paper's map": None,         # estimated once per model (map_levels below), its schedule(n) less t_min
          "equal error (today)": equal_error_today,
-         "rule (n calls)": issue29("equal_error_calls"),
-         "recommended": issue29("recommended_schedule")}
+         "rule (n calls)": rule_for_calls,
+         "recommended": recommended}
 
 
 def model_calls(step, n):
