@@ -1316,8 +1316,8 @@ def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defa
     Candidates: ``defaults``, the schedules you already have (a dict name -> call levels; by default
     every consumer's own for this process, ``scoreopt.consumer_schedules(process, n, shift=shift)``:
     diffusers' spacings for a table process, k-diffusion's for a continuous one, the shifted default of
-    flow matching, whose ``shift`` you give), the library's baselines (``scoreopt.baseline_schedules`` with the
-    lowest level left out: the sampler steps from the last level to 0), the paper's map ``smap`` (a
+    flow matching, whose ``shift`` you give), the library's baselines (``scoreopt.baseline_schedules``
+    with the lowest level left out: the sampler steps from the last level to 0), the paper's map ``smap`` (a
     ``scoreopt.ScheduleMap``, optional) and the equal local-error rule (:func:`equal_error_calls`,
     ``rule=False`` to skip it). Each is run with ``step`` for ``n_calls`` calls (:func:`sample_calls`) from
     ``n_draws`` shared prior draws and compared, by the coupled error (mean squared distance per
@@ -1355,7 +1355,7 @@ def recommended_schedule(score, process, n_calls, x0, rng, *, step="euler", defa
     x_T = prior_sample(process, check_int(n_draws, "n_draws", 2), x0.var(axis=0), rng)
     fine = loglinear_schedule(process, check_int(reference_steps, "reference_steps", n))
     reference = _sample_loop(checked, process, fine, x_T, _Noise("none", "the reference"), heun_step, 0, 0.1, True)[0]
-    errors = lambda ts: np.mean((_calls_run(checked, process, ts, x_T, step)[0] - reference) ** 2, axis=1)
+    errors = lambda ts: _draw_errors(_calls_run(checked, process, ts, x_T, step)[0], reference)
     measured = {key: errors(ts) for key, ts in candidates.items()}
     if refine:
         best = min(measured, key=lambda key: measured[key].mean())
@@ -1392,9 +1392,18 @@ def _calls_run(score, process, ts, x_T, step, rng=None, callback=None):
     return _sample_loop(score, process, ts, x_T, rng, step, 0, 0.1, True, callback)
 
 
+def _draw_errors(x, reference):
+    """Per-draw coupled errors, ``mean_coordinates (x - reference)^2``; a draw whose error is not finite (a
+    candidate that explodes) counts as inf."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.mean((x - reference) ** 2, axis=1)
+    return np.where(np.isfinite(e), e, np.inf)
+
+
 def _paired_stderr(a, b):
-    """Standard error of the mean of ``a - b`` (per-draw errors on shared draws)."""
-    return float(np.std(a - b, ddof=1) / np.sqrt(len(a)))
+    """Standard error of the mean of ``a - b`` (per-draw errors on shared draws); NaN where either is inf."""
+    with np.errstate(invalid="ignore"):
+        return float(np.std(a - b, ddof=1) / np.sqrt(len(a)))
 
 
 def _refine(errors, process, ts, e, sweeps=2, fraction=0.3):
@@ -1428,7 +1437,7 @@ def _choose(measured):
     best = measured[keys[0]]
     defaults = [measured[k].mean() for k in keys if k[1] == "default"]
     baselines = [measured[k].mean() for k in keys if k[1] == "baseline"]
-    ratio = lambda v, ref: v / min(ref) if ref else float("nan")
+    ratio = lambda v, ref: v / min(ref) if ref and 0 < min(ref) < np.inf else float("nan")
     table = [(k[0], float(measured[k].mean()), 0.0 if k == keys[0] else _paired_stderr(measured[k], best),
               ratio(measured[k].mean(), defaults), ratio(measured[k].mean(), baselines), k[1]) for k in keys]
     near = [k for k, row in zip(keys, table) if row[1] - table[0][1] <= row[2]]

@@ -155,3 +155,14 @@ def test_recommended_schedule_refuses_stochastic_steps_and_wrong_defaults():
         sm.recommended_schedule(exact(VE), VE, 6, X0, 0, defaults={"a": [0.2, 0.5, 1.0]})
     with pytest.raises(ValueError, match="`gain`"):
         sm.equal_error_calls(exact(VE), VE, 6, X0, 0, gain="bogus")
+
+
+def test_a_candidate_that_explodes_is_ranked_last_not_chosen():
+    # A default whose last level is where the model's output is huge (finite, so the model is not at fault):
+    # its squared errors overflow, its draws count as inf, and the choice is among the finite candidates.
+    def score(x, t):
+        huge = np.reshape(VE.nsr(t), (-1, 1)) * np.ones_like(x) == VE.nsr(0.3)
+        return np.where(huge, 1e200, exact(VE)(x, t))
+    best = sm.recommended_schedule(score, VE, 4, X0, 0, refine=False, rule=False,
+                                   defaults={"explodes": [0.3, 0.5, 0.75, 1.0]})
+    assert best.name != "explodes" and best.table[-1][0] == "explodes" and best.table[-1][1] == np.inf
