@@ -792,7 +792,8 @@ def family_tables(family, res):
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {cost} |")
     lines += ["", "Bold: the consumer's best default and the library's best baseline in each column. Cost: the "
               "model evaluations (rows through the score) spent finding the schedule in a cell, least–most over "
-              "the cells (the map is estimated once per model and serves every cell)."]
+              "the cells (the map is estimated once per model and serves every cell; 'recommended' counts what it "
+              "spends beyond its rule, whose cost is the row 'rule (n calls)', the same call with the same seed)."]
     if errors:
         lines += [""] + [f"- {e}" for e in dict.fromkeys(errors)]
     lines += ["", "Sliced W1 to held-out patches (the fine solution's: "

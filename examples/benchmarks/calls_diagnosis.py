@@ -14,7 +14,8 @@ that script), from the model's own fine solution:
 3. The rule against the library's baselines at n = 4..10 calls, with the Gaussian and the
    measured gain (coupled error on 128 shared draws).
 
-    python examples/benchmarks/calls_diagnosis.py            # about 10 minutes on 2 cores
+    python examples/benchmarks/calls_diagnosis.py            # about 5 minutes on 2 cores
+    python examples/benchmarks/calls_diagnosis.py --bare     # the plain MLP (no skip), as a user first trains it
     python examples/benchmarks/calls_diagnosis.py --quick    # a smoke run on the --quick model
 """
 import argparse
@@ -22,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -48,17 +50,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the --quick model, fewer draws; no report written")
     parser.add_argument("--cache", default=cb.CACHE, help="calls_benchmark.py's model cache")
+    parser.add_argument("--bare", action="store_true",
+                        help="the plain MLP epsilon-model (ddpm_bare.pt in the cache: calls_benchmark's first, "
+                             "without the skip through the table); writes calls_diagnosis_bare.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", RuntimeWarning)
     begin = time.perf_counter()
     ctx = cb.load_ddpm(args.cache, quick=args.quick)
+    if args.bare:
+        ctx = bare_model(ctx, args.cache)
     process, score, x0 = ctx.process, ctx.score, ctx.train[:2000].astype(np.float64)
     m, calls = (32, (4, 6)) if args.quick else (M, CALLS)
     x_T = sm.prior_sample(process, m, x0.var(axis=0), 5)
     fine = so.loglinear_schedule(process, REFERENCE)
-    lines = [f"# Why the rule lost on a DDPM epsilon-model (`python examples/benchmarks/calls_diagnosis.py`)", "",
-             f"Model: calls_benchmark.py's DDPM epsilon-net ({ctx.info.get('parameters', '?')} parameters), "
+    command = "python examples/benchmarks/calls_diagnosis.py" + " --bare" * args.bare
+    lines = [f"# Why the rule lost on a DDPM epsilon-model (`{command}`)", "",
+             f"Model: calls_benchmark.py's DDPM {'plain MLP' if args.bare else 'epsilon-net'} "
+             f"({ctx.info.get('parameters', '?')} parameters), "
              f"{m} shared prior draws, its own solution by {REFERENCE} log-linear Heun steps.", ""]
     lines += weight_table(score, process, x0, x_T, fine)
     lines += additivity_table(score, process, x0, x_T, fine)
@@ -67,9 +76,19 @@ def main(argv=None):
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        with open(REPORT, "w", encoding="utf-8") as f:
+        with open(REPORT.replace(".md", "_bare.md") if args.bare else REPORT, "w", encoding="utf-8") as f:
             f.write(text)
-        print(f"wrote {REPORT}")
+        print(f"wrote {REPORT.replace('.md', '_bare.md') if args.bare else REPORT}")
+
+
+def bare_model(ctx, cache):
+    """The DDPM context with calls_benchmark's first epsilon-model: a plain MLP eps(x, k), no skip."""
+    saved = torch.load(os.path.join(cache, "ddpm_bare.pt"), map_location="cpu", weights_only=False)
+    net = cb.MLP(ctx.train.shape[1], **cb.MLP_SIZE)
+    net.load_state_dict(saved["ema"])
+    eps_model = cb.numpy_model(net.eval(), lambda t: t * (cb.N_TRAIN_TIMESTEPS - 1))
+    return SimpleNamespace(**dict(vars(ctx), net=net, info=saved["info"], eps_model=eps_model,
+                                  score=so.score_from_eps(eps_model, ctx.process)))
 
 
 def heun_path(score, process, x, ts_desc):
