@@ -1,4 +1,4 @@
-"""Bring your own model: the schedule for your model, your sampler and T steps, from its outputs.
+"""Bring your own model: the schedule for your model, your sampler and n model calls, from its outputs.
 
 A small MLP from `models.py` stands in for "your" network, trained (a few seconds) on the
 mollified Cantor target as a discrete-time DDPM model on diffusers' "linear" beta table
@@ -7,16 +7,17 @@ mollified Cantor target as a discrete-time DDPM model on diffusers' "linear" bet
 1. Wrap the model as a score: it is presented as your network would be, as an
    epsilon-prediction, a v-prediction and a k-diffusion/EDM denoiser (`score_from_eps`,
    `score_from_v`, `score_from_denoiser`), and as a flow velocity (`score_from_flow`).
-2. The recommended call: `sampler.equal_error_schedule(score, process, T, x0, rng,
-   step="heun")`, the schedule whose steps make equal local error against the model's own
-   flow, for that sampler and T. It is compared with the baselines by the coupled error: the
-   distance of T-step samples to the model's own 200-step solution from the same draws.
+2. The recommended call: `sampler.recommended_schedule(score, process, N_CALLS, x0, rng,
+   step=SAMPLER)`, the schedule for N_CALLS model calls of that sampler: the equal local-error
+   rule, diffusers' own spacings and the library's baselines, each run from the same prior
+   draws and compared by the coupled error (the distance of the samples to the model's own
+   fine solution from the same draws); the best, with the table.
 3. The paper's corrector-optimised schedule map, on a budget of BUDGET per-sample
    evaluations, with error bars, saved as JSON and loaded back.
-4. Export in each library's convention: k-diffusion's `sigmas(n)` (n levels and a 0: n
-   model calls with Euler), diffusers' `set_timesteps(sigmas=...)`, the model's own
-   integer timesteps (`DDPMScheduler.set_timesteps(timesteps=...)`), and flow-matching
-   times from t = 1 (`FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)`).
+4. Export the recommended levels in each consumer's convention: diffusers'
+   `DPMSolverMultistepScheduler.set_timesteps(**so.to_diffusers(...))` (the model's own
+   integer timesteps), k-diffusion's sigmas (`so.to_sigmas`) and ComfyUI's `ManualSigmas`
+   (`so.to_comfyui`); and the map's levels as flow-matching times.
 
     python examples/pretrained.py            # about 40 s on 2 cores
     python examples/pretrained.py --quick    # about 15 s
@@ -32,8 +33,8 @@ import models
 import sampler as sm
 import scoreopt as so
 
-T = 10                       # the steps you will sample with
-SAMPLER = "heun"             # the sampler you will use
+N_CALLS = 10                 # the model calls per sample you will spend
+SAMPLER = "dpmpp_2m"         # the sampler you will use (diffusers' DPMSolverMultistepScheduler)
 BUDGET = 100_000             # per-sample score evaluations for the paper's map
 TRAIN = dict(n_steps=3000, batch_size=256, lr=3e-3)
 QUICK = dict(n_steps=800, budget=30_000)
@@ -55,22 +56,22 @@ def main(argv=None, log=print):
     scores = {kind: adapter(output, ddpm) for kind, (adapter, output) in presentations(network, ddpm).items()}
     score = scores["epsilon-prediction"]
 
-    # 2. The recommended schedule for this model, sampler and T.
-    found = sm.equal_error_schedule(score, ddpm, T, x0, args.seed + 2, step=SAMPLER)
-    x_T = sm.prior_sample(ddpm, 2000, x0.var(axis=0), args.seed + 3)
-    reference = sm.sample(score, ddpm, so.loglinear_schedule(ddpm, 200), x_T, 0, predictor="heun").x
-    candidates = dict(so.baseline_schedules(ddpm, T, float(x0.std())), **{"equal local error": found.ts})
-    coupled = {name: sm.coupled_error(score, ddpm, ts, x_T, reference, step=SAMPLER) for name, ts in candidates.items()}
-    log(f"DDPM model on diffusers' linear table, {SAMPLER}, T = {T}: coupled error (mean squared distance to the "
-        f"model's own 200-step solution from the same 2,000 draws):")
-    for name, value in sorted(coupled.items(), key=lambda kv: kv[1]):
-        log(f"  {name:18s} {value:.3g}")
-    log(f"  equal_error_schedule: {found.n_iter} updates, {'converged' if found.converged else 'not converged'}, "
-        f"{found.n_evaluations:,} per-sample evaluations")
+    # 2. The recommended schedule for this model, this sampler and N_CALLS model calls.
+    start = time.perf_counter()
+    best = sm.recommended_schedule(score, ddpm, N_CALLS, x0, args.seed + 2, step=SAMPLER)
+    log(f"DDPM model on diffusers' linear table, {SAMPLER}, {N_CALLS} model calls: coupled error (mean squared "
+        f"distance to the model's own solution from the same 32 draws), best first:")
+    for name, error, stderr, vs_default, vs_baseline, kind in best.table[:6]:
+        log(f"  {name:24s} {error:.3g} ± {stderr:.1g}   {vs_default:.2f}x the best default ({kind})")
+    default = min((row for row in best.table if row[5] == "default"), key=lambda row: row[1])
+    log(f"  ...\n  your best default: {default[0]} {default[1]:.3g}")
+    log(f"  chosen: {best.name}; the rule took {best.rule.n_evaluations:,} per-sample evaluations, the check "
+        f"{best.n_evaluations:,} more ({time.perf_counter() - start:.1f} s)")
 
     # 3. The paper's schedule map from each presentation, on a budget, saved and loaded.
-    results = {"coupled": coupled, "equal_error": found}
-    log("\n| model | presented as | Λ ± s.e. (grid error) | evaluations | nu levels for T = 10 |\n|---|---|---|---|---|")
+    results = {"recommended": best}
+    log("\n| model | presented as | Λ ± s.e. (grid error) | evaluations | nu levels for T = 10 |\n"
+        "|---|---|---|---|---|")
     flow_network = stand_in_model(flow, target, n_steps, args.seed)
     for model_name, process, kinds in (("DDPM", ddpm, scores),
                                        ("flow matching", flow, {"velocity u = eps - x0": so.score_from_flow(
@@ -84,19 +85,19 @@ def main(argv=None, log=print):
             log(f"| {model_name} | {kind} | {loaded.length:.3f} ± {loaded.length_stderr:.3f} ({loaded.grid_error:.2g}) | "
                 f"{loaded.n_evaluations:,} | " + ", ".join(f"{v:.3g}" for v in so.nsr(process, loaded.schedule(10))) + " |")
 
-    # 4. Export: n levels = n model calls with Euler; the (n - 1)-step schedule, then the final denoising.
-    ddpm_map, flow_map = results["DDPM", "epsilon-prediction"]["map"], results["flow matching", "velocity u = eps - x0"]["map"]
-    exports = {"k-diffusion sigmas(11)": ddpm_map.sigmas(11, dtype=np.float32),
-               "DDPM timesteps(11)": ddpm_map.timesteps(ddpm, 11),
-               "flow times(11)": flow_map.flow_times(flow, 11)}
-    log("\nExport, 11 levels (the 10-step schedule, then the final step to 0: 11 model calls with Euler):")
-    log(f"  k-diffusion: sample_euler(denoiser, x, torch.as_tensor(smap.sigmas(11, dtype=np.float32)))\n"
-        f"    {np.array2string(exports['k-diffusion sigmas(11)'], precision=4)}")
-    log("  diffusers EulerDiscreteScheduler().set_timesteps(sigmas=smap.sigmas(11).tolist())")
-    log(f"  diffusers DDPMScheduler().set_timesteps(timesteps=smap.timesteps(process, 11).tolist())\n"
-        f"    {exports['DDPM timesteps(11)'].tolist()}")
-    log(f"  diffusers FlowMatchEulerDiscreteScheduler().set_timesteps(sigmas=smap.flow_times(process, 11).tolist())\n"
-        f"    {np.array2string(exports['flow times(11)'], precision=4)}")
+    # 4. Export the recommended levels: N_CALLS model calls, then each consumer's own step to 0.
+    flow_map = results["flow matching", "velocity u = eps - x0"]["map"]
+    exports = {"diffusers": so.to_diffusers(ddpm, best.ts, "DPMSolverMultistepScheduler"),
+               "k-diffusion": so.to_sigmas(ddpm, best.ts, dtype=np.float32), "comfyui": so.to_comfyui(ddpm, best.ts),
+               "flow times": flow_map.flow_times(flow, N_CALLS)}
+    log(f"\nExport, {N_CALLS} model calls:")
+    log(f"  diffusers DPMSolverMultistepScheduler().set_timesteps(**so.to_diffusers(process, best.ts, ...))\n"
+        f"    {exports['diffusers']}")
+    log(f"  k-diffusion sample_dpmpp_2m(denoiser, x, torch.as_tensor(so.to_sigmas(process, best.ts, "
+        f"dtype=np.float32)))\n    {np.array2string(exports['k-diffusion'], precision=4)}")
+    log(f"  ComfyUI ManualSigmas: {exports['comfyui']}")
+    log(f"  the flow model's map, FlowMatchEulerDiscreteScheduler().set_timesteps(sigmas=smap.flow_times(process, "
+        f"{N_CALLS}).tolist())\n    {np.array2string(exports['flow times'], precision=4)}")
     log(f"\nsaved: {', '.join(os.path.abspath(r['path']) for k, r in results.items() if isinstance(k, tuple))}")
     log(f"total time {time.perf_counter() - begin:.1f} s")
     return dict(results, exports=exports)

@@ -4,7 +4,7 @@ What a user with their own network does, timed. A PyTorch MLP denoiser in k-diff
 convention, `D(x, sigma)` in float32 with EDM's preconditioning, is trained on two moons
 (2-D) under VE. Then, through `scoreopt.score_from_denoiser`:
 
-1. the recommended call, `sampler.equal_error_schedule(..., step="euler")`, for 10 steps;
+1. the equal local-error rule, `sampler.equal_error_schedule(..., step="euler")`, for 10 steps;
 2. the paper's map on a budget, `estimate_schedule_map(..., budget=100_000, batch_size=1024)`;
 3. k-diffusion's `sample_euler` with `smap.sigmas(n, dtype=np.float32)` and the equal-error
    schedule's `to_sigmas`, against `get_sigmas_karras(n)` (rho = 7, k-diffusion's default)
@@ -60,7 +60,7 @@ def main(argv=None, log=print):
         nu = torch.as_tensor(np.array(np.broadcast_to(nu, len(y))), dtype=torch.float32)
         return model(y, nu).double().numpy()
 
-    # 2. Its schedules: the recommended call, and the paper's map on a budget.
+    # 2. Its schedules: the equal local-error rule, and the paper's map on a budget.
     score = so.score_from_denoiser(denoiser, PROCESS)
     x0 = data[:5000].astype(np.float64)
     start = time.perf_counter()
