@@ -599,7 +599,7 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     moments = (params.data_mean, params.data_var) if resumed else _data_moments(data, params[-1][0].shape[1])
     draw, rate = _data_sampler(data), lr if callable(lr) else partial(_cosine_decay, float(lr))
     state = params if resumed else _fresh_state(params, ts, rng, moments, preconditioning)
-    theta, unflatten = flatten(state.params)
+    theta, unflatten = _flatten(state.params)
     ts, adam, step, rng, history = state.ts, state.adam, state.step, as_rng(state.rng), state.history
     losses, start, loss_and_grad = list(history["loss"]), time.perf_counter(), value_and_grad(prepared_dsm_loss)
     now = lambda: TrainingState(unflatten(theta), ts, adam, step, rng, dict(history, loss=np.array(losses)),
@@ -610,7 +610,7 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
         batch = prepare_dsm(state.params, x0, draw_t(ts, batch_size, rng, process), rng.standard_normal(x0.shape),
                             process, *moments, preconditioning)
         loss, grad = loss_and_grad(unflatten(theta), batch)
-        theta_new, adam = adam_step(theta, flatten(grad)[0], adam, rate(step, n_steps))
+        theta_new, adam = adam_step(theta, _flatten(grad)[0], adam, rate(step, n_steps))
         _check_divergence(step + 1, loss, losses[0] if losses else loss, theta_new)
         theta, step = theta_new, step + 1
         losses.append(float(loss))
@@ -648,6 +648,18 @@ def _train_iv(params, process, ts, n_steps, batch_size, lr, levels, precondition
     if isinstance(params, TrainingState) and params.step > n_steps:
         raise ValueError(f"`params` is a training state at step {params.step}, beyond `n_steps` = {n_steps}")
     return process, ts, draw_t
+
+
+def _flatten(params):
+    """``(theta, unflatten)`` for a list of ``(W, b)``: autograd's ``flatten`` in plain NumPy, the same order, and
+    without its tracing (which cost a fifth of a training step); ``unflatten`` gives views of ``theta``."""
+    shapes = [a.shape for layer in params for a in layer]
+    ends = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
+
+    def unflatten(theta):
+        parts = [a.reshape(shape) for a, shape in zip(np.split(theta, ends), shapes)]
+        return [tuple(parts[i:i + 2]) for i in range(0, len(parts), 2)]
+    return np.concatenate([np.ravel(a) for layer in params for a in layer]), unflatten
 
 
 def _cosine_decay(lr, step, n_steps):
