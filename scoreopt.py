@@ -510,8 +510,12 @@ def forward_mode(score, process, x, t):
 def _fd_steps(process, ts, rel_step):
     """Steps of a relative size ``rel_step`` in log nu, ``h = rel_step / (d log nu / dt)``, at most a
     quarter of the range (so one stencil always fits inside it)."""
-    rate = np.abs(elementwise_grad(lambda t: anp.log(process.nsr(t)))(ts))
-    return np.minimum(rel_step / rate, 0.25 * (process.t_max - process.t_min))
+    return np.minimum(rel_step / _log_nsr_rate(process, ts), 0.25 * (process.t_max - process.t_min))
+
+
+def _log_nsr_rate(process, ts):
+    """``|d log nu / dt|`` at the times ``ts``."""
+    return np.abs(elementwise_grad(lambda t: anp.log(process.nsr(t)))(ts))
 
 
 DERIVATIVES = {"central": central_difference, "fd": central_difference, "autograd": forward_mode,
@@ -699,9 +703,10 @@ class OnlineUpdate(NamedTuple):
 
 def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
     """Algorithm 2's steps 2-3 on a dense grid, the default route: ``delta_c`` at ``n_grid`` times uniform in
-    ``log nu`` (:func:`local_cost`), then ``ts* = Lambda^{-1}(i Lambda / T)`` (:func:`optimal_schedule`,
-    Theorem 3.1). ``costs`` are the squared shares of ``Lambda`` over the steps of ``ts``. Returns
-    ``(ts_star, costs, length)``.
+    ``u = log nu`` (:func:`local_cost`), then ``ts* = Lambda^{-1}(i Lambda / T)`` (:func:`optimal_schedule`,
+    Theorem 3.1). Both are done in ``u``, where the grid is uniform and ``sqrt(delta)`` smooth: a local cost
+    transforms as a metric, ``delta_u = delta_t (dt/du)^2``. ``costs`` are the squared shares of ``Lambda``
+    over the steps of ``ts``. Returns ``(ts_star, costs, length)``.
 
     >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)        # exact score of N(0, 0.5^2) under ve()
     >>> x0 = 0.5 * np.random.default_rng(1).standard_normal((1000, 1))
@@ -710,9 +715,12 @@ def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
     (0.9, 9.54)
     """
     grid = _schedule_from_nsr(process, np.geomspace(*nsr_range(process), check_int(n_grid, "n_grid", 2)))
-    delta = local_cost(score, process, grid, x0, rng, velocity=velocity).value
-    Lambda = cumulative_cost(grid, delta)
-    return optimal_schedule(grid, delta, len(ts) - 1), np.diff(np.interp(ts, grid, Lambda)) ** 2, float(Lambda[-1])
+    u = np.log(process.nsr(grid))
+    dt_du = 1.0 / _log_nsr_rate(process, grid)
+    delta = local_cost(score, process, grid, x0, rng, velocity=velocity).value * dt_du ** 2
+    Lambda = cumulative_cost(u, delta)
+    ts_star = _pin(PchipInterpolator(u, grid)(optimal_schedule(u, delta, len(ts) - 1)), grid[0], grid[-1])
+    return ts_star, np.diff(np.interp(ts, grid, Lambda)) ** 2, float(Lambda[-1])
 
 
 def interval_route(score, process, ts, x0, rng, *, cost=corrector_cost, order=2):
