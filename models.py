@@ -569,7 +569,7 @@ MAX_LOSS_RATIO = 1e3
 
 
 def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e-3, levels="levels",
-          preconditioning="edm", online=None, callback=None):
+          preconditioning="edm", online=None, callback=None, gradient=None):
     """Train an MLP score model by denoising score matching, adapting the schedule online: Algorithm 2.
 
     1. a DSM step with Adam, training times drawn from the levels of the current ``ts`` (``levels``);
@@ -585,7 +585,8 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     ``params``, ``elapsed``, the last ``Lambda`` and ``state()``, the :class:`TrainingState` (to save
     it); a callback may raise ``StopIteration`` to end the run early. Returns the final
     :class:`TrainingState`; raises :class:`TrainingDiverged` naming the step if the loss or the
-    parameters stop being finite or the loss exceeds ``MAX_LOSS_RATIO`` times the first.
+    parameters stop being finite or the loss exceeds ``MAX_LOSS_RATIO`` times the first. ``gradient(params,
+    batch) -> (loss, grad)``: autograd's ``value_and_grad(prepared_dsm_loss)`` by default.
 
     >>> import scoreopt as so
     >>> state = train(init_mlp(0, width=16), Gaussian([0.0], [0.25]), so.ve(), so.uniform_schedule(so.ve(), 8),
@@ -601,7 +602,9 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     state = params if resumed else _fresh_state(params, ts, rng, moments, preconditioning)
     theta, unflatten = _flatten(state.params)
     ts, adam, step, rng, history = state.ts, state.adam, state.step, as_rng(state.rng), state.history
-    losses, start, loss_and_grad = list(history["loss"]), time.perf_counter(), value_and_grad(prepared_dsm_loss)
+    losses, start = list(history["loss"]), time.perf_counter()
+    loss_and_grad = value_and_grad(prepared_dsm_loss) if gradient is None else check_callable(
+        gradient, "gradient", "gradient(params, batch) -> (loss, grad)")
     now = lambda: TrainingState(unflatten(theta), ts, adam, step, rng, dict(history, loss=np.array(losses)),
                                 *moments, state.run, preconditioning)
     while step < n_steps:
@@ -729,8 +732,8 @@ from functools import wraps                                                # noq
 
 from scoreopt import check_data_scale, time_from_nsr, write_atomically     # noqa: E402
 
-__all__ += ["between_levels", "lognormal_levels", "ALL_LEVELS", "retain_freed_memory", "save_checkpoint",
-            "load_checkpoint", "checkpointer", "resume"]
+__all__ += ["between_levels", "lognormal_levels", "ALL_LEVELS", "dsm_loss_and_grad", "retain_freed_memory",
+            "save_checkpoint", "load_checkpoint", "checkpointer", "resume"]
 
 
 def between_levels(ts, n, rng, process):
@@ -796,6 +799,35 @@ def _run_definition(params, process, ts, n_steps, batch_size, lr, draw_t, precon
             "preconditioning": preconditioning, "batch_size": batch_size,
             "online": None if online is None else {k: getattr(v, "__name__", v) for k, v in online._asdict().items()}}
 
+
+
+def dsm_loss_and_grad(params, batch):
+    """``prepared_dsm_loss`` and its gradient in ``params`` by hand-written backpropagation: what
+    ``autograd.value_and_grad(prepared_dsm_loss)`` gives, to rounding (tested), at about half its cost for the
+    small MLPs here, whose steps are mostly autograd's bookkeeping. A named speed trick, opt-in:
+    ``train(..., gradient=dsm_loss_and_grad)`` (``examples/cantor.py`` uses it).
+
+    >>> batch = DSMBatch(np.ones((4, 10)), np.ones((4, 1)), np.full((4, 1), 0.5))
+    >>> loss, grad = dsm_loss_and_grad(init_mlp(0), batch)
+    >>> auto_loss, auto_grad = value_and_grad(prepared_dsm_loss)(init_mlp(0), batch)
+    >>> same = [np.allclose(a, b, rtol=1e-12, atol=0) for g, h in zip(grad, auto_grad) for a, b in zip(g, h)]
+    >>> bool(np.isclose(loss, auto_loss, rtol=1e-14)), all(same)
+    (True, True)
+    """
+    hs, pre = [batch.net_input], []
+    for W, b in params[:-1]:                                   # forward, keeping each layer's input and pre-activation
+        pre.append(hs[-1] @ W + b)
+        hs.append(silu(pre[-1]))
+    residual = hs[-1] @ params[-1][0] + params[-1][1] - batch.target
+    n = len(residual)
+    loss = np.mean(np.sum(batch.weight * residual ** 2, axis=1))
+    delta = 2.0 * batch.weight * residual / n                  # d loss / d output
+    grads = []
+    for k in range(len(params) - 1, -1, -1):                   # backward
+        grads.append((hs[k].T @ delta, np.sum(delta, axis=0)))
+        if k:
+            delta = (delta @ params[k][0].T) * _silu_slope(pre[k - 1])
+    return loss, grads[::-1]
 
 
 def retain_freed_memory():
