@@ -1044,7 +1044,7 @@ def as_column(a):
 
 # Part II needs more of the standard library than the paper does; it is imported here, so that a
 # copy of Part I alone imports only numpy, scipy and autograd.
-import argparse, hashlib, json, multiprocessing, os, pickle, sys, threading, time  # noqa: E401, E402
+import argparse, errno, hashlib, json, multiprocessing, os, pickle, re, stat, sys, threading, time  # noqa: E401, E402
 from concurrent.futures import ProcessPoolExecutor, wait                              # noqa: E402
 from concurrent.futures.process import BrokenProcessPool                              # noqa: E402
 from contextlib import contextmanager                                                 # noqa: E402
@@ -1353,7 +1353,11 @@ class ScheduleMap(NamedTuple):
     def _check_process_matches(self, process):
         process = check_process(process)
         recorded = (self.metadata or {}).get("process")
-        if recorded is not None and recorded != process.name:
+        if recorded is None:
+            raise ValueError("this map does not record its process (`metadata.process`: a hand-edited or old file), "
+                             f"so it cannot be matched to {process.name!r}: estimate it again to export timesteps or "
+                             "flow times; its sigmas(n) still work")
+        if recorded != process.name:
             old_table = recorded.startswith("alphas_cumprod(") and "," not in recorded
             raise ValueError(f"this map was estimated with the process {recorded!r}, not {process.name!r}: its noise "
                              "levels do not translate into that process's timesteps"
@@ -1856,26 +1860,36 @@ def _check_dtype(dtype):
 def write_atomically(path, data):
     """Write ``path`` through a temporary file in the same folder: ``data`` (``str``, ``bytes``, or a function
     ``data(f)`` writing to the open binary file) is written, flushed, renamed over ``path``, and the folder
-    flushed. The temporary file is created with mode 0666, so the process's umask applies as to any new file
-    (the umask is never changed).
+    flushed.
+
+    Only a regular file is replaced, or a new one created: a folder, a device (``/dev/null``), a named pipe,
+    a socket or a descriptor of this process (``/dev/stdout``, ``/proc/self/fd/1``) at ``path`` is a
+    ``ValueError`` naming it, and a read-only file (no write bit, as ``cp`` refuses it, also for root) a
+    ``PermissionError``; nothing is written. A symbolic link is followed and the rules apply to its target,
+    which is replaced. A replaced file keeps its permission bits, and the temporary file has them from its
+    creation; a new file is created with mode 0666, so the process's umask applies (never changed).
 
     After any interruption, SIGKILL included, ``path`` is the previous file or the new one, never a mixture.
-    The temporary file is ``.<name>.<pid>.<random>.tmp``; one left by a killed writer is removed by the next
-    write of the same path (only if its process is gone, so concurrent writers are safe). A symbolic link at
-    ``path`` is followed. An ``OSError`` (a full disk) names the path and says the previous file is unchanged.
+    The temporary file is ``.<name>.<pid>.<8 hex digits>.tmp``; one left by a killed writer is removed by the
+    next write of the same path (only a regular file of this exact pattern whose process is gone, so
+    concurrent writers and a user's own files are safe). An ``OSError`` (a full disk) names the path and says
+    the previous file is unchanged.
     """
     if isinstance(data, (str, bytes)):
         payload = data.encode() if isinstance(data, str) else data
         data = lambda f: f.write(payload)
-    path = os.path.realpath(path)
+    path = _save_target(path)
+    mode = _replaceable_mode(path)
     folder, base = os.path.split(path)
     _remove_stale_temporaries(folder, base)
     try:
-        fd, tmp = _create_temporary(folder, base)
+        fd, tmp = _create_temporary(folder, base, 0o666 if mode is None else mode)
     except OSError as err:
         raise OSError(err.errno, f"cannot write `{path}`: {err.strerror}; the previous file is unchanged") from err
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)          # the target's bits, whatever the umask
             data(f)
             f.flush()
             os.fsync(f.fileno())
@@ -1896,30 +1910,102 @@ def write_atomically(path, data):
         pass
 
 
-def _create_temporary(folder, base):
+def _save_target(path):
+    """The real path a save replaces: symbolic links followed; a link through ``/proc`` (``/dev/stdout``,
+    ``/dev/fd/1``: a descriptor of this process, whose target may be a log that a redirection opened) refused."""
+    link = os.path.abspath(os.fspath(path))
+    for _ in range(40):
+        if not os.path.islink(link):
+            break
+        if _is_proc(os.path.realpath(os.path.dirname(link))):
+            raise ValueError(f"`{path}` is a descriptor of this process (a link through /proc), not a file: a save "
+                             "replaces only a regular file or creates one; nothing was written")
+        link = os.path.join(os.path.dirname(link), os.readlink(link))
+    real = os.path.realpath(link)
+    if _is_proc(os.path.dirname(real)):
+        raise ValueError(f"`{path}` lies in /proc, not on a file system that keeps files; nothing was written")
+    return real
+
+
+def _is_proc(folder):
+    return folder == "/proc" or folder.startswith("/proc/")
+
+
+def _file_kind(mode):
+    """What a non-regular file is, in words."""
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _replaceable_mode(path):
+    """The permission bits of the regular file at ``path`` (None if there is none); anything else there, or a
+    read-only file, is refused."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"`{path}` is {_file_kind(st.st_mode)}: a save replaces only a regular file or creates "
+                         "one; nothing was written")
+    if not st.st_mode & 0o222 or not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, f"`{path}` is read-only (mode {stat.S_IMODE(st.st_mode):04o}): a save "
+                                            "does not replace it; make it writable or remove it first")
+    return stat.S_IMODE(st.st_mode)
+
+
+def _create_temporary(folder, base, mode):
     for _ in range(100):
         tmp = os.path.join(folder, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode), tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"cannot create a temporary file beside `{base}` in `{folder}`")
 
 
+MAX_PID = 2 ** 31 - 1        # the largest process id (pid_t); a larger number in a name is not a writer's
+
+
 def _remove_stale_temporaries(folder, base):
-    """Remove ``.<base>.<pid>.*.tmp`` files whose writing process no longer exists."""
-    prefix = f".{base}."
+    """Remove the temporary files of killed writers: regular files, this user's, named exactly
+    ``.<base>.<pid>.<8 hex digits>.tmp`` with a ``pid`` (at most 10 digits) whose process is gone."""
+    pattern = re.compile(re.escape(f".{base}.") + r"([1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
     try:
         names = os.listdir(folder)
     except OSError:
         return
     for name in names:
-        pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) and name.endswith(".tmp") else ""
-        if pid.isdigit() and not _process_alive(int(pid)):
-            try:
+        match = pattern.fullmatch(name)
+        if match is None or int(match.group(1)) > MAX_PID or _process_alive(int(match.group(1))):
+            continue
+        try:
+            st = os.lstat(os.path.join(folder, name))
+            if stat.S_ISREG(st.st_mode) and st.st_uid == getattr(os, "geteuid", lambda: st.st_uid)():
                 os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
+        except OSError:
+            pass
+
+
+MAX_FILE_BYTES = 2 ** 30     # the loaders refuse a larger file (a 1,000-level map is about 0.1 MB)
+
+
+def read_regular_file(path, limit=None):
+    """The bytes of the regular file at ``path``: a folder, a device (``/dev/zero``), a named pipe (opened
+    without blocking, so it cannot hang) or a file over ``limit`` bytes (``MAX_FILE_BYTES``) is a
+    ``ValueError`` naming it; a missing or unreadable one an ``OSError``."""
+    limit = check_int(MAX_FILE_BYTES if limit is None else limit, "MAX_FILE_BYTES", 1)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"`{path}` is {_file_kind(st.st_mode)}, not a regular file")
+        data = f.read(limit + 1) if st.st_size <= limit else b""
+        if st.st_size > limit or len(data) > limit:
+            raise ValueError(f"`{path}` is larger than {limit:,} bytes (MAX_FILE_BYTES)")
+    return data
 
 
 SCHEDULE_MAP_FORMAT = "scoreopt.ScheduleMap/1"
@@ -1937,8 +2023,7 @@ def load_schedule_map(path):
     ``Lambda``); the error bars; ``order`` (1, 2, 3, 4, 6 or 8); the counts.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_regular_file(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ValueError(f"`{path}` is not a readable schedule map: {type(err).__name__}: {err}") from None
     try:
@@ -1970,9 +2055,9 @@ def _schedule_map_from_json(data):
         data.get("grid_error", 0.0), "grid_error")
     order, count, metadata = data["order"], data["n_evaluations"], data["metadata"]
     if isinstance(order, bool) or order not in _ORDERS:
-        raise ValueError(f"`order` must be one of {_ORDERS}, got {order!r}")
+        raise ValueError(f"`order` must be one of {_ORDERS}, got {_short(order)}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"`n_evaluations` must be a non-negative integer, got {count!r}")
+        raise ValueError(f"`n_evaluations` must be a non-negative integer, got {_short(count)}")
     if not isinstance(metadata, dict):
         raise ValueError("`metadata` must be an object")
     _check_metadata(metadata, ts)
@@ -1996,6 +2081,28 @@ def _check_metadata(metadata, ts):
                              f"[{lo}, {hi}]")
     if "process" in metadata and not isinstance(metadata["process"], str):
         raise ValueError("`metadata.process` must be a string")
+    N, name = metadata.get("n_timesteps", 0), metadata.get("process", "")
+    table = re.fullmatch(r"alphas_cumprod\(N=([0-9]+)(, sha256 [0-9a-f]+)?\)", name)
+    if isinstance(N, bool) or not isinstance(N, int) or N < 0 or (N >= 2) != bool(table) or (
+            table and int(table.group(1)) != N):
+        raise ValueError(f"`metadata.n_timesteps` must be the length of the table of an alphas_cumprod process "
+                         f"(0 for another process), got {N!r} for the process {name!r}")
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        raise ValueError(f"`metadata` is nested more than {MAX_METADATA_DEPTH} levels deep")
+
+
+MAX_METADATA_DEPTH = 32      # a map's metadata nested deeper is refused (it could be loaded but not saved)
+
+
+def _depth(value):
+    """How deeply lists and dicts nest in ``value`` (iteratively: a deep value cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(value, (list, dict)) and depth <= MAX_METADATA_DEPTH:
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def _json_numbers(value, name, ndim):
@@ -2007,18 +2114,34 @@ def _json_numbers(value, name, ndim):
     bad = [v for v in out.flat if type(v) not in (int, float)]        # booleans and strings are not numbers
     if bad:
         raise TypeError(f"`{name}` must hold numbers, found {type(bad[0]).__name__}")
-    out = out.astype(float)
+    try:
+        out = out.astype(float)
+    except OverflowError:                     # an integer beyond float64 (10**400)
+        out = np.full(out.shape, np.inf)
     if not np.all(np.isfinite(out)):
         raise ValueError(f"`{name}` must be a finite {ndim}-D array")
     return out
 
 
 def _json_scalar(value, name, minimum=0.0):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(_float_or_inf(value)):
+        raise ValueError(f"`{name}` must be a finite number, got {_short(value)}")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
     return float(value)
+
+
+def _float_or_inf(value):
+    try:
+        return float(value)
+    except OverflowError:                     # an integer beyond float64
+        return math.inf
+
+
+def _short(value):
+    """``repr(value)`` cut to 60 characters (a hand-edited field may hold a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _jsonable(value, name):

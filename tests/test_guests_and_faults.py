@@ -23,7 +23,7 @@ import scoreopt as so
 VE, VP = so.ve(), so.vp_linear()
 GAUSS = models.Gaussian([0.0, 0.0], [0.25, 1.0])
 X0 = GAUSS.sample(400, 0)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(so.__file__)))
+ROOT = os.path.dirname(os.path.abspath(so.__file__))          # the folder that holds scoreopt.py
 
 
 def exact(x, t):
