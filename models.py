@@ -800,7 +800,7 @@ def _arrays_of(state):
     arrays = {"version": np.array(CHECKPOINT_VERSION), "layer_shapes": np.array([W.shape for W, _ in params]),
               "theta": flatten(params)[0], "ts": np.asarray(state.ts, dtype=float), "adam_m": state.adam.m,
               "adam_v": state.adam.v, "adam_step": np.array(state.adam.step), "step": np.array(state.step),
-              "rng_state": np.array(json.dumps(as_rng(state.rng).bit_generator.state)),
+              "rng_state": np.array(json.dumps(as_rng(state.rng).bit_generator.state, default=lambda v: v.tolist())),
               "data_mean": np.broadcast_to(np.asarray(state.data_mean, float), (dim,)),
               "data_var": np.broadcast_to(np.asarray(state.data_var, float), (dim,)),
               "run": np.array(json.dumps(state.run or {})), "preconditioning": np.array(state.preconditioning)}
@@ -843,7 +843,7 @@ def _state_from_arrays(f):
     if preconditioning not in PRECONDITIONINGS:
         raise ValueError(f"field `preconditioning`: unknown {preconditioning!r}")
     shapes = _layer_shapes(data["layer_shapes"])
-    for key, ndim in (("theta", 1), ("adam_m", 1), ("adam_v", 1), ("data_mean", 1), ("data_var", 1), ("loss", 1),
+    for key, ndim in (("theta", 1), ("ts", 1), ("adam_m", 1), ("adam_v", 1), ("data_mean", 1), ("data_var", 1), ("loss", 1),
                       ("Lambda", 1), ("schedules", 2), ("costs", 2)):
         _real_field(data, key, ndim)
     theta, sizes = data["theta"], [m * n + n for m, n in shapes]

@@ -1998,10 +1998,11 @@ def read_regular_file(path, limit=None):
     ``ValueError`` naming it; a missing or unreadable one an ``OSError``."""
     limit = check_int(MAX_FILE_BYTES if limit is None else limit, "MAX_FILE_BYTES", 1)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"`{path}` is {_file_kind(st.st_mode)}, not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"`{path}` is {_file_kind(st.st_mode)}, not a regular file")
         data = f.read(limit + 1) if st.st_size <= limit else b""
         if st.st_size > limit or len(data) > limit:
             raise ValueError(f"`{path}` is larger than {limit:,} bytes (MAX_FILE_BYTES)")

@@ -1,0 +1,258 @@
+"""Reliability, fourth round: saves that replace only what they should, loaders that call nothing a file
+names, workers that die with their parent whatever they run (docs/guide/reliability.md).
+
+One section per cause, in the order of harm; each test is a rule with its own cases.
+"""
+import io
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import models
+import sampler as sm
+import scoreopt as so
+
+VE, VP = so.ve(), so.vp_linear()
+GAUSS = models.Gaussian([0.0, 0.0], [0.25, 1.0])
+X0 = GAUSS.sample(400, 0)
+ROOT = os.path.dirname(os.path.abspath(so.__file__))          # the folder that holds scoreopt.py
+POSIX = pytest.mark.skipif(os.name != "posix", reason="device files, named pipes and signals are POSIX")
+
+
+def exact(x, t):
+    """The exact score of GAUSS under VP (module level: picklable by reference)."""
+    return GAUSS.score(x, t, VP)
+
+
+@pytest.fixture(scope="module")
+def smap():
+    return so.estimate_schedule_map(exact, VP, X0[:40], 0, n_grid=20)
+
+
+@pytest.fixture(scope="module")
+def state():
+    return models.train(models.init_mlp(0, dim=2, width=8, depth=1), GAUSS, VP, so.uniform_schedule(VP, 5), rng=0,
+                        n_steps=3, batch_size=16)
+
+
+def saves(smap, state):
+    """Every kind of save, as a function of the path."""
+    return {"map": smap.save, "checkpoint": lambda path: models.save_checkpoint(path, state),
+            "report": lambda path: so.write_atomically(path, "a report")}
+
+
+def dead_pid():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+# --- 1. A save replaces only a regular file, or creates one ------------------------------------------
+
+def special_files(folder):
+    """A folder, a named pipe, a socket and (as root) a copy of /dev/null, each with a test of its kind."""
+    made = {"a folder": (folder / "dir", stat.S_ISDIR)}
+    os.mkdir(made["a folder"][0])
+    made["a named pipe"] = (folder / "fifo", stat.S_ISFIFO)
+    os.mkfifo(made["a named pipe"][0])
+    made["a socket"] = (folder / "sock", stat.S_ISSOCK)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(made["a socket"][0]))
+    if os.geteuid() == 0:                           # a copy of /dev/null, made as root with mknod
+        made["a character device"] = (folder / "null", stat.S_ISCHR)
+        os.mknod(made["a character device"][0], stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    return made, server
+
+
+@POSIX
+def test_a_save_refuses_a_folder_a_device_a_pipe_or_a_socket_naming_it_and_replaces_nothing(tmp_path, smap, state):
+    made, server = special_files(tmp_path)
+    try:
+        for kind, (path, is_kind) in made.items():
+            for what, save in saves(smap, state).items():
+                with pytest.raises(ValueError, match=f"is {kind}: a save replaces only a regular file"):
+                    save(str(path))
+                assert is_kind(os.lstat(path).st_mode), f"{what} replaced {kind}"
+    finally:
+        server.close()
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p, _ in made.values())   # no temporary left
+
+
+@POSIX
+def test_a_save_to_a_descriptor_of_this_process_is_refused_not_renamed_over_the_redirected_file(tmp_path, smap):
+    # `smap.save("/dev/stdout")` under `> run.log`: /dev/stdout -> /proc/self/fd/1 -> run.log
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        f.write("earlier output\n")
+        f.flush()
+        for path in (f"/dev/fd/{f.fileno()}", f"/proc/self/fd/{f.fileno()}"):
+            if os.path.exists(path):
+                with pytest.raises(ValueError, match="is a descriptor of this process"):
+                    smap.save(path)
+        os.write(f.fileno(), b"later output\n")
+    assert log.read_text() == "earlier output\nlater output\n"
+
+
+@POSIX
+def test_a_replaced_file_keeps_its_permission_bits_also_while_it_is_written(tmp_path, smap, state):
+    seen = []
+
+    def data(f):
+        seen.append(stat.S_IMODE(os.fstat(f.fileno()).st_mode))
+        f.write(b"new")
+    for mode in (0o600, 0o640, 0o755):
+        path = tmp_path / f"file{mode:o}"
+        path.write_text("old")
+        os.chmod(path, mode)
+        so.write_atomically(str(path), data)
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode and seen[-1] == mode
+        for save in saves(smap, state).values():
+            save(str(path))
+            assert stat.S_IMODE(os.stat(path).st_mode) == mode
+
+
+@POSIX
+def test_a_read_only_file_is_refused_as_cp_refuses_it_even_for_root(tmp_path, smap, state):
+    path = tmp_path / "kept.json"
+    path.write_text("mine")
+    os.chmod(path, 0o444)
+    for save in saves(smap, state).values():
+        with pytest.raises(PermissionError, match=r"is read-only \(mode 0444\)"):
+            save(str(path))
+    assert path.read_text() == "mine" and os.listdir(tmp_path) == ["kept.json"]
+
+
+def test_a_symbolic_link_is_followed_and_the_rules_apply_to_its_target(tmp_path, smap):
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("old")
+    os.chmod(real, 0o600)
+    link.symlink_to(real)
+    smap.save(str(link))
+    assert link.is_symlink() and stat.S_IMODE(os.stat(real).st_mode) == 0o600
+    assert so.load_schedule_map(str(real)).length == smap.length
+    os.chmod(real, 0o400)
+    with pytest.raises(PermissionError, match="real.json` is read-only"):
+        smap.save(str(link))
+
+
+# --- 2. A checkpoint never chooses code to run -------------------------------------------------------
+
+def rewrite_checkpoint(path, **fields):
+    with np.load(path) as f:
+        arrays = dict(f)
+    arrays.update(fields)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("name", ["seed", "default_rng", "PCG64DXSM", "__import__", 7])
+def test_the_bit_generator_of_a_checkpoint_comes_from_a_fixed_list(tmp_path, state, name):
+    path = str(tmp_path / "ck.npz")
+    models.save_checkpoint(path, state)
+    rng_state = dict(state.rng.bit_generator.state, bit_generator=name)
+    rewrite_checkpoint(path, rng_state=np.array(json.dumps(rng_state)))
+    before = np.random.get_state()[1].copy()
+    with pytest.raises(ValueError, match=r"field `rng_state`: the bit generator must be one of \['MT19937', 'PCG64'"):
+        models.load_checkpoint(path)
+    np.testing.assert_array_equal(np.random.get_state()[1], before)     # "seed" once reseeded the global RNG
+    for kind in sorted(models.BIT_GENERATORS):                          # each of the list loads and continues
+        models.save_checkpoint(path, state._replace(rng=np.random.Generator(models.BIT_GENERATORS[kind](1))))
+        assert type(models.load_checkpoint(path).rng.bit_generator).__name__ == kind
+
+
+# --- 3. Every checkpoint field is checked, naming it -------------------------------------------------
+
+def damages(state):
+    """(field, new value) pairs that a loader must refuse, each naming the field."""
+    with io.BytesIO() as buffer:
+        np.savez(buffer, **models._arrays_of(state))
+        buffer.seek(0)
+        arrays = dict(np.load(buffer))
+    theta, shapes = arrays["theta"], arrays["layer_shapes"]
+    m, n = shapes[-1]
+    relabelled = np.vstack([shapes[:-1], [[m * n + n - 1, 1]]])          # the same size, a layer that does not fit
+    return [("step", np.array(-5)), ("step", np.array(10 ** 15)), ("step", np.array(2.0)), ("step", np.array([2])),
+            ("adam_step", np.array(-1)), ("adam_step", np.array(99)), ("version", np.array("4")),
+            ("theta", theta.astype(complex)), ("theta", theta.astype(int)), ("theta", theta[None]),
+            ("layer_shapes", relabelled), ("layer_shapes", shapes.astype(float)), ("layer_shapes", -shapes),
+            ("adam_m", arrays["adam_m"].astype(complex)), ("data_mean", np.zeros(3)), ("data_var", np.array([1.0])),
+            ("ts", arrays["ts"].astype(complex)), ("ts", np.array(["0", "1"])), ("loss", np.zeros(10)),
+            ("update_step", np.array([2, 1])), ("update_step", np.array([1.5])),
+            ("preconditioning", np.array(3)), ("run", np.array("[1, 2]")), ("run", np.array("{not json")),
+            ("rng_state", np.array(json.dumps({"bit_generator": "PCG64", "state": "no"})))]
+
+
+def test_every_checkpoint_field_is_checked_for_type_range_and_consistency_naming_it(tmp_path, state):
+    path = str(tmp_path / "ck.npz")
+    for field, value in damages(state):
+        models.save_checkpoint(path, state)
+        rewrite_checkpoint(path, **{field: value})
+        with pytest.raises(ValueError, match=f"is not a valid checkpoint: .*`{field}`"):
+            models.load_checkpoint(path)
+
+
+# --- 7. The sweep of leftover temporaries removes only a writer's own -------------------------------
+
+def test_the_temporary_sweep_keeps_users_files_and_cannot_overflow(tmp_path, smap):
+    dead = dead_pid()
+    keep = [f".map.json.{10 ** 19}.abcd1234.tmp",           # a pid of 20 digits: once a raw OverflowError
+            f".map.json.{dead}.backup.tmp",                  # a user's file: not the writer's pattern
+            f".map.json.{dead}.abcd1234.tmp.orig", f".map.json.0{dead}.abcd1234.tmp",
+            f".map.json.{os.getpid()}.abcd1234.tmp"]        # a live writer's (this process)
+    for name in keep:
+        (tmp_path / name).write_text("mine")
+    (tmp_path / f".map.json.{dead}.abcd1234.tmp.d").mkdir()
+    (tmp_path / f".map.json.{dead}.0123abcd.tmp").write_text("half a save")   # a killed writer's: removed
+    smap.save(str(tmp_path / "map.json"))
+    assert sorted(os.listdir(tmp_path)) == sorted(keep + [f".map.json.{dead}.abcd1234.tmp.d", "map.json"])
+
+
+# --- 8. Loaders read regular files only, and not too much -------------------------------------------
+
+def load_within(load, path, seconds=5.0):
+    """``load(path)``'s exception, or a failure if it has not returned within ``seconds`` (a reader blocked
+    on a named pipe is released by opening its other end)."""
+    out = []
+
+    def run():
+        try:
+            load(path)
+            out.append(None)
+        except Exception as err:
+            out.append(err)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail(f"{load.__name__} blocked on {path}")
+    return out[0]
+
+
+@POSIX
+def test_the_loaders_and_the_command_line_refuse_a_pipe_a_device_and_a_folder_without_blocking(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, kind in ((str(fifo), "a named pipe"), ("/dev/zero", "a character device"), (str(tmp_path), "a folder")):
+        for load in (so.load_schedule_map, models.load_checkpoint):
+            err = load_within(load, path)
+            assert isinstance(err, ValueError) and f"is {kind}, not a regular file" in str(err), err
+        assert so.main([path, "-n", "5"]) == 2
+        assert f"is {kind}, not a regular file" in capsys.readouterr().err
+
+
+def test_a_file_over_the_size_limit_is_refused_naming_the_limit(tmp_path, smap, state, monkeypatch):
+    smap.save(str(tmp_path / "map.json"))
+    models.save_checkpoint(str(tmp_path / "ck.npz"), state)
+    monkeypatch.setattr(so, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(ValueError, match="is larger than 1,000 bytes"):
+        so.load_schedule_map(str(tmp_path / "map.json"))
+    with pytest.raises(ValueError, match="is larger than 1,000 bytes"):
+        models.load_checkpoint(str(tmp_path / "ck.npz"))
