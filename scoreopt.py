@@ -1595,9 +1595,15 @@ def _pool_map(pool, func, tasks):
 
 
 def _watch_parent(pid):
-    """Pool worker initialiser: exit when the process that made the pool is gone (SIGTERM, SIGKILL), rather than
-    wait forever on the task queue holding a copy of the model."""
+    """Pool worker initialiser: die with the process ``pid`` that made the pool (SIGTERM, SIGKILL), rather than
+    wait forever on the task queue holding a copy of the model.
+
+    On Linux a guard process (:data:`_GUARD`) SIGKILLs the worker when ``pid`` exits, whatever the worker is
+    running, a C call that holds the GIL included; the forkserver and the resource tracker then exit, as they
+    do once the pipes the workers held are closed. Elsewhere, and as a fallback, a thread of the worker polls
+    ``pid`` every 0.5 s (it needs the GIL)."""
     parent = os.getppid()
+    _start_guard(pid)
 
     def watch():
         while _process_alive(pid) and os.getppid() == parent:
@@ -1605,6 +1611,45 @@ def _watch_parent(pid):
         os._exit(1)
     if os.name == "posix":
         threading.Thread(target=watch, daemon=True).start()
+
+
+# The guard of a pool worker: a small Python process (no NumPy) that SIGKILLs the worker (argv[1]) when the
+# process that made the pool (argv[2]) exits, and dies with the worker (PR_SET_PDEATHSIG); Linux only.
+_GUARD = """
+import ctypes, os, select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C reaches the whole process group
+worker, parent = int(sys.argv[1]), int(sys.argv[2])
+ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)   # PR_SET_PDEATHSIG: go when the worker goes
+if os.getppid() != worker:
+    sys.exit()
+try:
+    select.select([os.pidfd_open(parent)], [], [])    # readable once the parent has exited
+except (AttributeError, OSError):                     # no pidfd (Linux < 5.3), or the parent is gone
+    while True:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pass
+        time.sleep(0.2)
+os.kill(worker, signal.SIGKILL)
+"""
+_guards = []             # a worker's guard (kept referenced while the worker lives)
+
+
+def _start_guard(pid):
+    """Start this worker's guard (Linux); whether it started."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import subprocess
+    try:
+        _guards.append(subprocess.Popen([sys.executable, "-I", "-c", _GUARD, str(os.getpid()), str(pid)],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+    except OSError:
+        return False
+    return True
 
 
 def _process_alive(pid):
