@@ -1560,8 +1560,12 @@ def _level_map(workers, func):
     if workers == 1:
         yield map, 1
         return
+    if getattr(multiprocessing.current_process(), "_inheriting", False):     # a worker importing the script
+        raise RuntimeError(f"`workers` = {workers}: a pool is being started while a worker process imports the "
+                           "script that started it: put the script's top-level code under `if __name__ == "
+                           "'__main__':` (every worker imports the script again and runs its module-level code)")
     try:
-        pickle.dumps(func)
+        blob = pickle.dumps(func)
     except Exception as err:
         raise TypeError(f"`workers` = {workers} runs the score in other processes, so the score and the process "
                         f"must pickle, and they do not ({type(err).__name__}: {err}). Define the model at module "
@@ -1571,15 +1575,18 @@ def _level_map(workers, func):
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     pool = ProcessPoolExecutor(n, multiprocessing.get_context(method), _watch_parent, (os.getpid(),))
     try:
-        yield partial(_pool_map, pool), 4 * n
+        yield partial(_pool_map, pool, blob), 4 * n
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pool_map(pool, func, tasks):
-    """``map(func, tasks)`` on a process pool, in order. Says so when no result comes for ``STALL_SECONDS``;
-    a worker that died (killed by the system, e.g. out of memory) is an error naming the level."""
-    futures = [(task[0], pool.submit(func, task)) for task in tasks]
+def _pool_map(pool, blob, func, tasks):
+    """``map(func, tasks)`` on a process pool, in order, ``func`` sent pickled (``blob``) so that a worker that
+    cannot load it says so. Says so when no result comes for ``STALL_SECONDS``; a pool that breaks is an error
+    naming the levels and the cause its workers' exit codes tell (:func:`_broken_pool_cause`)."""
+    futures = [(task[0], pool.submit(_call_pickled, blob, task)) for task in tasks]
+    processes = list(getattr(pool, "_processes", None) or {})
+    processes = [pool._processes[pid] for pid in processes if pid in pool._processes]
     for j, future in futures:
         while not wait([future], timeout=STALL_SECONDS).done:
             warnings.warn(f"the process pool has returned nothing for {STALL_SECONDS:g} s (level {j}): a worker may be "
@@ -1589,9 +1596,50 @@ def _pool_map(pool, func, tasks):
         except BrokenProcessPool:
             lost = [k for k, f in futures if not f.done() or isinstance(f.exception(), BrokenProcessPool)]
             raise ScoreEvaluationError(f"a worker process died while the map computed levels {lost[0]} to {lost[-1]}: "
-                                       "it was killed (often by the system for lack of memory: each worker holds a "
-                                       "copy of the model and a level's batch) or crashed; use fewer workers or a "
-                                       "smaller batch_size") from None
+                                       + _broken_pool_cause(processes)) from None
+
+
+def _call_pickled(blob, task):
+    """A pool task: load the level's function from ``blob``, then run it; a function the worker cannot load
+    (defined under the script's ``if __name__ == "__main__":``, or in a module the worker cannot import) is a
+    ``TypeError`` saying so."""
+    try:
+        func = pickle.loads(blob)
+    except Exception as err:
+        raise TypeError(f"a worker process could not load the score ({type(err).__name__}: {err}): a score run by "
+                        "`workers` must be importable by the workers: defined at module level, outside `if __name__ "
+                        "== '__main__':`, in a module on their path") from None
+    return func(task)
+
+
+def _broken_pool_cause(processes):
+    """Why the workers of a broken pool died, from their exit codes and the forkserver."""
+    for p in processes:
+        p.join(1.0)
+    codes = [p.exitcode for p in processes if p.exitcode is not None]
+    server = getattr(getattr(multiprocessing, "forkserver", None), "_forkserver", None)
+    server_pid = getattr(server, "_forkserver_pid", None)
+    if 255 in codes or (server_pid is not None and processes and not _process_alive(server_pid)):
+        return ("the forkserver that starts and watches the workers was killed, so the pool lost them; run the map "
+                "again (a new forkserver starts)")
+    if any(c > 0 for c in codes):
+        return ("it exited with an error before returning a result (its traceback is on stderr): often a script "
+                "whose top-level code is not under `if __name__ == '__main__':` (every worker imports the script "
+                "again and runs its module-level code), or an import that fails in a fresh process")
+    signals = sorted({-c for c in codes if c < 0} - ({15} if any(c not in (0, -15) for c in codes) else set()))
+    if signals:                                # SIGTERM is how the pool stops the others once one has died
+        return (f"it was killed by {', '.join(map(_signal_name, signals))}"
+                + (" (often by the system for lack of memory: each worker holds a copy of the model and a level's "
+                   "batch; use fewer workers or a smaller batch_size)" if 9 in signals else ""))
+    return "it crashed or was stopped; its exit status is unknown"
+
+
+def _signal_name(number):
+    import signal
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _watch_parent(pid):

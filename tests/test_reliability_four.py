@@ -4,6 +4,7 @@ names, workers that die with their parent whatever they run (docs/guide/reliabil
 One section per cause, in the order of harm; each test is a rule with its own cases.
 """
 import io
+import pickle
 import json
 import os
 import socket
@@ -256,3 +257,57 @@ def test_a_file_over_the_size_limit_is_refused_naming_the_limit(tmp_path, smap, 
         so.load_schedule_map(str(tmp_path / "map.json"))
     with pytest.raises(ValueError, match="is larger than 1,000 bytes"):
         models.load_checkpoint(str(tmp_path / "ck.npz"))
+
+
+# --- 9. A broken pool names its cause ----------------------------------------------------------------
+
+class LoadsOnlyHere:
+    """A score that pickles here and fails to load in any other process (as one defined under the script's
+    `if __name__ == "__main__":` does)."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def __reduce__(self):
+        return _load_in, (self.pid,)
+
+    def __call__(self, x, t):
+        return exact(x, t)
+
+
+def _load_in(pid):
+    if os.getpid() != pid:
+        raise AttributeError("Can't get attribute 'score' on <module '__mp_main__'>")
+    return LoadsOnlyHere()
+
+
+def test_a_score_the_workers_cannot_load_is_named():
+    # A pool task is the level's function pickled, loaded in the worker (so._call_pickled); here the
+    # "other process" is simulated by the pid the score records (checked by hand with a pool: the same).
+    score = LoadsOnlyHere()
+    score.pid = -1
+    with pytest.raises(TypeError, match="a worker process could not load the score .* outside `if __name__"):
+        so._call_pickled(pickle.dumps(score), (0, X0[:4], 0.5, 1.0))
+
+
+class Exited:
+    def __init__(self, code):
+        self.exitcode = code
+
+    def join(self, timeout=None):
+        pass
+
+
+def test_a_pool_started_while_a_worker_imports_the_script_and_each_exit_code_are_named(monkeypatch):
+    # a script without `if __name__ == "__main__":` starts a pool again in every worker, which imports it
+    monkeypatch.setattr(so.multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(RuntimeError, match="put the script's top-level code under `if __name__ == '__main__':`"):
+        so.estimate_schedule_map(exact, VP, X0[:40], 0, n_grid=20, workers=2)
+    monkeypatch.undo()
+    cause = lambda *codes: so._broken_pool_cause([Exited(c) for c in codes])
+    assert "top-level code is not under `if __name__" in cause(1, -15)
+    assert "killed by SIGKILL (often by the system for lack of memory" in cause(-9, -15)
+    assert "memory" not in cause(-6) and "SIGABRT" in cause(-6)
+    assert "the forkserver that starts and watches the workers was killed" in cause(255, 0)   # what a worker
+    # whose forkserver is gone reports (multiprocessing.popen_forkserver); checked by hand: killing the
+    # forkserver of a running map gives this message
