@@ -1460,7 +1460,7 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
     """Check :func:`estimate_schedule_map`'s arguments once; choose the grid and the samples."""
     process = check_process(process)
     score = checked_score(score, batch_size=batch_size, process=process)
-    x0 = check_data(x0)
+    x0 = check_data_range(check_data(x0))
     check_data_scale(np.mean(x0 ** 2, axis=0), process)
     seed = int(rng) if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) else None
     rng, derivative = as_rng(rng), resolve(central_difference if derivative is None else derivative, DERIVATIVES,
@@ -1489,6 +1489,17 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
                     check_velocity(velocity, process), control_variate, workers,
                     None if callback is None else check_callable(callback, "callback", "callback(done, total, info)"),
                     metadata)
+
+
+def check_data_range(x, name="x0"):
+    """``x`` if float64 arithmetic on it is sound: its largest magnitude is refused above 1e150 (its squares
+    overflow) and, unless it is all zero, below 1e-150 (its squares underflow to 0), naming the scale."""
+    top = float(np.max(np.abs(x)))
+    if top > 1e150 or 0 < top < 1e-150:
+        raise ValueError(f"`{name}` holds values of magnitude up to {top:.3g}: their squares "
+                         f"{'overflow' if top > 1 else 'underflow'} in float64, so no variance or cost is sound; "
+                         "rescale the data (to about unit scale)")
+    return x
 
 
 def _level_task(score, process, derivative, batch_size, task):

@@ -5,6 +5,7 @@ One section per cause, in the order of harm; each test is a rule with its own ca
 """
 import io
 import pickle
+import re
 import json
 import os
 import socket
@@ -311,3 +312,34 @@ def test_a_pool_started_while_a_worker_imports_the_script_and_each_exit_code_are
     assert "the forkserver that starts and watches the workers was killed" in cause(255, 0)   # what a worker
     # whose forkserver is gone reports (multiprocessing.popen_forkserver); checked by hand: killing the
     # forkserver of a running map gives this message
+
+
+# --- 5. A hand-made FlowWeight is checked wherever it is accepted; data near the float limits ---------
+
+def test_a_hand_made_flow_weight_is_checked_naming_the_field():
+    x0 = X0[:64]
+    good = sm.flow_weight(x0)
+    bad = {"weight.kind": good._replace(kind="sample"), "weight.basis": good._replace(basis=2 * good.basis),
+           "weight.basis` must be a finite (d, k)": good._replace(basis=good.basis[:1]),
+           "weight.variances": good._replace(variances=good.variances[:1]),
+           "weight.variances` must be 2 finite values >= 0": good._replace(variances=np.array([np.nan, 1.0])),
+           "weight.rest": good._replace(rest=-1.0)}
+    calls = (lambda w: sm.flow_error_cost(exact, VP, 0.5, 0.4, x0, 0, weight=w),
+             lambda w: sm.equal_error_schedule(exact, VP, 2, x0, 0, weight=w, max_iter=1),
+             lambda w: sm.teacher_schedule(exact, VP, 2, x0, 0, weight=w, n_cells=4))
+    for field, weight in bad.items():
+        for call in calls:
+            with pytest.raises(ValueError, match=re.escape(f"`{field}")):
+                call(weight)
+    with pytest.raises(ValueError, match="`weight.variances`"):           # once blamed `nu`
+        sm.flow_error_cost(exact, VP, 0.5, 0.4, x0, 0, weight=good._replace(variances=-good.variances))
+
+
+@pytest.mark.parametrize("scale", [1e154, 1e-310])
+def test_data_whose_squares_overflow_or_underflow_is_refused_naming_the_scale(scale):
+    x0 = X0[:40] * scale
+    words = "overflow" if scale > 1 else "underflow"
+    for call in (lambda: sm.flow_weight(x0), lambda: sm.equal_error_schedule(exact, VP, 2, x0, 0, max_iter=1),
+                 lambda: so.estimate_schedule_map(exact, VP, x0, 0, n_grid=20)):
+        with pytest.raises(ValueError, match=f"`x0` holds values of magnitude up to .*their squares {words}"):
+            call()
