@@ -758,8 +758,10 @@ def checked_score(score, name="score", *, batch_size=None, process=None):
     check_callable(score, name, f"{name}(x, t)")
     raw = score.score if isinstance(score, _CheckedScore) else score
     own = getattr(raw, "process", None)
-    if process is not None and isinstance(own, Process) and own.name != process.name:
-        raise ValueError(f"`{name}` was built for the process {own.name!r} and is used with {process.name!r}: its "
+    if process is not None and isinstance(own, Process) and not same_process(own, process):
+        other = (f"another process named {process.name!r} (s or sigma differ)" if own.name == process.name else
+                 repr(process.name))
+        raise ValueError(f"`{name}` was built for the process {own.name!r} and is used with {other}: its "
                          "outputs mean other noise levels there; build it with the process you pass")
     return _CheckedScore(raw, name, None if batch_size is None else check_int(batch_size, "batch_size", 1))
 
@@ -865,6 +867,18 @@ def check_process(process):
                          f"t_min to t_max (t = 0 is the data end, noise grows with t); it goes from {nu[0]:.4g} to "
                          f"{nu[-1]:.4g}")
     return process
+
+
+def same_process(a, b):
+    """Whether processes ``a`` and ``b`` compute the same: name, range, and ``s`` and ``sigma`` at 17 times
+    across it (to 1e-9), not the name alone (two custom processes keep the default name "process")."""
+    if a is b or a == b:
+        return True
+    if (a.name, float(a.t_min), float(a.t_max)) != (b.name, float(b.t_min), float(b.t_max)):
+        return False
+    t = np.linspace(a.t_min, a.t_max, 17)
+    on_grid = lambda f: np.broadcast_to(np.asarray(f(t), dtype=float), t.shape)
+    return all(np.allclose(on_grid(f), on_grid(g), rtol=1e-9, atol=0) for f, g in ((a.s, b.s), (a.sigma, b.sigma)))
 
 
 def check_data_scale(second_moment, process):
@@ -1357,6 +1371,10 @@ class ScheduleMap(NamedTuple):
             raise ValueError("this map does not record its process (`metadata.process`: a hand-edited or old file), "
                              f"so it cannot be matched to {process.name!r}: estimate it again to export timesteps or "
                              "flow times; its sigmas(n) still work")
+        digest = (self.metadata or {}).get("process_digest")
+        if recorded == process.name and digest is not None and digest != process_digest(process):
+            raise ValueError(f"this map was estimated with another process named {recorded!r} (its s or sigma "
+                             "differ: the process digests differ); pass the map's own process")
         if recorded != process.name:
             old_table = recorded.startswith("alphas_cumprod(") and "," not in recorded
             raise ValueError(f"this map was estimated with the process {recorded!r}, not {process.name!r}: its noise "
@@ -1479,7 +1497,8 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
                          + ("" if budget is None else f" (the budget allows {len(x0)})"))
     if not (callable(workers) or check_int(workers, "workers", -1) not in (0,)):
         raise ValueError("`workers` must be a positive int, -1, or a map-like callable workers(func, iterable)")
-    metadata = {"process": process.name, "t_min": process.t_min, "t_max": process.t_max,
+    metadata = {"process": process.name, "process_digest": process_digest(process), "t_min": process.t_min,
+                "t_max": process.t_max,
                 "n_timesteps": process.n_timesteps, "cost": "corrector",
                 "velocity": "sigma" if velocity is None else getattr(velocity, "__name__", "custom"),
                 "derivative": derivative.__name__, "n_grid": len(ts), "n_samples": len(x0), "n_groups": MAP_GROUPS,
@@ -1489,6 +1508,15 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
                     check_velocity(velocity, process), control_variate, workers,
                     None if callback is None else check_callable(callback, "callback", "callback(done, total, info)"),
                     metadata)
+
+
+def process_digest(process):
+    """What a process computes, as a hash: ``sha256`` of its range and of ``s`` and ``sigma`` at 17 times across
+    it (10 significant digits), the first 12 hex digits. A map records it (``metadata.process_digest``)."""
+    t = np.linspace(process.t_min, process.t_max, 17)
+    values = [process.t_min, process.t_max] + [float(v) for f in (process.s, process.sigma)
+                                               for v in np.broadcast_to(np.asarray(f(t), dtype=float), t.shape)]
+    return hashlib.sha256(" ".join(f"{v:.10g}" for v in values).encode()).hexdigest()[:12]
 
 
 def check_data_range(x, name="x0"):
@@ -2186,6 +2214,8 @@ def _check_metadata(metadata, ts):
                              f"[{lo}, {hi}]")
     if "process" in metadata and not isinstance(metadata["process"], str):
         raise ValueError("`metadata.process` must be a string")
+    if not isinstance(metadata.get("process_digest", ""), str):
+        raise ValueError("`metadata.process_digest` must be a string")
     N, name = metadata.get("n_timesteps", 0), metadata.get("process", "")
     table = re.fullmatch(r"alphas_cumprod\(N=([0-9]+)(, sha256 [0-9a-f]+)?\)", name)
     if isinstance(N, bool) or not isinstance(N, int) or N < 0 or (N >= 2) != bool(table) or (

@@ -343,3 +343,29 @@ def test_data_whose_squares_overflow_or_underflow_is_refused_naming_the_scale(sc
                  lambda: so.estimate_schedule_map(exact, VP, x0, 0, n_grid=20)):
         with pytest.raises(ValueError, match=f"`x0` holds values of magnitude up to .*their squares {words}"):
             call()
+
+
+# --- 6. A process is identified by what it computes ---------------------------------------------------
+
+def test_two_custom_processes_of_the_default_name_are_told_apart():
+    import autograd.numpy as anp
+    narrow = so.Process(lambda t: anp.ones_like(t), lambda t: 10.0 * t + 0.01, 0.0, 1.0)   # both named "process"
+    wide = so.Process(lambda t: anp.ones_like(t), lambda t: 80.0 * t + 0.01, 0.0, 1.0)
+    score = so.score_from_eps(lambda x, t: np.zeros_like(x), narrow)
+    x_T = sm.prior_sample(wide, 8, 1.0, 0)
+    with pytest.raises(ValueError, match="built for the process 'process' and is used with another process named "
+                                         "'process' \\(s or sigma differ\\)"):
+        sm.sample(score, wide, so.uniform_schedule(wide, 4), x_T, 0)
+    twin = so.Process(lambda t: anp.ones_like(t), lambda t: 10.0 * t + 0.01, 0.0, 1.0)   # the same, built again
+    sm.sample(score, twin, so.uniform_schedule(twin, 4), sm.prior_sample(twin, 8, 1.0, 0), 0)
+    assert so.process_digest(narrow) == so.process_digest(twin) != so.process_digest(wide)
+
+
+def test_a_map_records_its_process_digest_and_refuses_another_process_of_its_name(tmp_path):
+    flow = so.flow_matching()
+    smap = so.estimate_schedule_map(lambda x, t: -x / (t ** 2 + (1 - t) ** 2), flow, X0[:40], 0, n_grid=20)
+    assert smap.metadata["process_digest"] == so.process_digest(flow)
+    impostor = flow._replace(s=lambda t: 1.0 - 0.5 * t)                  # the same name, another s
+    with pytest.raises(ValueError, match="another process named 'flow_matching.*the process digests differ"):
+        smap.flow_times(impostor, 5)
+    smap.flow_times(so.flow_matching(), 5)
