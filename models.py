@@ -11,7 +11,7 @@ and resuming.
 """
 
 import time
-from functools import partial
+from functools import partial, wraps
 from typing import NamedTuple
 
 import autograd.numpy as anp
@@ -23,7 +23,7 @@ from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
 from scoreopt import (ROUTES, as_column, as_rng, check_callable, check_data, check_data_scale, check_gamma, check_int,
-                      check_positive, check_process, check_schedule, nsr_range, online_update, resolve)
+                      check_positive, check_process, check_real, check_schedule, nsr_range, online_update, resolve)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "noise_features", "silu", "preconditioning_coefficients", "mlp_score", "ScoreModel",
@@ -639,6 +639,10 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
 def _train_iv(params, process, ts, n_steps, batch_size, lr, levels, preconditioning, online, callback):
     """Check :func:`train`'s arguments once; returns the process, the schedule and the level function."""
     process, draw_t = check_process(process), resolve(levels, LEVELS, "levels")
+    draw_t = draw_t if draw_t in LEVELS.values() else _checked_levels(draw_t)
+    if not check_real(MAX_LOSS_RATIO, "models.MAX_LOSS_RATIO") > 1:
+        raise ValueError(f"`models.MAX_LOSS_RATIO` must be above 1 (a loss ratio that stops the run), got "
+                         f"{MAX_LOSS_RATIO}")
     if ts is None:
         if draw_t is not uniform_times or online is not None:
             raise ValueError("`ts` is needed unless `levels='uniform'` without an `online` update")
@@ -655,6 +659,20 @@ def _train_iv(params, process, ts, n_steps, batch_size, lr, levels, precondition
     if isinstance(params, TrainingState) and params.step > n_steps:
         raise ValueError(f"`params` is a training state at step {params.step}, beyond `n_steps` = {n_steps}")
     return process, ts, draw_t
+
+
+def _checked_levels(draw_t):
+    """A user's ``levels`` function whose every draw is checked: ``n`` finite real times inside the process's
+    range, or a ``ValueError`` naming it."""
+    @wraps(draw_t)
+    def levels(ts, n, rng, process):
+        t = np.asarray(draw_t(ts, n, rng, process))
+        if t.shape != (n,) or t.dtype.kind not in "fiu" or not np.all((t >= process.t_min) & (t <= process.t_max)):
+            raise ValueError(f"`levels` {getattr(draw_t, '__name__', '')} must return {n} real times in [t_min, t_max]"
+                             f" = [{process.t_min}, {process.t_max}]; it returned shape {t.shape}, {t.dtype}"
+                             + (f", from {t.min():.6g} to {t.max():.6g}" if t.size and t.dtype.kind in "fiu" else ""))
+        return t
+    return levels
 
 
 def _run_definition(params, process, ts, n_steps, batch_size, lr, draw_t, preconditioning, online):

@@ -405,7 +405,7 @@ class _Noise:
 
     def standard_normal(self, shape):
         if self.mode == "none":
-            raise ValueError(f"the step draws noise: {self.where} needs a deterministic step")
+            raise ValueError(f"the step draws noise: {self.where or 'this evaluation'} needs a deterministic step")
         out = np.zeros(shape)
         if self.mode == "probe":
             out[2 + self.calls] = 1.0
@@ -517,12 +517,15 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     if getattr(step, "multistep", False):
         raise ValueError("`predictor` carries a state from step to step; the change of variables here follows "
                          "one-step maps")
+    if step is ancestral_step or step is euler_maruyama_step:
+        raise ValueError(f"`predictor` {predictor!r} draws noise; the change of variables (flow_log_density) needs "
+                         "a deterministic step such as 'euler' or 'heun'")
     process = check_process(process)
     ts, x = check_schedule(ts, process), check_data(x_T, "x_T")
     check_callable(log_prob_T, "log_prob_T", "log_prob_T(x)")
     if x.shape[1] != 1:
         raise ValueError("`x_T` must have one column: the flow density is for 1-D data")
-    checked, noise = checked_score(score, process=process), _Noise("none", "the change of variables (flow_log_density)")
+    checked, noise = checked_score(score, process=process), _Noise("none", "`predictor` of flow_log_density (the change of variables)")
     log_density = np.asarray(log_prob_T(x), dtype=float).reshape(-1)
     for t_cur, t_next in zip(ts[:0:-1], ts[-2::-1]):
         slope = elementwise_grad(lambda y: anp.sum(step(checked.score, process, y, t_cur, t_next, noise)[0]))(x)[:, 0]
@@ -1008,11 +1011,14 @@ def coupled_optimal_schedule(score, process, T, x0, rng, *, step="euler", n_draw
     counted = _CountingScore(checked.score)
     x_T = prior_sample(process, check_int(n_draws, "n_draws", 2), x0.var(axis=0), rng)
     fine = loglinear_schedule(process, check_int(reference_steps, "reference_steps", T))
-    reference = _sample_loop(checked_score(counted), process, fine, x_T, _Noise("none"), heun_step, 0, 0.1, False)[0]
+    where = "`step` of coupled_optimal_schedule (it differentiates one trajectory)"
+    reference = _sample_loop(checked_score(counted), process, fine, x_T, _Noise("none", where), heun_step, 0, 0.1,
+                             False)[0]
     candidates = _starting_schedules(process, T, float(np.sqrt(np.mean(x0.var(axis=0)))), starts)
     run = lambda ts, check=False: _sample_loop(checked_score(counted) if check else counted, process, ts, x_T,
-                                               _Noise("none"), step, 0, 0.1, False, check)[0]
+                                               _Noise("none", where), step, 0, 0.1, False, check)[0]
     objective = lambda ts: anp.log(anp.mean((run(ts) - reference) ** 2) + 1e-300)
+    run(candidates["loglinear"], True)       # untraced and checked: an error here is the step's or the score's own
     try:
         value_and_grad(objective)(candidates["loglinear"])          # the first traced evaluation
     except Exception as err:

@@ -1341,7 +1341,7 @@ class ScheduleMap(NamedTuple):
         """
         n = check_int(n, "n", 2)
         log_nu = _invert_cumulative(np.log(self._nu_grid()), np.diff(self.Lambda), n - 1)
-        return np.append(np.exp(log_nu)[::-1], 0.0).astype(_check_dtype(dtype))
+        return _levels_apart(np.append(np.exp(log_nu)[::-1], 0.0), _check_dtype(dtype), "n")
 
     def timesteps(self, process, n):
         """``n`` integer timesteps of a discrete-time model, descending (diffusers' ``timesteps=``):
@@ -1362,7 +1362,7 @@ class ScheduleMap(NamedTuple):
         t = self.schedule(check_int(n, "n", 2) - 1)[::-1].copy()
         if check_bool(from_one, "from_one"):
             t[0] = 1.0
-        return t.astype(_check_dtype(dtype))
+        return _levels_apart(t, _check_dtype(dtype), "n")
 
     def _check_process_matches(self, process):
         process = check_process(process)
@@ -1398,6 +1398,16 @@ class ScheduleMap(NamedTuple):
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"cannot save this map to `{path}`: its loader would refuse it: {err}") from None
         write_atomically(path, text)
+
+
+def _levels_apart(values, dtype, name):
+    """Descending ``values`` cast to ``dtype``; an error if the cast makes two of them equal (float16 holds
+    about 3 significant digits and nothing below 6e-8)."""
+    cast = values.astype(dtype)
+    if np.any(np.diff(cast) >= 0):
+        raise ValueError(f"`dtype` {dtype} cannot hold these {len(values)} levels apart: two of them round to the "
+                         f"same value; use a wider dtype (float32) or a smaller `{name}`")
+    return cast
 
 
 MAP_GROUPS = 10          # independent sample groups of a map, for its batch-means error bars
@@ -1492,9 +1502,13 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
         steps = _fd_steps(process, ts, 1e-3)
         one_sided = np.sum((ts - steps < process.t_min) | (ts + steps > process.t_max))
         x0 = x0[:min(len(x0), budget // (n_grid if derivative is forward_mode else 2 * n_grid + one_sided))]
-    if len(x0) < 2 * MAP_GROUPS:
-        raise ValueError(f"`x0` needs at least {2 * MAP_GROUPS} samples for {MAP_GROUPS} groups"
+    groups = check_int(MAP_GROUPS, "scoreopt.MAP_GROUPS", 2)
+    if len(x0) < 2 * groups:
+        raise ValueError(f"`x0` needs at least {2 * groups} samples for {groups} groups"
                          + ("" if budget is None else f" (the budget allows {len(x0)})"))
+    if hasattr(workers, "map") and not callable(workers):
+        raise TypeError(f"`workers` is a {type(workers).__name__}; pass its map method (workers=pool.map), a "
+                        "map-like callable workers(func, iterable), or a number of processes")
     if not (callable(workers) or check_int(workers, "workers", -1) not in (0,)):
         raise ValueError("`workers` must be a positive int, -1, or a map-like callable workers(func, iterable)")
     metadata = {"process": process.name, "process_digest": process_digest(process), "t_min": process.t_min,
@@ -1610,6 +1624,7 @@ def _level_map(workers, func):
                         f"must pickle, and they do not ({type(err).__name__}: {err}). Define the model at module "
                         "level, use the adapters (they pickle when the model does), or pass a map-like callable "
                         "such as concurrent.futures.ThreadPoolExecutor(4).map") from None
+    check_positive(STALL_SECONDS, "scoreopt.STALL_SECONDS")
     n = (os.cpu_count() or 1) if workers == -1 else int(workers)
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     pool = ProcessPoolExecutor(n, multiprocessing.get_context(method), _watch_parent, (os.getpid(),))
@@ -2336,7 +2351,7 @@ def main(argv=None):
         smap = load_schedule_map(args.path)
         values = None if args.levels is None else _export(smap, args.convention, args.levels)
     except (ValueError, TypeError, MemoryError) as err:
-        print(f"error: {err}" if not isinstance(err, MemoryError) else
+        print(f"error: {_printable(err)}" if not isinstance(err, MemoryError) else
               f"error: -n {args.levels} levels do not fit in memory", file=sys.stderr)
         return 2
     try:
@@ -2358,15 +2373,27 @@ def _describe(smap, args, values):
         info.update(convention=args.convention, n=args.levels, values=values.tolist())
     if args.json:
         return json.dumps(info)
-    text = (f"{args.path}: process {info['process']}, Lambda = {smap.length:.4f} +- {smap.length_stderr:.4f} "
+    text = (f"{_printable(args.path)}: process {_printable(info['process'])}, Lambda = {smap.length:.4f} +- {smap.length_stderr:.4f} "
             f"(grid error {smap.grid_error:.2g}), {len(smap.ts)} levels, {smap.n_evaluations} evaluations")
     return text if values is None else text + f"\n{args.convention}, n = {args.levels}:\n" + " ".join(
         f"{v:.6g}" for v in values)
 
 
+def _printable(text):
+    """``text`` (from a file or the command line) with control characters, which a terminal would obey, and
+    bytes that are not UTF-8 escaped (``\\x1b``, ``\\xff``)."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+MAX_LEVELS = 10 ** 8     # the command line's largest -n (0.8 GB of float64 levels)
+
+
 def _export(smap, convention, n):
     """The command line's export of a loaded map (no process object: its metadata says which it was)."""
     n = check_int(n, "-n", 2)
+    if n > MAX_LEVELS:
+        raise ValueError(f"`-n` {n} levels do not fit in memory (at most {MAX_LEVELS:,})")
     if convention in ("k-diffusion", "diffusers-sigmas"):
         return smap.sigmas(n)
     if convention == "times":

@@ -369,3 +369,107 @@ def test_a_map_records_its_process_digest_and_refuses_another_process_of_its_nam
     with pytest.raises(ValueError, match="another process named 'flow_matching.*the process digests differ"):
         smap.flow_times(impostor, 5)
     smap.flow_times(so.flow_matching(), 5)
+
+
+# --- 10. Minor causes, each a clear error ------------------------------------------------------------
+
+@pytest.fixture
+def map_json(tmp_path, smap):
+    """The saved map as JSON, and a function that writes an edited copy and returns its path."""
+    path = tmp_path / "map.json"
+    smap.save(str(path))
+    data = json.loads(path.read_text())
+
+    def edited(text=None, **fields):
+        out = tmp_path / "edited.json"
+        out.write_text(text if text is not None else json.dumps(dict(data, **fields)))
+        return str(out)
+    return data, edited
+
+
+def test_a_hand_edited_map_is_refused_naming_the_field(map_json, capsys):
+    data, edited = map_json
+    huge = json.dumps(data).replace('"length_stderr": ', '"length_stderr": 1' + "0" * 400 + ', "x": ', 1)
+    with pytest.raises(ValueError, match=r"`length_stderr` must be a finite number, got 1000.*\.\.\.$"):
+        so.load_schedule_map(edited(huge))                          # once a raw OverflowError
+    with pytest.raises(ValueError, match="`Lambda` must be a finite 1-D array"):
+        so.load_schedule_map(edited(json.dumps(data).replace('"Lambda": [', '"Lambda": [1' + "0" * 400 + ", ", 1)))
+    deep = dict(data["metadata"], notes=json.loads("[" * 900 + "]" * 900))
+    with pytest.raises(ValueError, match="`metadata` is nested more than 32 levels deep"):
+        so.load_schedule_map(edited(metadata=deep))                 # once loaded, and could not be saved
+    for N in (10 ** 12, -1, True):                                  # the CLI once printed timesteps of 10**12
+        path = edited(metadata=dict(data["metadata"], n_timesteps=N))
+        assert so.main([path, "-n", "5", "--convention", "diffusers-timesteps"]) == 2
+        assert "`metadata.n_timesteps` must be the length of the table" in capsys.readouterr().err
+
+
+def test_the_command_line_escapes_what_a_file_or_an_argument_holds(map_json, capsys, tmp_path):
+    data, edited = map_json
+    path = edited(metadata=dict(data["metadata"], process="\x1b[2J\x1b]0;owned\x07vp"))
+    assert so.main([path]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b[2J" in out
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/map\xff.json")       # not UTF-8: a surrogate escape
+    os.rename(path, odd)
+    assert so.main([odd]) == 0 and "map\\xff.json" in capsys.readouterr().out
+    assert so.main([odd, "-n", str(10 ** 30)]) == 2
+    assert "`-n` 1000000000000000000000000000000 levels do not fit in memory" in capsys.readouterr().err
+
+
+def test_the_oracle_blames_the_score_only_for_what_autograd_cannot_trace():
+    def draws(score, process, x, t_cur, t_next, rng):         # a custom step that draws noise
+        return x + rng.standard_normal(x.shape), 1
+    with pytest.raises(ValueError, match="the step draws noise: `step` of coupled_optimal_schedule"):
+        sm.coupled_optimal_schedule(exact, VP, 2, X0[:8], 0, step=draws, n_draws=4, reference_steps=4)
+
+    def raises(x, t):
+        raise KeyError("a missing weight")
+    with pytest.raises(so.ScoreEvaluationError, match="`score` raised KeyError"):
+        sm.coupled_optimal_schedule(raises, VP, 2, X0[:8], 0, n_draws=4, reference_steps=4)
+
+
+# --- 11. Regressions found by the earlier audits ---------------------------------------------------
+
+def test_module_constants_are_checked_where_they_are_used(monkeypatch):
+    monkeypatch.setattr(so, "MAP_GROUPS", 1)
+    with pytest.raises(ValueError, match="`scoreopt.MAP_GROUPS` must be >= 2"):
+        so.estimate_schedule_map(exact, VP, X0[:40], 0, n_grid=20)
+    monkeypatch.setattr(models, "MAX_LOSS_RATIO", -1)
+    with pytest.raises(ValueError, match="`models.MAX_LOSS_RATIO` must be above 1"):
+        models.train(models.init_mlp(0, dim=2, width=4, depth=1), GAUSS, VP, so.uniform_schedule(VP, 3), rng=0,
+                     n_steps=1, batch_size=4)
+
+
+def test_a_map_without_its_process_refuses_to_export_timesteps(map_json):
+    data, edited = map_json
+    table = so.process_from_alphas_cumprod(np.cumprod(1 - np.linspace(1e-4, 0.02, 100)))
+    metadata = {k: v for k, v in data["metadata"].items() if k not in ("process", "process_digest")}
+    smap = so.load_schedule_map(edited(metadata=metadata))
+    with pytest.raises(ValueError, match="this map does not record its process"):
+        smap.timesteps(table, 5)
+    assert len(smap.sigmas(5)) == 6                                # its sigmas still work (5 levels, then 0)
+
+
+def test_a_pool_object_passed_as_workers_is_pointed_to_its_map():
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(TypeError, match=r"`workers` is a ThreadPoolExecutor; pass its map method \(workers=pool"):
+            so.estimate_schedule_map(exact, VP, X0[:40], 0, n_grid=20, workers=pool)
+        assert so.estimate_schedule_map(exact, VP, X0[:40], 0, n_grid=20, workers=pool.map).length > 0
+
+
+def test_flow_log_density_names_a_stochastic_predictor():
+    x_T = np.linspace(-2.0, 2.0, 8)[:, None]
+    with pytest.raises(ValueError, match="`predictor` 'ancestral' draws noise"):
+        sm.flow_log_density(lambda x, t: -x, so.ve(), so.uniform_schedule(so.ve(), 3), x_T, lambda x: -x[:, 0] ** 2,
+                            predictor="ancestral")
+
+
+def test_custom_levels_beyond_the_range_and_float16_sigmas_that_collapse_are_refused(smap):
+    beyond = lambda ts, n, rng, process: np.full(n, process.t_max + 0.5)
+    with pytest.raises(ValueError, match=r"`levels` <lambda> must return 4 real times in \[t_min, t_max\]"):
+        models.train(models.init_mlp(0, dim=2, width=4, depth=1), GAUSS, VP, so.uniform_schedule(VP, 3), rng=0,
+                     n_steps=1, batch_size=4, levels=beyond)
+    with pytest.raises(ValueError, match="`dtype` float16 cannot hold these 20001 levels apart"):
+        smap.sigmas(20000, dtype=np.float16)
+    assert np.all(np.diff(smap.sigmas(10, dtype=np.float16)) < 0)
