@@ -861,8 +861,8 @@ def _state_from_arrays(f):
     if preconditioning not in PRECONDITIONINGS:
         raise ValueError(f"field `preconditioning`: unknown {preconditioning!r}")
     shapes = _layer_shapes(data["layer_shapes"])
-    for key, ndim in (("theta", 1), ("ts", 1), ("adam_m", 1), ("adam_v", 1), ("data_mean", 1), ("data_var", 1), ("loss", 1),
-                      ("Lambda", 1), ("schedules", 2), ("costs", 2)):
+    for key, ndim in (("theta", 1), ("ts", 1), ("adam_m", 1), ("adam_v", 1), ("data_mean", 1), ("data_var", 1),
+                      ("loss", 1), ("Lambda", 1), ("schedules", 2), ("costs", 2)):
         _real_field(data, key, ndim)
     theta, sizes = data["theta"], [m * n + n for m, n in shapes]
     if theta.shape != (sum(sizes),):

@@ -323,7 +323,8 @@ from scipy.spatial.distance import cdist                                    # no
 from scipy.stats import gaussian_kde                                        # noqa: E402
 
 from scoreopt import (Estimate, baseline_schedules, check_data_range, check_data_scale, check_real,  # noqa: E402
-                      equal_cost_schedule, loglinear_schedule, mean_stderr, nsr_range, stop_at_budget, time_from_nsr, check_step_times)
+                      equal_cost_schedule, loglinear_schedule, mean_stderr, nsr_range, stop_at_budget, time_from_nsr,
+                      check_step_times)
 
 __all__ += ["heun_step", "dpmpp_2m_step", "GaussianLaw", "gaussian_output_law", "gaussian_kl", "gaussian_schedule_kl",
             "FlowDensity", "flow_log_density", "gaussian_optimal_schedule", "FlowWeight", "flow_weight",
@@ -525,7 +526,8 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     check_callable(log_prob_T, "log_prob_T", "log_prob_T(x)")
     if x.shape[1] != 1:
         raise ValueError("`x_T` must have one column: the flow density is for 1-D data")
-    checked, noise = checked_score(score, process=process), _Noise("none", "`predictor` of flow_log_density (the change of variables)")
+    checked = checked_score(score, process=process)
+    noise = _Noise("none", "`predictor` of flow_log_density (the change of variables)")
     log_density = np.asarray(log_prob_T(x), dtype=float).reshape(-1)
     for t_cur, t_next in zip(ts[:0:-1], ts[-2::-1]):
         slope = elementwise_grad(lambda y: anp.sum(step(checked.score, process, y, t_cur, t_next, noise)[0]))(x)[:, 0]

@@ -2233,8 +2233,8 @@ def _check_metadata(metadata, ts):
         raise ValueError("`metadata.process_digest` must be a string")
     N, name = metadata.get("n_timesteps", 0), metadata.get("process", "")
     table = re.fullmatch(r"alphas_cumprod\(N=([0-9]+)(, sha256 [0-9a-f]+)?\)", name)
-    if isinstance(N, bool) or not isinstance(N, int) or N < 0 or (N >= 2) != bool(table) or (
-            table and int(table.group(1)) != N):
+    if "n_timesteps" in metadata and (isinstance(N, bool) or not isinstance(N, int) or N < 0 or (
+            N >= 2) != bool(table) or (table and int(table.group(1)) != N)):
         raise ValueError(f"`metadata.n_timesteps` must be the length of the table of an alphas_cumprod process "
                          f"(0 for another process), got {N!r} for the process {name!r}")
     if _depth(metadata) > MAX_METADATA_DEPTH:
@@ -2373,7 +2373,8 @@ def _describe(smap, args, values):
         info.update(convention=args.convention, n=args.levels, values=values.tolist())
     if args.json:
         return json.dumps(info)
-    text = (f"{_printable(args.path)}: process {_printable(info['process'])}, Lambda = {smap.length:.4f} +- {smap.length_stderr:.4f} "
+    text = (f"{_printable(args.path)}: process {_printable(info['process'])}, Lambda = {smap.length:.4f} +- "
+            f"{smap.length_stderr:.4f} "
             f"(grid error {smap.grid_error:.2g}), {len(smap.ts)} levels, {smap.n_evaluations} evaluations")
     return text if values is None else text + f"\n{args.convention}, n = {args.levels}:\n" + " ".join(
         f"{v:.6g}" for v in values)
