@@ -67,9 +67,11 @@ def special_files(folder):
     made["a socket"] = (folder / "sock", stat.S_ISSOCK)
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(made["a socket"][0]))
-    if os.geteuid() == 0:                           # a copy of /dev/null, made as root with mknod
+    try:                                            # a copy of /dev/null (root, where devices may be made)
+        os.mknod(folder / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
         made["a character device"] = (folder / "null", stat.S_ISCHR)
-        os.mknod(made["a character device"][0], stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except (PermissionError, AttributeError):
+        pass
     return made, server
 
 
