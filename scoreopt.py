@@ -1735,7 +1735,8 @@ except (AttributeError, OSError):                     # no pidfd (Linux < 5.3), 
         except PermissionError:
             pass
         time.sleep(0.2)
-os.kill(worker, signal.SIGKILL)
+if os.getppid() == worker:                            # still the worker's child: never a reused pid
+    os.kill(worker, signal.SIGKILL)
 """
 _guards = []             # a worker's guard (kept referenced while the worker lives)
 
