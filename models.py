@@ -11,7 +11,7 @@ and resuming.
 """
 
 import time
-from functools import partial, wraps
+from functools import partial
 from typing import NamedTuple
 
 import autograd.numpy as anp
@@ -635,7 +635,6 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
 def _train_iv(params, process, ts, n_steps, batch_size, lr, levels, preconditioning, online, callback):
     """Check :func:`train`'s arguments once; returns the process, the schedule and the level function."""
     process, draw_t = check_process(process), resolve(levels, LEVELS, "levels")
-    draw_t = draw_t if draw_t in LEVELS.values() else _checked_levels(draw_t)
     if not check_real(MAX_LOSS_RATIO, "models.MAX_LOSS_RATIO") > 1:
         raise ValueError(f"`models.MAX_LOSS_RATIO` must be above 1 (a loss ratio that stops the run), got "
                          f"{MAX_LOSS_RATIO}")
@@ -667,20 +666,6 @@ def _flatten(params):
         parts = [a.reshape(shape) for a, shape in zip(np.split(theta, ends), shapes)]
         return [tuple(parts[i:i + 2]) for i in range(0, len(parts), 2)]
     return np.concatenate([np.ravel(a) for layer in params for a in layer]), unflatten
-
-
-def _checked_levels(draw_t):
-    """A user's ``levels`` function whose every draw is checked: ``n`` finite real times inside the process's
-    range, or a ``ValueError`` naming it."""
-    @wraps(draw_t)
-    def levels(ts, n, rng, process):
-        t = np.asarray(draw_t(ts, n, rng, process))
-        if t.shape != (n,) or t.dtype.kind not in "fiu" or not np.all((t >= process.t_min) & (t <= process.t_max)):
-            raise ValueError(f"`levels` {getattr(draw_t, '__name__', '')} must return {n} real times in [t_min, t_max]"
-                             f" = [{process.t_min}, {process.t_max}]; it returned shape {t.shape}, {t.dtype}"
-                             + (f", from {t.min():.6g} to {t.max():.6g}" if t.size and t.dtype.kind in "fiu" else ""))
-        return t
-    return levels
 
 
 def _cosine_decay(lr, step, n_steps):
@@ -746,6 +731,7 @@ import io                                                                  # noq
 import json                                                                # noqa: E402
 import os                                                                  # noqa: E402
 import tempfile                                                            # noqa: E402
+from functools import wraps                                                # noqa: E402
 
 import scoreopt                                                             # noqa: E402
 from scoreopt import check_data_scale, read_regular_file, time_from_nsr, write_atomically  # noqa: E402
@@ -777,6 +763,20 @@ ALL_LEVELS = {**LEVELS, "between": between_levels, "lognormal": lognormal_levels
 # Training that records what defines the run, for checkpoints and resume
 # --------------------------------------------------------------------------------
 
+def _checked_levels(draw_t):
+    """A user's ``levels`` function whose every draw is checked: ``n`` finite real times inside the process's
+    range, or a ``ValueError`` naming it."""
+    @wraps(draw_t)
+    def levels(ts, n, rng, process):
+        t = np.asarray(draw_t(ts, n, rng, process))
+        if t.shape != (n,) or t.dtype.kind not in "fiu" or not np.all((t >= process.t_min) & (t <= process.t_max)):
+            raise ValueError(f"`levels` {getattr(draw_t, '__name__', '')} must return {n} real times in [t_min, t_max]"
+                             f" = [{process.t_min}, {process.t_max}]; it returned shape {t.shape}, {t.dtype}"
+                             + (f", from {t.min():.6g} to {t.max():.6g}" if t.size and t.dtype.kind in "fiu" else ""))
+        return t
+    return levels
+
+
 _paper_train = train
 
 
@@ -785,6 +785,7 @@ def train(params, data, process, ts=None, *, levels="levels", **options):
     # Part I's train with the level names of ALL_LEVELS, and the run's definition recorded in every state that
     # it returns or shows a callback (a checkpoint saves it; resume compares it).
     levels = resolve(levels, ALL_LEVELS, "levels")
+    levels = levels if levels in ALL_LEVELS.values() else _checked_levels(levels)      # a user's: every draw checked
     checked = _train_iv(params, process, ts, options.get("n_steps"), options.get("batch_size", 256),
                         options.get("lr", 1e-3), levels, options.get("preconditioning", "edm"), options.get("online"),
                         options.get("callback"))
