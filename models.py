@@ -22,8 +22,8 @@ from autograd.misc import flatten
 from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
-from scoreopt import (COSTS, ROUTES, as_column, as_rng, check_callable, check_data, check_gamma,
-                      check_int, check_positive, check_process, check_schedule, grid_route, interval_route, nsr_range,
+from scoreopt import (COSTS, ROUTES, as_column, as_rng, check_callable, check_data, check_gamma, check_int,
+                      check_positive, check_process, check_real, check_schedule, grid_route, interval_route, nsr_range,
                       online_update, resolve)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
@@ -569,7 +569,7 @@ MAX_LOSS_RATIO = 1e3
 
 
 def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e-3, levels="levels",
-          preconditioning="edm", online=None, callback=None):
+          preconditioning="edm", online=None, callback=None, gradient=None):
     """Train an MLP score model by denoising score matching, adapting the schedule online: Algorithm 2.
 
     1. a DSM step with Adam, training times drawn from the levels of the current ``ts`` (``levels``);
@@ -585,7 +585,8 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     ``params``, ``elapsed``, the last ``Lambda`` and ``state()``, the :class:`TrainingState` (to save
     it); a callback may raise ``StopIteration`` to end the run early. Returns the final
     :class:`TrainingState`; raises :class:`TrainingDiverged` naming the step if the loss or the
-    parameters stop being finite or the loss exceeds ``MAX_LOSS_RATIO`` times the first.
+    parameters stop being finite or the loss exceeds ``MAX_LOSS_RATIO`` times the first. ``gradient(params,
+    batch) -> (loss, grad)``: autograd's ``value_and_grad(prepared_dsm_loss)`` by default.
 
     >>> import scoreopt as so
     >>> state = train(init_mlp(0, width=16), Gaussian([0.0], [0.25]), so.ve(), so.uniform_schedule(so.ve(), 8),
@@ -599,9 +600,11 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
     moments = (params.data_mean, params.data_var) if resumed else _data_moments(data, params[-1][0].shape[1])
     draw, rate = _data_sampler(data), lr if callable(lr) else partial(_cosine_decay, float(lr))
     state = params if resumed else _fresh_state(params, ts, rng, moments, preconditioning)
-    theta, unflatten = flatten(state.params)
+    theta, unflatten = _flatten(state.params)
     ts, adam, step, rng, history = state.ts, state.adam, state.step, as_rng(state.rng), state.history
-    losses, start, loss_and_grad = list(history["loss"]), time.perf_counter(), value_and_grad(prepared_dsm_loss)
+    losses, start = list(history["loss"]), time.perf_counter()
+    loss_and_grad = value_and_grad(prepared_dsm_loss) if gradient is None else check_callable(
+        gradient, "gradient", "gradient(params, batch) -> (loss, grad)")
     now = lambda: TrainingState(unflatten(theta), ts, adam, step, rng, dict(history, loss=np.array(losses)),
                                 *moments, state.run, preconditioning)
     while step < n_steps:
@@ -610,7 +613,7 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
         batch = prepare_dsm(state.params, x0, draw_t(ts, batch_size, rng, process), rng.standard_normal(x0.shape),
                             process, *moments, preconditioning)
         loss, grad = loss_and_grad(unflatten(theta), batch)
-        theta_new, adam = adam_step(theta, flatten(grad)[0], adam, rate(step, n_steps))
+        theta_new, adam = adam_step(theta, _flatten(grad)[0], adam, rate(step, n_steps))
         _check_divergence(step + 1, loss, losses[0] if losses else loss, theta_new)
         theta, step = theta_new, step + 1
         losses.append(float(loss))
@@ -632,6 +635,9 @@ def train(params, data, process, ts=None, *, rng, n_steps, batch_size=256, lr=1e
 def _train_iv(params, process, ts, n_steps, batch_size, lr, levels, preconditioning, online, callback):
     """Check :func:`train`'s arguments once; returns the process, the schedule and the level function."""
     process, draw_t = check_process(process), resolve(levels, LEVELS, "levels")
+    if not check_real(MAX_LOSS_RATIO, "models.MAX_LOSS_RATIO") > 1:
+        raise ValueError(f"`models.MAX_LOSS_RATIO` must be above 1 (a loss ratio that stops the run), got "
+                         f"{MAX_LOSS_RATIO}")
     if ts is None:
         if draw_t is not uniform_times or online is not None:
             raise ValueError("`ts` is needed unless `levels='uniform'` without an `online` update")
@@ -648,6 +654,18 @@ def _train_iv(params, process, ts, n_steps, batch_size, lr, levels, precondition
     if isinstance(params, TrainingState) and params.step > n_steps:
         raise ValueError(f"`params` is a training state at step {params.step}, beyond `n_steps` = {n_steps}")
     return process, ts, draw_t
+
+
+def _flatten(params):
+    """``(theta, unflatten)`` for a list of ``(W, b)``: autograd's ``flatten`` in plain NumPy, the same order, and
+    without its tracing (which cost a fifth of a training step); ``unflatten`` gives views of ``theta``."""
+    shapes = [a.shape for layer in params for a in layer]
+    ends = np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1]
+
+    def unflatten(theta):
+        parts = [a.reshape(shape) for a, shape in zip(np.split(theta, ends), shapes)]
+        return [tuple(parts[i:i + 2]) for i in range(0, len(parts), 2)]
+    return np.concatenate([np.ravel(a) for layer in params for a in layer]), unflatten
 
 
 def _cosine_decay(lr, step, n_steps):
@@ -715,10 +733,11 @@ import os                                                                  # noq
 import tempfile                                                            # noqa: E402
 from functools import wraps                                                # noqa: E402
 
-from scoreopt import check_data_scale, time_from_nsr, write_atomically     # noqa: E402
+import scoreopt                                                             # noqa: E402
+from scoreopt import check_data_scale, read_regular_file, time_from_nsr, write_atomically  # noqa: E402
 
-__all__ += ["between_levels", "lognormal_levels", "ALL_LEVELS", "retain_freed_memory", "save_checkpoint",
-            "load_checkpoint", "checkpointer", "resume"]
+__all__ += ["between_levels", "lognormal_levels", "ALL_LEVELS", "dsm_loss_and_grad", "retain_freed_memory",
+            "save_checkpoint", "load_checkpoint", "checkpointer", "resume"]
 
 
 def between_levels(ts, n, rng, process):
@@ -744,6 +763,20 @@ ALL_LEVELS = {**LEVELS, "between": between_levels, "lognormal": lognormal_levels
 # Training that records what defines the run, for checkpoints and resume
 # --------------------------------------------------------------------------------
 
+def _checked_levels(draw_t):
+    """A user's ``levels`` function whose every draw is checked: ``n`` finite real times inside the process's
+    range, or a ``ValueError`` naming it."""
+    @wraps(draw_t)
+    def levels(ts, n, rng, process):
+        t = np.asarray(draw_t(ts, n, rng, process))
+        if t.shape != (n,) or t.dtype.kind not in "fiu" or not np.all((t >= process.t_min) & (t <= process.t_max)):
+            raise ValueError(f"`levels` {getattr(draw_t, '__name__', '')} must return {n} real times in [t_min, t_max]"
+                             f" = [{process.t_min}, {process.t_max}]; it returned shape {t.shape}, {t.dtype}"
+                             + (f", from {t.min():.6g} to {t.max():.6g}" if t.size and t.dtype.kind in "fiu" else ""))
+        return t
+    return levels
+
+
 _paper_train = train
 
 
@@ -752,6 +785,7 @@ def train(params, data, process, ts=None, *, levels="levels", **options):
     # Part I's train with the level names of ALL_LEVELS, and the run's definition recorded in every state that
     # it returns or shows a callback (a checkpoint saves it; resume compares it).
     levels = resolve(levels, ALL_LEVELS, "levels")
+    levels = levels if levels in ALL_LEVELS.values() else _checked_levels(levels)      # a user's: every draw checked
     checked = _train_iv(params, process, ts, options.get("n_steps"), options.get("batch_size", 256),
                         options.get("lr", 1e-3), levels, options.get("preconditioning", "edm"), options.get("online"),
                         options.get("callback"))
@@ -784,6 +818,35 @@ def _run_definition(params, process, ts, n_steps, batch_size, lr, draw_t, precon
             "preconditioning": preconditioning, "batch_size": batch_size,
             "online": None if online is None else {k: getattr(v, "__name__", v) for k, v in online._asdict().items()}}
 
+
+
+def dsm_loss_and_grad(params, batch):
+    """``prepared_dsm_loss`` and its gradient in ``params`` by hand-written backpropagation: what
+    ``autograd.value_and_grad(prepared_dsm_loss)`` gives, to rounding (tested), at about half its cost for the
+    small MLPs here, whose steps are mostly autograd's bookkeeping. A named speed trick, opt-in:
+    ``train(..., gradient=dsm_loss_and_grad)`` (``examples/cantor.py`` uses it).
+
+    >>> batch = DSMBatch(np.ones((4, 10)), np.ones((4, 1)), np.full((4, 1), 0.5))
+    >>> loss, grad = dsm_loss_and_grad(init_mlp(0), batch)
+    >>> auto_loss, auto_grad = value_and_grad(prepared_dsm_loss)(init_mlp(0), batch)
+    >>> same = [np.allclose(a, b, rtol=1e-12, atol=0) for g, h in zip(grad, auto_grad) for a, b in zip(g, h)]
+    >>> bool(np.isclose(loss, auto_loss, rtol=1e-14)), all(same)
+    (True, True)
+    """
+    hs, pre = [batch.net_input], []
+    for W, b in params[:-1]:                                   # forward, keeping each layer's input and pre-activation
+        pre.append(hs[-1] @ W + b)
+        hs.append(silu(pre[-1]))
+    residual = hs[-1] @ params[-1][0] + params[-1][1] - batch.target
+    n = len(residual)
+    loss = np.mean(np.sum(batch.weight * residual ** 2, axis=1))
+    delta = 2.0 * batch.weight * residual / n                  # d loss / d output
+    grads = []
+    for k in range(len(params) - 1, -1, -1):                   # backward
+        grads.append((hs[k].T @ delta, np.sum(delta, axis=0)))
+        if k:
+            delta = (delta @ params[k][0].T) * _silu_slope(pre[k - 1])
+    return loss, grads[::-1]
 
 
 def retain_freed_memory():
@@ -844,7 +907,7 @@ def _arrays_of(state):
     arrays = {"version": np.array(CHECKPOINT_VERSION), "layer_shapes": np.array([W.shape for W, _ in params]),
               "theta": flatten(params)[0], "ts": np.asarray(state.ts, dtype=float), "adam_m": state.adam.m,
               "adam_v": state.adam.v, "adam_step": np.array(state.adam.step), "step": np.array(state.step),
-              "rng_state": np.array(json.dumps(as_rng(state.rng).bit_generator.state)),
+              "rng_state": np.array(json.dumps(as_rng(state.rng).bit_generator.state, default=lambda v: v.tolist())),
               "data_mean": np.broadcast_to(np.asarray(state.data_mean, float), (dim,)),
               "data_var": np.broadcast_to(np.asarray(state.data_var, float), (dim,)),
               "run": np.array(json.dumps(state.run or {})), "preconditioning": np.array(state.preconditioning)}
@@ -872,7 +935,14 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at `{path}`")
     try:
-        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
+        content = read_regular_file(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"`{path}` is not a readable checkpoint: {err}") from None
+    try:
+        with np.load(io.BytesIO(content), allow_pickle=False) as f:
+            if sum(info.file_size for info in f.zip.infolist()) > scoreopt.MAX_FILE_BYTES:
+                raise ValueError(f"its arrays would take more than {scoreopt.MAX_FILE_BYTES:,} bytes "
+                                 "(scoreopt.MAX_FILE_BYTES)")
             return _state_from_arrays(f)
     except ValueError as err:
         raise ValueError(f"`{path}` is not a valid checkpoint: {err}") from None
@@ -883,40 +953,120 @@ def load_checkpoint(path):
 
 def _state_from_arrays(f):
     data = {k: f[k] for k in _CHECKPOINT_KEYS if k in f.files or k != "preconditioning"}
-    version = int(data["version"])
+    version = _integer_field(data, "version")
     if version not in (2, 3, CHECKPOINT_VERSION):
         raise ValueError(f"checkpoint version {version}, expected 2 to {CHECKPOINT_VERSION}")
-    preconditioning = str(data["preconditioning"]) if version >= 3 else "eps"
+    preconditioning = _text_field(data, "preconditioning") if version >= 3 else "eps"
     if preconditioning not in PRECONDITIONINGS:
         raise ValueError(f"field `preconditioning`: unknown {preconditioning!r}")
-    theta, shapes = data["theta"], data["layer_shapes"]
-    sizes = [m * n + n for m, n in shapes]
+    shapes = _layer_shapes(data["layer_shapes"])
+    for key, ndim in (("theta", 1), ("ts", 1), ("adam_m", 1), ("adam_v", 1), ("data_mean", 1), ("data_var", 1),
+                      ("loss", 1), ("Lambda", 1), ("schedules", 2), ("costs", 2)):
+        _real_field(data, key, ndim)
+    theta, sizes = data["theta"], [m * n + n for m, n in shapes]
     if theta.shape != (sum(sizes),):
         raise ValueError("field `theta`: the parameters do not match their recorded shapes `layer_shapes`")
-    for key in ("theta", "adam_m", "adam_v", "data_mean", "data_var", "loss", "Lambda", "schedules", "costs"):
-        if not np.all(np.isfinite(data[key])):
-            raise ValueError(f"field `{key}` is not finite")
     if data["adam_m"].shape != theta.shape or data["adam_v"].shape != theta.shape or np.any(data["adam_v"] < 0):
         raise ValueError("fields `adam_m`, `adam_v`: Adam's moments must match the parameters (`adam_v` >= 0)")
-    if np.any(data["data_var"] < 0) or data["data_mean"].shape != data["data_var"].shape:
-        raise ValueError("fields `data_mean`, `data_var`: one per coordinate, the variances >= 0")
+    if np.any(data["data_var"] < 0) or not data["data_mean"].shape == data["data_var"].shape == (shapes[-1][1],):
+        raise ValueError(f"fields `data_mean`, `data_var`: one per coordinate ({shapes[-1][1]}, the model's "
+                         "output), the variances >= 0")
     try:
         ts = check_schedule(data["ts"], name="ts")
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise ValueError(f"field {err}") from None
-    if data["schedules"].shape[1:] != ts.shape or data["costs"].shape[1:] != (len(ts) - 1,):
-        raise ValueError(f"fields `schedules`, `costs`: rows of {len(ts)} and {len(ts) - 1} values")
+    run = _json_field(data, "run", dict)
+    step, n_steps = _integer_field(data, "step"), run.get("n_steps")
+    if not 0 <= step <= (n_steps if isinstance(n_steps, int) and not isinstance(n_steps, bool) else MAX_STEP):
+        raise ValueError(f"field `step`: {step} is not between 0 and the run's `n_steps` ({n_steps})")
+    if not 0 <= _integer_field(data, "adam_step") <= step:
+        raise ValueError(f"field `adam_step`: {int(data['adam_step'])} is not between 0 and `step` ({step})")
+    if len(data["loss"]) > step:
+        raise ValueError(f"field `loss`: {len(data['loss'])} values for {step} steps")
+    _check_history(data, ts, step)
     params, i = [], 0
     for (m, n), size in zip(shapes, sizes):
         params.append((theta[i:i + m * n].reshape(m, n), theta[i + m * n:i + size].copy()))
         i += size
-    rng_state = json.loads(str(data["rng_state"]))
-    rng = np.random.Generator(getattr(np.random, rng_state["bit_generator"])())
-    rng.bit_generator.state = rng_state
     history = {k: data[k] for k in ("loss", "update_step", "Lambda", "schedules", "costs")}
-    return TrainingState(params, ts, AdamState(data["adam_m"], data["adam_v"], int(data["adam_step"])),
-                         int(data["step"]), rng, history, data["data_mean"], data["data_var"],
-                         json.loads(str(data["run"])), preconditioning)
+    return TrainingState(params, ts, AdamState(data["adam_m"], data["adam_v"], int(data["adam_step"])), step,
+                         _rng_field(data), history, data["data_mean"], data["data_var"], run, preconditioning)
+
+
+MAX_STEP = 2 ** 53           # a checkpoint's step beyond this is refused (a float64 no longer counts it exactly)
+BIT_GENERATORS = {"PCG64": np.random.PCG64, "Philox": np.random.Philox, "SFC64": np.random.SFC64,
+                  "MT19937": np.random.MT19937}          # the only ones a checkpoint may name
+
+
+def _integer_field(data, key):
+    value = data[key]
+    if value.shape != () or value.dtype.kind not in "iu" or not 0 <= int(value) <= MAX_STEP:
+        raise ValueError(f"field `{key}` must be an integer from 0 to 2**53, got {value.dtype} {value.shape}")
+    return int(value)
+
+
+def _real_field(data, key, ndim):
+    value = data[key]
+    if value.dtype.kind != "f" or value.ndim != ndim:
+        raise ValueError(f"field `{key}` must be a {ndim}-D array of floats, got {value.dtype} {value.shape}")
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"field `{key}` is not finite")
+
+
+def _text_field(data, key):
+    value = data[key]
+    if value.shape != () or value.dtype.kind != "U":
+        raise ValueError(f"field `{key}` must be a string, got {value.dtype} {value.shape}")
+    return str(value)
+
+
+def _json_field(data, key, kind):
+    try:
+        value = json.loads(_text_field(data, key))
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"field `{key}` is not JSON: {err}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"field `{key}` must hold a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _layer_shapes(shapes):
+    """``layer_shapes``: one (inputs, outputs) pair of positive integers per layer, each layer's outputs the
+    next one's inputs."""
+    if shapes.dtype.kind not in "iu" or shapes.ndim != 2 or shapes.shape[1:] != (2,) or len(shapes) < 1 or np.any(
+            shapes < 1) or np.any(shapes[1:, 0] != shapes[:-1, 1]) or np.any(shapes > MAX_STEP):
+        raise ValueError("field `layer_shapes` must list (inputs, outputs) pairs of positive integers, each layer's "
+                         "outputs the next one's inputs")
+    return [(int(m), int(n)) for m, n in shapes]
+
+
+def _check_history(data, ts, step):
+    """The online updates' history: one step (increasing, within the run), Lambda (>= 0), schedule and costs
+    per update."""
+    update_step, n = data["update_step"], len(data["update_step"])
+    if update_step.dtype.kind not in "iu" or update_step.ndim != 1 or np.any(update_step < 1) or np.any(
+            update_step > step) or np.any(np.diff(update_step) <= 0):
+        raise ValueError(f"field `update_step` must be increasing integer steps from 1 to `step` ({step})")
+    if data["schedules"].shape != (n, len(ts)) or data["costs"].shape != (n, len(ts) - 1) or data["Lambda"].shape != (
+            n,) or np.any(data["Lambda"] < 0) or np.any(data["costs"] < 0):
+        raise ValueError(f"fields `Lambda`, `schedules`, `costs`: one per update ({n}), rows of {len(ts)} and "
+                         f"{len(ts) - 1} values, `Lambda` and `costs` >= 0")
+
+
+def _rng_field(data):
+    """The generator from ``rng_state``: its bit generator one of ``BIT_GENERATORS`` (a file never names code
+    to run), its state as NumPy checks it."""
+    state = _json_field(data, "rng_state", dict)
+    kind = state.get("bit_generator")
+    if not isinstance(kind, str) or kind not in BIT_GENERATORS:
+        raise ValueError(f"field `rng_state`: the bit generator must be one of {sorted(BIT_GENERATORS)}, got "
+                         f"{str(kind)[:40]!r}")
+    rng = np.random.Generator(BIT_GENERATORS[kind]())
+    try:
+        rng.bit_generator.state = state
+    except (ValueError, TypeError, KeyError, OverflowError) as err:
+        raise ValueError(f"field `rng_state` is not a valid {kind} state: {type(err).__name__}: {err}") from None
+    return rng
 
 
 def checkpointer(path, every=1000, callback=None):

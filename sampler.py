@@ -336,9 +336,10 @@ from scipy.optimize import minimize                                         # no
 from scipy.spatial.distance import cdist                                    # noqa: E402
 from scipy.stats import gaussian_kde                                        # noqa: E402
 
-from scoreopt import (Estimate, EqualCostResult, baseline_schedules, check_bool, check_data_scale,  # noqa: E402
-                      check_step_times, consumer_schedules, equal_cost_schedule, guest_score, loglinear_schedule,
-                      mean_stderr, nsr, nsr_range, stop_at_budget, time_from_nsr, _iterate)
+from scoreopt import (Estimate, EqualCostResult, baseline_schedules, check_bool, check_data_range,  # noqa: E402
+                      check_data_scale, check_real, check_step_times, consumer_schedules, equal_cost_schedule,
+                      guest_score, loglinear_schedule, mean_stderr, nsr, nsr_range, stop_at_budget, time_from_nsr,
+                      _iterate)
 
 __all__ += ["heun_step", "dpmpp_2m_step", "ALL_PREDICTORS", "resolve_step", "GaussianLaw", "gaussian_output_law",
             "gaussian_kl", "gaussian_schedule_kl", "FlowDensity", "flow_log_density", "gaussian_optimal_schedule",
@@ -462,7 +463,7 @@ class _Noise:
 
     def standard_normal(self, shape):
         if self.mode == "none":
-            raise ValueError(f"the step draws noise: {self.where} needs a deterministic step")
+            raise ValueError(f"the step draws noise: {self.where or 'this evaluation'} needs a deterministic step")
         out = np.zeros(shape)
         if self.mode == "probe":
             out[2 + self.calls] = 1.0
@@ -593,12 +594,16 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     if getattr(step, "multistep", False):
         raise ValueError("`predictor` carries a state from step to step; the change of variables here follows "
                          "one-step maps")
+    if step is ancestral_step or step is euler_maruyama_step:
+        raise ValueError(f"`predictor` {predictor!r} draws noise; the change of variables (flow_log_density) needs "
+                         "a deterministic step such as 'euler' or 'heun'")
     process = check_process(process)
     ts, x = check_schedule(ts, process), check_data(x_T, "x_T")
     check_callable(log_prob_T, "log_prob_T", "log_prob_T(x)")
     if x.shape[1] != 1:
         raise ValueError("`x_T` must have one column: the flow density is for 1-D data")
-    checked, noise = guest_score(score, process=process), _Noise("none", "the change of variables (flow_log_density)")
+    checked = guest_score(score, process=process)
+    noise = _Noise("none", "`predictor` of flow_log_density (the change of variables)")
     log_density = np.asarray(log_prob_T(x), dtype=float).reshape(-1)
     for t_cur, t_next in zip(ts[:0:-1], ts[-2::-1]):
         slope = elementwise_grad(lambda y: anp.sum(step(checked.score, process, y, t_cur, t_next, noise)[0]))(x)[:, 0]
@@ -718,8 +723,8 @@ def flow_weight(x0, kind="data", rank=None, rng=0):
     >>> w.kind
     'data'
     """
-    x0 = check_data(x0, min_rows=2)
-    if kind not in ("data", "kl", "scalar"):
+    x0 = check_data_range(check_data(x0, min_rows=2))
+    if not (isinstance(kind, str) and kind in ("data", "kl", "scalar")):
         raise ValueError(f"`weight` must be 'data', 'kl', 'scalar' or a FlowWeight, got {kind!r}")
     n, d = x0.shape
     if kind == "scalar":
@@ -736,6 +741,31 @@ def flow_weight(x0, kind="data", rank=None, rng=0):
     lam = np.maximum(lam, 0.0)
     rest = max(total - float(lam.sum()), 0.0) / (d - k) if k < d else 0.0
     return FlowWeight("kl" if kind == "kl" else "data", U, lam, rest)
+
+
+def as_flow_weight(weight, x0):
+    """``weight`` for data ``x0`` (checked): a name of :func:`flow_weight`, or a :class:`FlowWeight` whose
+    ``kind`` is "data" or "kl", ``basis`` a (d, k) orthonormal float array, ``variances`` k finite values
+    >= 0 and ``rest`` a finite value >= 0; each error names the field."""
+    if not isinstance(weight, FlowWeight):
+        return flow_weight(x0, weight)
+    d = x0.shape[1]
+    if not (isinstance(weight.kind, str) and weight.kind in ("data", "kl")):
+        raise ValueError(f"`weight.kind` must be 'data' or 'kl', got {weight.kind!r}")
+    basis = as_real_array(weight.basis, "weight.basis")
+    if basis.ndim != 2 or basis.shape[0] != d or basis.shape[1] > d or not np.all(np.isfinite(basis)):
+        raise ValueError(f"`weight.basis` must be a finite (d, k) array with d = {d} (the data's) and k <= d, got "
+                         f"shape {basis.shape}")
+    if not np.allclose(basis.T @ basis, np.eye(basis.shape[1]), rtol=0, atol=1e-6):
+        raise ValueError("`weight.basis` must be orthonormal (its columns unit vectors at right angles)")
+    variances = as_real_array(weight.variances, "weight.variances")
+    if variances.shape != (basis.shape[1],) or not np.all(np.isfinite(variances)) or np.any(variances < 0):
+        raise ValueError(f"`weight.variances` must be {basis.shape[1]} finite values >= 0 (one per column of "
+                         f"`weight.basis`), got {variances!r}")
+    rest = check_real(weight.rest, "weight.rest")
+    if not rest >= 0:
+        raise ValueError(f"`weight.rest` must be a finite value >= 0, got {rest}")
+    return FlowWeight(weight.kind, basis, variances, rest)
 
 
 def _top_eigenpairs(xc, k, rng, n_iter=4, oversample=10):
@@ -798,7 +828,7 @@ def flow_error_cost(score, process, t_cur, t_next, x0, rng, *, step="euler", wei
     t_cur, t_next = check_step_times(t_cur, t_next, process, towards_data=True)
     score, x0, rng = guest_score(score, process=process), check_data(x0, min_rows=2), as_rng(rng)
     step = resolve_step(step)
-    weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
+    weight = as_flow_weight(weight, x0)
     if step is ancestral_step and len(x0) < 4:
         raise ValueError(f"`x0` (n_samples) needs at least 4 rows for the ancestral step's error in law, got {len(x0)}")
     return _flow_error(score, process, t_cur, t_next, x0, rng, step, weight, check_int(n_substeps, "n_substeps", 1))
@@ -943,9 +973,9 @@ def equal_error_schedule(score, process, T, x0, rng, *, step="euler", weight="da
     """
     process = check_process(process)
     step, T = resolve_step(step), check_int(T, "T", 1)
-    x0, rng = check_data(x0, min_rows=2), as_rng(rng)
+    x0, rng = check_data_range(check_data(x0, min_rows=2)), as_rng(rng)
     check_data_scale(np.mean(x0 ** 2, axis=0), process)
-    weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
+    weight = as_flow_weight(weight, x0)
     points = x0[rng.choice(len(x0), min(check_int(n_samples, "n_samples", 2), len(x0)), replace=False)]
     if budget is not None:
         callback = stop_at_budget(budget, callback)
@@ -983,7 +1013,7 @@ def teacher_schedule(score, process, T, x0, rng, *, step="euler", n_draws=32, n_
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)
     step = _one_step(step, "teacher_schedule")
     G, K = check_int(n_cells, "n_cells", T), check_int(n_substeps, "n_substeps", 1)
-    weight = weight if isinstance(weight, FlowWeight) else flow_weight(x0, weight)
+    weight = as_flow_weight(weight, x0)
     x = prior_sample(process, check_int(n_draws, "n_draws", 2), x0.var(axis=0), rng)
     nu_min, nu_max = nsr_range(process)
     nodes = time_from_nsr(process, np.geomspace(nu_max, nu_min, G + 1))
@@ -1088,14 +1118,17 @@ def coupled_optimal_schedule(score, process, T, x0, rng, *, step="euler", n_draw
     counted = _CountingScore(checked.score)
     x_T = prior_sample(process, check_int(n_draws, "n_draws", 2), x0.var(axis=0), rng)
     fine = loglinear_schedule(process, check_int(reference_steps, "reference_steps", T))
-    reference = _sample_loop(checked_score(counted), process, fine, x_T, _Noise("none"), heun_step, 0, 0.1, False,
-                             checked_steps(heun_step, fine, x_T)[1])[0]
+    where = "`step` of coupled_optimal_schedule (it differentiates one trajectory)"
+    reference = _sample_loop(checked_score(counted), process, fine, x_T, _Noise("none", where), heun_step, 0, 0.1,
+                             False, checked_steps(heun_step, fine, x_T)[1])[0]
     candidates = _starting_schedules(process, T, float(np.sqrt(np.mean(x0.var(axis=0)))), starts)
+
     def run(ts, check=False):
         predict, after = checked_steps(step, ts, x_T) if check else (step, None)
-        return _sample_loop(checked_score(counted) if check else counted, process, ts, x_T, _Noise("none"), predict,
-                            0, 0.1, False, after)[0]
+        return _sample_loop(checked_score(counted) if check else counted, process, ts, x_T, _Noise("none", where),
+                            predict, 0, 0.1, False, after)[0]
     objective = lambda ts: anp.log(anp.mean((run(ts) - reference) ** 2) + 1e-300)
+    run(candidates["loglinear"], True)       # untraced and checked: an error here is the step's or the score's own
     try:
         value_and_grad(objective)(candidates["loglinear"])          # the first traced evaluation
     except Exception as err:

@@ -510,8 +510,12 @@ def forward_mode(score, process, x, t):
 def _fd_steps(process, ts, rel_step):
     """Steps of a relative size ``rel_step`` in log nu, ``h = rel_step / (d log nu / dt)``, at most a
     quarter of the range (so one stencil always fits inside it)."""
-    rate = np.abs(elementwise_grad(lambda t: anp.log(process.nsr(t)))(ts))
-    return np.minimum(rel_step / rate, 0.25 * (process.t_max - process.t_min))
+    return np.minimum(rel_step / _log_nsr_rate(process, ts), 0.25 * (process.t_max - process.t_min))
+
+
+def _log_nsr_rate(process, ts):
+    """``|d log nu / dt|`` at the times ``ts``."""
+    return np.abs(elementwise_grad(lambda t: anp.log(process.nsr(t)))(ts))
 
 
 DERIVATIVES = {"central": central_difference, "fd": central_difference, "autograd": forward_mode,
@@ -699,9 +703,10 @@ class OnlineUpdate(NamedTuple):
 
 def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
     """Algorithm 2's steps 2-3 on a dense grid, the default route: ``delta_c`` at ``n_grid`` times uniform in
-    ``log nu`` (:func:`local_cost`), then ``ts* = Lambda^{-1}(i Lambda / T)`` (:func:`optimal_schedule`,
-    Theorem 3.1). ``costs`` are the squared shares of ``Lambda`` over the steps of ``ts``. Returns
-    ``(ts_star, costs, length)``.
+    ``u = log nu`` (:func:`local_cost`), then ``ts* = Lambda^{-1}(i Lambda / T)`` (:func:`optimal_schedule`,
+    Theorem 3.1). Both are done in ``u``, where the grid is uniform and ``sqrt(delta)`` smooth: a local cost
+    transforms as a metric, ``delta_u = delta_t (dt/du)^2``. ``costs`` are the squared shares of ``Lambda``
+    over the steps of ``ts``. Returns ``(ts_star, costs, length)``.
 
     >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)        # exact score of N(0, 0.5^2) under ve()
     >>> x0 = 0.5 * np.random.default_rng(1).standard_normal((1000, 1))
@@ -710,9 +715,12 @@ def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
     (0.9, 9.54)
     """
     grid = _schedule_from_nsr(process, np.geomspace(*nsr_range(process), check_int(n_grid, "n_grid", 2)))
-    delta = local_cost(score, process, grid, x0, rng, velocity=velocity).value
-    Lambda = cumulative_cost(grid, delta)
-    return optimal_schedule(grid, delta, len(ts) - 1), np.diff(np.interp(ts, grid, Lambda)) ** 2, float(Lambda[-1])
+    u = np.log(process.nsr(grid))
+    dt_du = 1.0 / _log_nsr_rate(process, grid)
+    delta = local_cost(score, process, grid, x0, rng, velocity=velocity).value * dt_du ** 2
+    Lambda = cumulative_cost(u, delta)
+    ts_star = _pin(PchipInterpolator(u, grid)(optimal_schedule(u, delta, len(ts) - 1)), grid[0], grid[-1])
+    return ts_star, np.diff(np.interp(ts, grid, Lambda)) ** 2, float(Lambda[-1])
 
 
 def interval_route(score, process, ts, x0, rng, *, cost=corrector_cost, order=2):
@@ -820,8 +828,10 @@ def checked_score(score, name="score", *, batch_size=None, process=None):
     check_callable(score, name, f"{name}(x, t)")
     raw = score.score if isinstance(score, _CheckedScore) else score
     own = getattr(raw, "process", None)
-    if process is not None and isinstance(own, Process) and own.name != process.name:
-        raise ValueError(f"`{name}` was built for the process {own.name!r} and is used with {process.name!r}: its "
+    if process is not None and isinstance(own, Process) and not same_process(own, process):
+        other = (f"another process named {process.name!r} (s or sigma differ)" if own.name == process.name else
+                 repr(process.name))
+        raise ValueError(f"`{name}` was built for the process {own.name!r} and is used with {other}: its "
                          "outputs mean other noise levels there; build it with the process you pass")
     return _CheckedScore(raw, name, None if batch_size is None else check_int(batch_size, "batch_size", 1))
 
@@ -891,6 +901,18 @@ def check_process(process):
                          f"t_min to t_max (t = 0 is the data end, noise grows with t); it goes from {nu[0]:.4g} to "
                          f"{nu[-1]:.4g}")
     return process
+
+
+def same_process(a, b):
+    """Whether processes ``a`` and ``b`` compute the same: name, range, and ``s`` and ``sigma`` at 17 times
+    across it (to 1e-9), not the name alone (two custom processes keep the default name "process")."""
+    if a is b or a == b:
+        return True
+    if (a.name, float(a.t_min), float(a.t_max)) != (b.name, float(b.t_min), float(b.t_max)):
+        return False
+    t = np.linspace(a.t_min, a.t_max, 17)
+    on_grid = lambda f: np.broadcast_to(np.asarray(f(t), dtype=float), t.shape)
+    return all(np.allclose(on_grid(f), on_grid(g), rtol=1e-9, atol=0) for f, g in ((a.s, b.s), (a.sigma, b.sigma)))
 
 
 def nsr_range(process):
@@ -1048,7 +1070,7 @@ def as_column(a):
 
 # Part II needs more of the standard library than the paper does; it is imported here, so that a
 # copy of Part I alone imports only numpy, scipy and autograd.
-import argparse, hashlib, json, multiprocessing, os, pickle, sys, threading, time  # noqa: E401, E402
+import argparse, errno, hashlib, json, multiprocessing, os, pickle, re, stat, sys, threading, time  # noqa: E401, E402
 from concurrent.futures import ProcessPoolExecutor, wait                              # noqa: E402
 from concurrent.futures.process import BrokenProcessPool                              # noqa: E402
 from contextlib import contextmanager                                                 # noqa: E402
@@ -1351,7 +1373,7 @@ class ScheduleMap(NamedTuple):
         """
         n = check_int(n, "n", 2)
         log_nu = _invert_cumulative(np.log(self._nu_grid()), np.diff(self.Lambda), n - 1)
-        return np.append(np.exp(log_nu)[::-1], 0.0).astype(_check_dtype(dtype))
+        return _levels_apart(np.append(np.exp(log_nu)[::-1], 0.0), _check_dtype(dtype), "n")
 
     def timesteps(self, process, n):
         """``n`` integer timesteps of a discrete-time model, descending (diffusers' ``timesteps=``):
@@ -1372,12 +1394,20 @@ class ScheduleMap(NamedTuple):
         t = self.schedule(check_int(n, "n", 2) - 1)[::-1].copy()
         if check_bool(from_one, "from_one"):
             t[0] = 1.0
-        return t.astype(_check_dtype(dtype))
+        return _levels_apart(t, _check_dtype(dtype), "n")
 
     def _check_process_matches(self, process):
         process = check_process(process)
         recorded = (self.metadata or {}).get("process")
-        if recorded is not None and recorded != process.name:
+        if recorded is None:
+            raise ValueError("this map does not record its process (`metadata.process`: a hand-edited or old file), "
+                             f"so it cannot be matched to {process.name!r}: estimate it again to export timesteps or "
+                             "flow times; its sigmas(n) still work")
+        digest = (self.metadata or {}).get("process_digest")
+        if recorded == process.name and digest is not None and digest != process_digest(process):
+            raise ValueError(f"this map was estimated with another process named {recorded!r} (its s or sigma "
+                             "differ: the process digests differ); pass the map's own process")
+        if recorded != process.name:
             old_table = recorded.startswith("alphas_cumprod(") and "," not in recorded
             raise ValueError(f"this map was estimated with the process {recorded!r}, not {process.name!r}: its noise "
                              "levels do not translate into that process's timesteps"
@@ -1400,6 +1430,16 @@ class ScheduleMap(NamedTuple):
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"cannot save this map to `{path}`: its loader would refuse it: {err}") from None
         write_atomically(path, text)
+
+
+def _levels_apart(values, dtype, name):
+    """Descending ``values`` cast to ``dtype``; an error if the cast makes two of them equal (float16 holds
+    about 3 significant digits and nothing below 6e-8)."""
+    cast = values.astype(dtype)
+    if np.any(np.diff(cast) >= 0):
+        raise ValueError(f"`dtype` {dtype} cannot hold these {len(values)} levels apart: two of them round to the "
+                         f"same value; use a wider dtype (float32) or a smaller `{name}`")
+    return cast
 
 
 MAP_GROUPS = 10          # independent sample groups of a map, for its batch-means error bars
@@ -1486,7 +1526,7 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
     """Check :func:`estimate_schedule_map`'s arguments once; choose the grid and the samples."""
     process = check_process(process)
     score = guest_score(score, batch_size=batch_size, process=process)
-    x0 = check_data(x0)
+    x0 = check_data_range(check_data(x0))
     check_data_scale(np.mean(x0 ** 2, axis=0), process)
     seed = int(rng) if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) else None
     rng, derivative = as_rng(rng), resolve(central_difference if derivative is None else derivative, DERIVATIVES,
@@ -1500,12 +1540,17 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
         steps = _fd_steps(process, ts, 1e-3)
         one_sided = np.sum((ts - steps < process.t_min) | (ts + steps > process.t_max))
         x0 = x0[:min(len(x0), budget // (n_grid if derivative is forward_mode else 2 * n_grid + one_sided))]
-    if len(x0) < 2 * MAP_GROUPS:
-        raise ValueError(f"`x0` needs at least {2 * MAP_GROUPS} samples for {MAP_GROUPS} groups"
+    groups = check_int(MAP_GROUPS, "scoreopt.MAP_GROUPS", 2)
+    if len(x0) < 2 * groups:
+        raise ValueError(f"`x0` needs at least {2 * groups} samples for {groups} groups"
                          + ("" if budget is None else f" (the budget allows {len(x0)})"))
+    if hasattr(workers, "map") and not callable(workers):
+        raise TypeError(f"`workers` is a {type(workers).__name__}; pass its map method (workers=pool.map), a "
+                        "map-like callable workers(func, iterable), or a number of processes")
     if not (callable(workers) or check_int(workers, "workers", -1) not in (0,)):
         raise ValueError("`workers` must be a positive int, -1, or a map-like callable workers(func, iterable)")
-    metadata = {"process": process.name, "t_min": process.t_min, "t_max": process.t_max,
+    metadata = {"process": process.name, "process_digest": process_digest(process), "t_min": process.t_min,
+                "t_max": process.t_max,
                 "n_timesteps": process.n_timesteps, "cost": "corrector",
                 "velocity": "sigma" if velocity is None else getattr(velocity, "__name__", "custom"),
                 "derivative": derivative.__name__, "n_grid": len(ts), "n_samples": len(x0), "n_groups": MAP_GROUPS,
@@ -1515,6 +1560,26 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
                     check_velocity(velocity, process), control_variate, workers,
                     None if callback is None else check_callable(callback, "callback", "callback(done, total, info)"),
                     metadata)
+
+
+def process_digest(process):
+    """What a process computes, as a hash: ``sha256`` of its range and of ``s`` and ``sigma`` at 17 times across
+    it (10 significant digits), the first 12 hex digits. A map records it (``metadata.process_digest``)."""
+    t = np.linspace(process.t_min, process.t_max, 17)
+    values = [process.t_min, process.t_max] + [float(v) for f in (process.s, process.sigma)
+                                               for v in np.broadcast_to(np.asarray(f(t), dtype=float), t.shape)]
+    return hashlib.sha256(" ".join(f"{v:.10g}" for v in values).encode()).hexdigest()[:12]
+
+
+def check_data_range(x, name="x0"):
+    """``x`` if float64 arithmetic on it is sound: its largest magnitude is refused above 1e150 (its squares
+    overflow) and, unless it is all zero, below 1e-150 (its squares underflow to 0), naming the scale."""
+    top = float(np.max(np.abs(x)))
+    if top > 1e150 or 0 < top < 1e-150:
+        raise ValueError(f"`{name}` holds values of magnitude up to {top:.3g}: their squares "
+                         f"{'overflow' if top > 1 else 'underflow'} in float64, so no variance or cost is sound; "
+                         "rescale the data (to about unit scale)")
+    return x
 
 
 def _level_task(score, process, derivative, batch_size, task):
@@ -1586,26 +1651,34 @@ def _level_map(workers, func):
     if workers == 1:
         yield map, 1
         return
+    if getattr(multiprocessing.current_process(), "_inheriting", False):     # a worker importing the script
+        raise RuntimeError(f"`workers` = {workers}: a pool is being started while a worker process imports the "
+                           "script that started it: put the script's top-level code under `if __name__ == "
+                           "'__main__':` (every worker imports the script again and runs its module-level code)")
     try:
-        pickle.dumps(func)
+        blob = pickle.dumps(func)
     except Exception as err:
         raise TypeError(f"`workers` = {workers} runs the score in other processes, so the score and the process "
                         f"must pickle, and they do not ({type(err).__name__}: {err}). Define the model at module "
                         "level, use the adapters (they pickle when the model does), or pass a map-like callable "
                         "such as concurrent.futures.ThreadPoolExecutor(4).map") from None
+    check_positive(STALL_SECONDS, "scoreopt.STALL_SECONDS")
     n = (os.cpu_count() or 1) if workers == -1 else int(workers)
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     pool = ProcessPoolExecutor(n, multiprocessing.get_context(method), _watch_parent, (os.getpid(),))
     try:
-        yield partial(_pool_map, pool), 4 * n
+        yield partial(_pool_map, pool, blob), 4 * n
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pool_map(pool, func, tasks):
-    """``map(func, tasks)`` on a process pool, in order. Says so when no result comes for ``STALL_SECONDS``;
-    a worker that died (killed by the system, e.g. out of memory) is an error naming the level."""
-    futures = [(task[0], pool.submit(func, task)) for task in tasks]
+def _pool_map(pool, blob, func, tasks):
+    """``map(func, tasks)`` on a process pool, in order, ``func`` sent pickled (``blob``) so that a worker that
+    cannot load it says so. Says so when no result comes for ``STALL_SECONDS``; a pool that breaks is an error
+    naming the levels and the cause its workers' exit codes tell (:func:`_broken_pool_cause`)."""
+    futures = [(task[0], pool.submit(_call_pickled, blob, task)) for task in tasks]
+    processes = list(getattr(pool, "_processes", None) or {})
+    processes = [pool._processes[pid] for pid in processes if pid in pool._processes]
     for j, future in futures:
         while not wait([future], timeout=STALL_SECONDS).done:
             warnings.warn(f"the process pool has returned nothing for {STALL_SECONDS:g} s (level {j}): a worker may be "
@@ -1615,15 +1688,62 @@ def _pool_map(pool, func, tasks):
         except BrokenProcessPool:
             lost = [k for k, f in futures if not f.done() or isinstance(f.exception(), BrokenProcessPool)]
             raise ScoreEvaluationError(f"a worker process died while the map computed levels {lost[0]} to {lost[-1]}: "
-                                       "it was killed (often by the system for lack of memory: each worker holds a "
-                                       "copy of the model and a level's batch) or crashed; use fewer workers or a "
-                                       "smaller batch_size") from None
+                                       + _broken_pool_cause(processes)) from None
+
+
+def _call_pickled(blob, task):
+    """A pool task: load the level's function from ``blob``, then run it; a function the worker cannot load
+    (defined under the script's ``if __name__ == "__main__":``, or in a module the worker cannot import) is a
+    ``TypeError`` saying so."""
+    try:
+        func = pickle.loads(blob)
+    except Exception as err:
+        raise TypeError(f"a worker process could not load the score ({type(err).__name__}: {err}): a score run by "
+                        "`workers` must be importable by the workers: defined at module level, outside `if __name__ "
+                        "== '__main__':`, in a module on their path") from None
+    return func(task)
+
+
+def _broken_pool_cause(processes):
+    """Why the workers of a broken pool died, from their exit codes and the forkserver."""
+    for p in processes:
+        p.join(1.0)
+    codes = [p.exitcode for p in processes if p.exitcode is not None]
+    server = getattr(getattr(multiprocessing, "forkserver", None), "_forkserver", None)
+    server_pid = getattr(server, "_forkserver_pid", None)
+    if 255 in codes or (server_pid is not None and processes and not _process_alive(server_pid)):
+        return ("the forkserver that starts and watches the workers was killed, so the pool lost them; run the map "
+                "again (a new forkserver starts)")
+    if any(c > 0 for c in codes):
+        return ("it exited with an error before returning a result (its traceback is on stderr): often a script "
+                "whose top-level code is not under `if __name__ == '__main__':` (every worker imports the script "
+                "again and runs its module-level code), or an import that fails in a fresh process")
+    signals = sorted({-c for c in codes if c < 0} - ({15} if any(c not in (0, -15) for c in codes) else set()))
+    if signals:                                # SIGTERM is how the pool stops the others once one has died
+        return (f"it was killed by {', '.join(map(_signal_name, signals))}"
+                + (" (often by the system for lack of memory: each worker holds a copy of the model and a level's "
+                   "batch; use fewer workers or a smaller batch_size)" if 9 in signals else ""))
+    return "it crashed or was stopped; its exit status is unknown"
+
+
+def _signal_name(number):
+    import signal
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _watch_parent(pid):
-    """Pool worker initialiser: exit when the process that made the pool is gone (SIGTERM, SIGKILL), rather than
-    wait forever on the task queue holding a copy of the model."""
+    """Pool worker initialiser: die with the process ``pid`` that made the pool (SIGTERM, SIGKILL), rather than
+    wait forever on the task queue holding a copy of the model.
+
+    On Linux a guard process (:data:`_GUARD`) SIGKILLs the worker when ``pid`` exits, whatever the worker is
+    running, a C call that holds the GIL included; the forkserver and the resource tracker then exit, as they
+    do once the pipes the workers held are closed. Elsewhere, and as a fallback, a thread of the worker polls
+    ``pid`` every 0.5 s (it needs the GIL)."""
     parent = os.getppid()
+    _start_guard(pid)
 
     def watch():
         while _process_alive(pid) and os.getppid() == parent:
@@ -1631,6 +1751,46 @@ def _watch_parent(pid):
         os._exit(1)
     if os.name == "posix":
         threading.Thread(target=watch, daemon=True).start()
+
+
+# The guard of a pool worker: a small Python process (no NumPy) that SIGKILLs the worker (argv[1]) when the
+# process that made the pool (argv[2]) exits, and dies with the worker (PR_SET_PDEATHSIG); Linux only.
+_GUARD = """
+import ctypes, os, select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C reaches the whole process group
+worker, parent = int(sys.argv[1]), int(sys.argv[2])
+ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)   # PR_SET_PDEATHSIG: go when the worker goes
+if os.getppid() != worker:
+    sys.exit()
+try:
+    select.select([os.pidfd_open(parent)], [], [])    # readable once the parent has exited
+except (AttributeError, OSError):                     # no pidfd (Linux < 5.3), or the parent is gone
+    while True:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pass
+        time.sleep(0.2)
+if os.getppid() == worker:                            # still the worker's child: never a reused pid
+    os.kill(worker, signal.SIGKILL)
+"""
+_guards = []             # a worker's guard (kept referenced while the worker lives)
+
+
+def _start_guard(pid):
+    """Start this worker's guard (Linux); whether it started."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import subprocess
+    try:
+        _guards.append(subprocess.Popen([sys.executable, "-I", "-c", _GUARD, str(os.getpid()), str(pid)],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+    except OSError:
+        return False
+    return True
 
 
 def _process_alive(pid):
@@ -2262,26 +2422,36 @@ def _check_dtype(dtype):
 def write_atomically(path, data):
     """Write ``path`` through a temporary file in the same folder: ``data`` (``str``, ``bytes``, or a function
     ``data(f)`` writing to the open binary file) is written, flushed, renamed over ``path``, and the folder
-    flushed. The temporary file is created with mode 0666, so the process's umask applies as to any new file
-    (the umask is never changed).
+    flushed.
+
+    Only a regular file is replaced, or a new one created: a folder, a device (``/dev/null``), a named pipe,
+    a socket or a descriptor of this process (``/dev/stdout``, ``/proc/self/fd/1``) at ``path`` is a
+    ``ValueError`` naming it, and a read-only file (no write bit, as ``cp`` refuses it, also for root) a
+    ``PermissionError``; nothing is written. A symbolic link is followed and the rules apply to its target,
+    which is replaced. A replaced file keeps its permission bits, and the temporary file has them from its
+    creation; a new file is created with mode 0666, so the process's umask applies (never changed).
 
     After any interruption, SIGKILL included, ``path`` is the previous file or the new one, never a mixture.
-    The temporary file is ``.<name>.<pid>.<random>.tmp``; one left by a killed writer is removed by the next
-    write of the same path (only if its process is gone, so concurrent writers are safe). A symbolic link at
-    ``path`` is followed. An ``OSError`` (a full disk) names the path and says the previous file is unchanged.
+    The temporary file is ``.<name>.<pid>.<8 hex digits>.tmp``; one left by a killed writer is removed by the
+    next write of the same path (only a regular file of this exact pattern whose process is gone, so
+    concurrent writers and a user's own files are safe). An ``OSError`` (a full disk) names the path and says
+    the previous file is unchanged.
     """
     if isinstance(data, (str, bytes)):
         payload = data.encode() if isinstance(data, str) else data
         data = lambda f: f.write(payload)
-    path = os.path.realpath(path)
+    path = _save_target(path)
+    mode = _replaceable_mode(path)
     folder, base = os.path.split(path)
     _remove_stale_temporaries(folder, base)
     try:
-        fd, tmp = _create_temporary(folder, base)
+        fd, tmp = _create_temporary(folder, base, 0o666 if mode is None else mode)
     except OSError as err:
         raise OSError(err.errno, f"cannot write `{path}`: {err.strerror}; the previous file is unchanged") from err
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)          # the target's bits, whatever the umask
             data(f)
             f.flush()
             os.fsync(f.fileno())
@@ -2302,30 +2472,103 @@ def write_atomically(path, data):
         pass
 
 
-def _create_temporary(folder, base):
+def _save_target(path):
+    """The real path a save replaces: symbolic links followed; a link through ``/proc`` (``/dev/stdout``,
+    ``/dev/fd/1``: a descriptor of this process, whose target may be a log that a redirection opened) refused."""
+    link = os.path.abspath(os.fspath(path))
+    for _ in range(40):
+        if not os.path.islink(link):
+            break
+        if _is_proc(os.path.realpath(os.path.dirname(link))):
+            raise ValueError(f"`{path}` is a descriptor of this process (a link through /proc), not a file: a save "
+                             "replaces only a regular file or creates one; nothing was written")
+        link = os.path.join(os.path.dirname(link), os.readlink(link))
+    real = os.path.realpath(link)
+    if _is_proc(os.path.dirname(real)):
+        raise ValueError(f"`{path}` lies in /proc, not on a file system that keeps files; nothing was written")
+    return real
+
+
+def _is_proc(folder):
+    return folder == "/proc" or folder.startswith("/proc/")
+
+
+def _file_kind(mode):
+    """What a non-regular file is, in words."""
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _replaceable_mode(path):
+    """The permission bits of the regular file at ``path`` (None if there is none); anything else there, or a
+    read-only file, is refused."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"`{path}` is {_file_kind(st.st_mode)}: a save replaces only a regular file or creates "
+                         "one; nothing was written")
+    if not st.st_mode & 0o222 or not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, f"`{path}` is read-only (mode {stat.S_IMODE(st.st_mode):04o}): a save "
+                                            "does not replace it; make it writable or remove it first")
+    return stat.S_IMODE(st.st_mode)
+
+
+def _create_temporary(folder, base, mode):
     for _ in range(100):
         tmp = os.path.join(folder, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode), tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"cannot create a temporary file beside `{base}` in `{folder}`")
 
 
+MAX_PID = 2 ** 31 - 1        # the largest process id (pid_t); a larger number in a name is not a writer's
+
+
 def _remove_stale_temporaries(folder, base):
-    """Remove ``.<base>.<pid>.*.tmp`` files whose writing process no longer exists."""
-    prefix = f".{base}."
+    """Remove the temporary files of killed writers: regular files, this user's, named exactly
+    ``.<base>.<pid>.<8 hex digits>.tmp`` with a ``pid`` (at most 10 digits) whose process is gone."""
+    pattern = re.compile(re.escape(f".{base}.") + r"([1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
     try:
         names = os.listdir(folder)
     except OSError:
         return
     for name in names:
-        pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) and name.endswith(".tmp") else ""
-        if pid.isdigit() and not _process_alive(int(pid)):
-            try:
+        match = pattern.fullmatch(name)
+        if match is None or int(match.group(1)) > MAX_PID or _process_alive(int(match.group(1))):
+            continue
+        try:
+            st = os.lstat(os.path.join(folder, name))
+            if stat.S_ISREG(st.st_mode) and st.st_uid == getattr(os, "geteuid", lambda: st.st_uid)():
                 os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
+        except OSError:
+            pass
+
+
+MAX_FILE_BYTES = 2 ** 30     # the loaders refuse a larger file (a 1,000-level map is about 0.1 MB)
+
+
+def read_regular_file(path, limit=None):
+    """The bytes of the regular file at ``path``: a folder, a device (``/dev/zero``), a named pipe (opened
+    without blocking, so it cannot hang) or a file over ``limit`` bytes (``MAX_FILE_BYTES``) is a
+    ``ValueError`` naming it; a missing or unreadable one an ``OSError``."""
+    limit = check_int(MAX_FILE_BYTES if limit is None else limit, "MAX_FILE_BYTES", 1)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"`{path}` is {_file_kind(st.st_mode)}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1) if st.st_size <= limit else b""
+        if st.st_size > limit or len(data) > limit:
+            raise ValueError(f"`{path}` is larger than {limit:,} bytes (MAX_FILE_BYTES)")
+    return data
 
 
 SCHEDULE_MAP_FORMAT = "scoreopt.ScheduleMap/1"
@@ -2351,8 +2594,7 @@ def load_schedule_map(path):
     True
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_regular_file(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ValueError(f"`{path}` is not a readable schedule map: {type(err).__name__}: {err}") from None
     try:
@@ -2384,9 +2626,9 @@ def _schedule_map_from_json(data):
         data.get("grid_error", 0.0), "grid_error")
     order, count, metadata = data["order"], data["n_evaluations"], data["metadata"]
     if isinstance(order, bool) or order not in _ORDERS:
-        raise ValueError(f"`order` must be one of {_ORDERS}, got {order!r}")
+        raise ValueError(f"`order` must be one of {_ORDERS}, got {_short(order)}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"`n_evaluations` must be a non-negative integer, got {count!r}")
+        raise ValueError(f"`n_evaluations` must be a non-negative integer, got {_short(count)}")
     if not isinstance(metadata, dict):
         raise ValueError("`metadata` must be an object")
     _check_metadata(metadata, ts)
@@ -2410,6 +2652,30 @@ def _check_metadata(metadata, ts):
                              f"[{lo}, {hi}]")
     if "process" in metadata and not isinstance(metadata["process"], str):
         raise ValueError("`metadata.process` must be a string")
+    if not isinstance(metadata.get("process_digest", ""), str):
+        raise ValueError("`metadata.process_digest` must be a string")
+    N, name = metadata.get("n_timesteps", 0), metadata.get("process", "")
+    table = re.fullmatch(r"alphas_cumprod\(N=([0-9]+)(, sha256 [0-9a-f]+)?\)", name)
+    if "n_timesteps" in metadata and (isinstance(N, bool) or not isinstance(N, int) or N < 0 or (
+            N >= 2) != bool(table) or (table and int(table.group(1)) != N)):
+        raise ValueError(f"`metadata.n_timesteps` must be the length of the table of an alphas_cumprod process "
+                         f"(0 for another process), got {N!r} for the process {name!r}")
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        raise ValueError(f"`metadata` is nested more than {MAX_METADATA_DEPTH} levels deep")
+
+
+MAX_METADATA_DEPTH = 32      # a map's metadata nested deeper is refused (it could be loaded but not saved)
+
+
+def _depth(value):
+    """How deeply lists and dicts nest in ``value`` (iteratively: a deep value cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(value, (list, dict)) and depth <= MAX_METADATA_DEPTH:
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def _json_numbers(value, name, ndim):
@@ -2421,18 +2687,34 @@ def _json_numbers(value, name, ndim):
     bad = [v for v in out.flat if type(v) not in (int, float)]        # booleans and strings are not numbers
     if bad:
         raise TypeError(f"`{name}` must hold numbers, found {type(bad[0]).__name__}")
-    out = out.astype(float)
+    try:
+        out = out.astype(float)
+    except OverflowError:                     # an integer beyond float64 (10**400)
+        out = np.full(out.shape, np.inf)
     if not np.all(np.isfinite(out)):
         raise ValueError(f"`{name}` must be a finite {ndim}-D array")
     return out
 
 
 def _json_scalar(value, name, minimum=0.0):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(_float_or_inf(value)):
+        raise ValueError(f"`{name}` must be a finite number, got {_short(value)}")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
     return float(value)
+
+
+def _float_or_inf(value):
+    try:
+        return float(value)
+    except OverflowError:                     # an integer beyond float64
+        return math.inf
+
+
+def _short(value):
+    """``repr(value)`` cut to 60 characters (a hand-edited field may hold a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _jsonable(value, name):
@@ -2502,7 +2784,7 @@ def main(argv=None):
         smap = load_schedule_map(args.path)
         values = None if args.levels is None else _export(smap, args.convention, args.levels)
     except (ValueError, TypeError, MemoryError) as err:
-        print(f"error: {err}" if not isinstance(err, MemoryError) else
+        print(f"error: {_printable(err)}" if not isinstance(err, MemoryError) else
               f"error: -n {args.levels} levels do not fit in memory", file=sys.stderr)
         return 2
     try:
@@ -2524,15 +2806,28 @@ def _describe(smap, args, values):
         info.update(convention=args.convention, n=args.levels, values=values.tolist())
     if args.json:
         return json.dumps(info)
-    text = (f"{args.path}: process {info['process']}, Lambda = {smap.length:.4f} +- {smap.length_stderr:.4f} "
+    text = (f"{_printable(args.path)}: process {_printable(info['process'])}, Lambda = {smap.length:.4f} +- "
+            f"{smap.length_stderr:.4f} "
             f"(grid error {smap.grid_error:.2g}), {len(smap.ts)} levels, {smap.n_evaluations} evaluations")
     return text if values is None else text + f"\n{args.convention}, n = {args.levels}:\n" + " ".join(
         f"{v:.6g}" for v in values)
 
 
+def _printable(text):
+    """``text`` (from a file or the command line) with control characters, which a terminal would obey, and
+    bytes that are not UTF-8 escaped (``\\x1b``, ``\\xff``)."""
+    text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+MAX_LEVELS = 10 ** 8     # the command line's largest -n (0.8 GB of float64 levels)
+
+
 def _export(smap, convention, n):
     """The command line's export of a loaded map (no process object: its metadata says which it was)."""
     n = check_int(n, "-n", 2)
+    if n > MAX_LEVELS:
+        raise ValueError(f"`-n` {n} levels do not fit in memory (at most {MAX_LEVELS:,})")
     if convention in ("k-diffusion", "diffusers-sigmas"):
         return smap.sigmas(n)
     if convention == "times":

@@ -313,8 +313,8 @@ def test_leftover_temporary_files_are_removed_and_the_umask_is_respected(tmp_pat
     # one of a writer still running (here: this process) is left alone.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    (tmp_path / f".ck.npz.{gone.pid}.abc123.tmp").write_bytes(b"half a save")
-    running = tmp_path / f".ck.npz.{os.getpid()}.def456.tmp"
+    (tmp_path / f".ck.npz.{gone.pid}.abc12345.tmp").write_bytes(b"half a save")
+    running = tmp_path / f".ck.npz.{os.getpid()}.def45678.tmp"
     running.write_bytes(b"a save in progress")
     old = os.umask(0o027)
     try:

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 from scipy.integrate import trapezoid
+from autograd import value_and_grad
 from autograd.misc import flatten
 from autograd.test_util import check_grads
 
@@ -395,3 +396,20 @@ def test_exploding_parameters_are_reported():
     with np.errstate(all="ignore"), pytest.raises(
             models.TrainingDiverged, match="step 1: the (parameters are not finite|loss is not finite)"):
         models.train(params, BIMODAL, VP, TS, rng=0, n_steps=5, batch_size=8, callback=None)
+
+
+def test_the_hand_written_gradient_is_autograd_s_and_trains_bit_for_bit_the_same():
+    rng = np.random.default_rng(0)
+    params = [(W + 0.1 * rng.standard_normal(W.shape), b + 0.1 * rng.standard_normal(b.shape))
+              for W, b in models.init_mlp(1, width=16, depth=3)]
+    x0, t = BIMODAL.sample(64, rng), rng.uniform(VP.t_min, VP.t_max, 64)
+    batch = models.prepare_dsm(params, x0, t, rng.standard_normal(x0.shape), VP, 0.0, 1.0)
+    loss, grad = models.dsm_loss_and_grad(params, batch)
+    auto_loss, auto_grad = value_and_grad(models.prepared_dsm_loss)(params, batch)
+    assert loss == pytest.approx(auto_loss, rel=1e-14)
+    for layer, auto_layer in zip(grad, auto_grad):
+        for a, b in zip(layer, auto_layer):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)
+    runs = [models.train(small_params(), BIMODAL, VP, TS, rng=5, n_steps=20, batch_size=16, gradient=g)
+            for g in (None, models.dsm_loss_and_grad)]
+    assert_same_params(runs[0].params, runs[1].params)
