@@ -19,7 +19,7 @@ mollified Cantor target as a discrete-time DDPM model on diffusers' "linear" bet
    integer timesteps), k-diffusion's sigmas (`so.to_sigmas`) and ComfyUI's `ManualSigmas`
    (`so.to_comfyui`); and the map's levels as flow-matching times.
 
-    python examples/pretrained.py            # about 40 s on 2 cores
+    python examples/pretrained.py            # about 30 s on 2 cores
     python examples/pretrained.py --quick    # about 15 s
 """
 import argparse
