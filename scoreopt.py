@@ -1709,20 +1709,22 @@ def _broken_pool_cause(processes):
     for p in processes:
         p.join(1.0)
     codes = [p.exitcode for p in processes if p.exitcode is not None]
+    memory = (" (often by the system for lack of memory: each worker holds a copy of the model and a level's batch; "
+              "use fewer workers or a smaller batch_size)")
+    signals = sorted({-c for c in codes if c < 0} - ({15} if any(c not in (0, -15) for c in codes) else set()))
+    if signals:                                # SIGTERM is how the pool stops the others once one has died
+        return f"it was killed by {', '.join(map(_signal_name, signals))}" + (memory if 9 in signals else "")
     server = getattr(getattr(multiprocessing, "forkserver", None), "_forkserver", None)
     server_pid = getattr(server, "_forkserver_pid", None)
-    if 255 in codes or (server_pid is not None and processes and not _process_alive(server_pid)):
+    if server_pid is not None and processes and not _process_alive(server_pid) or server_pid is None and 255 in codes:
         return ("the forkserver that starts and watches the workers was killed, so the pool lost them; run the map "
                 "again (a new forkserver starts)")
+    if 255 in codes:                           # the forkserver lives, but the worker's status did not reach us
+        return "its exit status was lost; it was most likely killed, by SIGKILL" + memory
     if any(c > 0 for c in codes):
         return ("it exited with an error before returning a result (its traceback is on stderr): often a script "
                 "whose top-level code is not under `if __name__ == '__main__':` (every worker imports the script "
                 "again and runs its module-level code), or an import that fails in a fresh process")
-    signals = sorted({-c for c in codes if c < 0} - ({15} if any(c not in (0, -15) for c in codes) else set()))
-    if signals:                                # SIGTERM is how the pool stops the others once one has died
-        return (f"it was killed by {', '.join(map(_signal_name, signals))}"
-                + (" (often by the system for lack of memory: each worker holds a copy of the model and a level's "
-                   "batch; use fewer workers or a smaller batch_size)" if 9 in signals else ""))
     return "it crashed or was stopped; its exit status is unknown"
 
 

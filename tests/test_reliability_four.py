@@ -311,9 +311,16 @@ def test_a_pool_started_while_a_worker_imports_the_script_and_each_exit_code_are
     assert "top-level code is not under `if __name__" in cause(1, -15)
     assert "killed by SIGKILL (often by the system for lack of memory" in cause(-9, -15)
     assert "memory" not in cause(-6) and "SIGABRT" in cause(-6)
-    assert "the forkserver that starts and watches the workers was killed" in cause(255, 0)   # what a worker
-    # whose forkserver is gone reports (multiprocessing.popen_forkserver); checked by hand: killing the
-    # forkserver of a running map gives this message
+    # 255 is what a worker reports when its status cannot be read from the forkserver
+    # (multiprocessing.popen_forkserver): the forkserver is gone (checked by hand: killing the forkserver of a
+    # running map gives this message), or, with the forkserver alive, the status was lost
+    monkeypatch.setattr(so, "_process_alive", lambda pid: False)
+    import multiprocessing.forkserver
+    monkeypatch.setattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", 12345, raising=False)
+    assert "the forkserver that starts and watches the workers was killed" in cause(255, 0)
+    monkeypatch.setattr(so, "_process_alive", lambda pid: True)
+    assert "status was lost" in cause(255, -15) and "memory" in cause(255, -15)
+    assert "killed by SIGKILL" in cause(255, -9, -15)
 
 
 # --- 5. A hand-made FlowWeight is checked wherever it is accepted; data near the float limits ---------
