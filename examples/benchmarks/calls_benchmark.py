@@ -256,10 +256,7 @@ def train_mlp(family, train, cfg, log):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        decay = min(settings_["ema"], (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1.0 - decay)
+        ib.ema_update(ema, model, step, settings_["ema"])
         running.append(loss.item())
         if (step + 1) % 500 == 0 or step + 1 == steps:
             losses.append((step + 1, float(np.mean(running))))

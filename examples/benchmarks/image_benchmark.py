@@ -443,10 +443,7 @@ def train_model(size, seed, train, held_out, cfg, config, path, log):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        decay = min(settings_["ema"], (1.0 + step) / (10.0 + step))        # EMA with a warm-up
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1.0 - decay)
+        ema_update(ema, model, step, settings_["ema"])
         running.append(loss.item())
         if (step + 1) % 250 == 0 or step + 1 == steps:
             losses.append((step + 1, float(np.mean(running))))
@@ -471,6 +468,14 @@ def train_model(size, seed, train, held_out, cfg, config, path, log):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def ema_update(ema, model, step, rate):
+    """The exponential moving average of the weights, with a warm-up: ``min(rate, (1 + step) / (10 + step))``."""
+    decay = min(rate, (1.0 + step) / (10.0 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1.0 - decay)
+
+
 def validation_loss(model, x, size, n=2000):
     """EDM's loss on `n` patches at fixed log-normal sigmas and noise (the same for every model)."""
     gen = torch.Generator().manual_seed(7)
