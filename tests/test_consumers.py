@@ -314,7 +314,7 @@ def test_ddim_is_dpmsolver_order_one_and_euler_sigmas_and_our_euler(spacing, off
 
 
 def test_euler_discretes_own_default_and_karras_are_consumer_schedules():
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    pytest.importorskip("torch", reason="PyTorch is not installed")
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
     for n in (4, 6, 10):
         for name, config in (("linspace_to_0", {}), ("karras", {"use_karras_sigmas": True})):
