@@ -62,7 +62,8 @@ def main(argv=None, log=print):
     log(f"DDPM model on diffusers' linear table, {SAMPLER}, {N_CALLS} model calls: coupled error (mean squared "
         f"distance to the model's own solution from the same 32 draws), best first:")
     for name, error, stderr, vs_default, vs_baseline, kind in best.table[:6]:
-        log(f"  {name:24s} {error:.3g} ± {stderr:.1g}   {vs_default:.2f}x the best default ({kind})")
+        log(f"  {name:26s} {error:.3g} (paired s.e. to the best {stderr:.1g})  {vs_default:.2f}x your best default "
+            f"({kind})")
     default = min((row for row in best.table if row[5] == "default"), key=lambda row: row[1])
     log(f"  ...\n  your best default: {default[0]} {default[1]:.3g}")
     log(f"  chosen: {best.name}; the rule took {best.rule.n_evaluations:,} per-sample evaluations, the check "
