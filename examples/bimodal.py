@@ -68,7 +68,8 @@ def main(argv=None, log=print):
         f"T = {T}:")
     online = {"fixed linear": None,
               "online, intervals": models.OnlineSchedule(every=cfg["every"], burn_in=cfg["burn_in"],
-                                                         gamma=cfg["gamma"], n_samples=cfg["online_samples"]),
+                                                         gamma=cfg["gamma"], route="intervals",
+                                                         n_samples=cfg["online_samples"]),
               "online, dense grid": models.OnlineSchedule(every=cfg["grid_every"], burn_in=cfg["burn_in"],
                                                           gamma=cfg["grid_gamma"], route="grid",
                                                           n_grid=cfg["grid_levels"], n_samples=cfg["online_samples"])}
