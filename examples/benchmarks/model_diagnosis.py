@@ -33,7 +33,7 @@ CASES = {
     "cantor": dict(target=models.mollified_cantor, T=20, n_steps=6000, lr=3e-3, batch_size=256,
                    online=dict(every=500, burn_in=1500, gamma=0.5, route="grid", n_samples=4000)),
     "bimodal": dict(target=models.bimodal, T=50, n_steps=4000, lr=3e-3, batch_size=256,
-                    online=dict(every=50, burn_in=1000, gamma=0.1)),
+                    online=dict(every=50, burn_in=1000, gamma=0.1, route="intervals")),
 }
 QUICK = dict(n_steps=200, n_samples=2000, online=dict(every=100, burn_in=100, n_samples=500, n_grid=50))
 
