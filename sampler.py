@@ -1436,7 +1436,7 @@ def _draw_errors(x, reference):
 def _paired_stderr(a, b):
     """Standard error of the mean of ``a - b`` (per-draw errors on shared draws); NaN where either is inf."""
     with np.errstate(invalid="ignore"):
-        return float(np.std(a - b, ddof=1) / np.sqrt(len(a)))
+        return mean_stderr(a - b).stderr
 
 
 def _refine(errors, process, ts, e, sweeps=2, fraction=0.3):

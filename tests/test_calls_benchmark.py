@@ -6,10 +6,6 @@ consumer's own sampler with exactly the stated model calls, and the exports are 
 uses (checked against the consumer's own arithmetic). Skips where PyTorch, diffusers, k-diffusion or
 scikit-image is not installed (none is a dependency).
 """
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
 
@@ -22,16 +18,11 @@ except Exception as err:
     pytest.skip(f"the calls benchmark needs k-diffusion ({type(err).__name__}: {err})", allow_module_level=True)
 
 import scoreopt as so
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "benchmarks", "calls_benchmark.py")
+from oracles import load_benchmark
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("example_calls_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("calls_benchmark")
 
 
 @pytest.fixture(scope="module")

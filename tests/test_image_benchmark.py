@@ -6,12 +6,10 @@ sampler: the whole pipeline runs (training, saving and reusing the model, the sc
 `sampler.sample` agrees with k-diffusion's `sample_heun` on the same schedule and draw. Skips
 where PyTorch, k-diffusion or scikit-image is not installed (none is a dependency).
 """
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
+
+from oracles import load_benchmark
 
 torch = pytest.importorskip("torch", reason="the image benchmark needs PyTorch")
 pytest.importorskip("skimage", reason="the image benchmark needs scikit-image")
@@ -20,16 +18,11 @@ try:                                    # k-diffusion can fail on import in othe
 except Exception as err:
     pytest.skip(f"the image benchmark needs k-diffusion ({type(err).__name__}: {err})", allow_module_level=True)
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "benchmarks", "image_benchmark.py")
 RULES = ("EDM ρ=7", "equal error (rank 64)")
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("example_image_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("image_benchmark")
 
 
 def tiny(module, out):
