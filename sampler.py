@@ -1223,19 +1223,20 @@ def _measured_gain(score, process, x0, rng, weight, n_levels=8, n_steps=6):
     interpolated in ``log nu`` (1 at ``t_min``, where the flow is the identity)."""
     nu_min, nu_max = nsr_range(process)
     nus = np.geomspace(nu_min, nu_max, n_levels + 1)[1:]
-    gaussian, ratios = _gaussian_score(weight, x0.mean(axis=0), process), [1.0]
-    for t in time_from_nsr(process, nus):
+    ts, (n, d) = time_from_nsr(process, nus), x0.shape
+    rows = []                                                 # every level's rows, then its moved rows
+    for t in ts:
         x = process.s(t) * x0 + process.sigma(t) * rng.standard_normal(x0.shape)
-        v = rng.choice([-1.0, 1.0], size=x0.shape)
         h = 1e-3 * float(np.sqrt(process.s(t) ** 2 * weight.scale ** 2 + process.sigma(t) ** 2))
-        gains = []
-        for f in (score, gaussian):
-            y = _heun_substeps(f, process, np.vstack([x, x + h * v]), np.full(2 * len(x), t),
-                               np.full(2 * len(x), process.t_min), n_steps, weight.scale)
-            y = tweedie_denoise(f, process, y, process.t_min)
-            gains.append(np.mean(np.sum((y[len(x0):] - y[:len(x0)]) ** 2, axis=1)))
-        ratios.append(max(gains[0] / gains[1], 1e-12))
-    log_nu, log_ratio = np.log(np.append(nu_min, nus)), np.log(ratios)
+        rows += [x, x + h * rng.choice([-1.0, 1.0], size=x0.shape)]
+    y0, t_rows = np.vstack(rows), np.repeat(ts, 2 * n)
+    gains = []
+    for f in (score, _gaussian_score(weight, x0.mean(axis=0), process)):   # all levels in one call per stage
+        y = _heun_substeps(f, process, y0, t_rows, np.full(len(y0), process.t_min), n_steps, weight.scale)
+        y = tweedie_denoise(f, process, y, process.t_min).reshape(len(ts), 2, n, d)
+        gains.append(np.sum((y[:, 1] - y[:, 0]) ** 2, axis=(1, 2)))
+    ratios = np.maximum(gains[0] / gains[1], 1e-12)
+    log_nu, log_ratio = np.log(np.append(nu_min, nus)), np.log(np.append(1.0, ratios))
     return lambda t: np.exp(np.interp(np.log(process.nsr(t)), log_nu, log_ratio))
 
 
