@@ -825,7 +825,10 @@ def flow_error_cost(score, process, t_cur, t_next, x0, rng, *, step="euler", wei
     True
     """
     process = check_process(process)
-    t_cur, t_next = check_step_times(t_cur, t_next, process, towards_data=True)
+    t_cur, t_next = check_step_times(t_cur, t_next, process)
+    if np.any(t_next >= t_cur):
+        raise ValueError("`t_next` must be below `t_cur` (a step goes from the noisier time towards the data), "
+                         f"got t_cur = {t_cur}, t_next = {t_next}")
     score, x0, rng = guest_score(score, process=process), check_data(x0, min_rows=2), as_rng(rng)
     step = resolve_step(step)
     weight = as_flow_weight(weight, x0)

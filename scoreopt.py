@@ -815,22 +815,17 @@ class _CheckedScore:
 
 
 def checked_score(score, name="score", *, batch_size=None, process=None):
-    """``score`` wrapped so that every call is checked and counted: the one model-call wrapper.
-
-    What the score returns must be a floating-point array of the shape of ``x``, finite
-    (:func:`checked_output`, a new float64 array); a raise becomes a :class:`ScoreEvaluationError`
-    naming the time. ``batch_size`` splits calls into chunks (results identical). ``calls`` and
-    ``evaluations`` (rows) are counted; ``.score`` is the raw callable. A score that records the
-    ``process`` it was built for is refused for another ``process``, naming both.
-    """
+    """``score`` wrapped so that every call is checked (:func:`checked_output`) and counted (``calls``,
+    ``evaluations`` in rows); a raise becomes a :class:`ScoreEvaluationError` naming the time; ``batch_size``
+    splits calls into chunks (same results). A score that records the ``process`` it was built for is refused
+    for another ``process``."""
     if isinstance(score, _CheckedScore) and batch_size is None:
         return score
-    check_callable(score, name, f"{name}(x, t)")
-    raw = score.score if isinstance(score, _CheckedScore) else score
+    raw = score.score if isinstance(score, _CheckedScore) else check_callable(score, name, f"{name}(x, t)")
     own = getattr(raw, "process", None)
     if process is not None and isinstance(own, Process) and not same_process(own, process):
-        other = (f"another process named {process.name!r} (s or sigma differ)" if own.name == process.name else
-                 repr(process.name))
+        other = f"another process named {process.name!r} (s or sigma differ)" if own.name == process.name else \
+            repr(process.name)
         raise ValueError(f"`{name}` was built for the process {own.name!r} and is used with {other}: its "
                          "outputs mean other noise levels there; build it with the process you pass")
     return _CheckedScore(raw, name, None if batch_size is None else check_int(batch_size, "batch_size", 1))
@@ -838,26 +833,18 @@ def checked_score(score, name="score", *, batch_size=None, process=None):
 
 def checked_output(value, shape, t, name):
     """A score's output as a new float64 array: floating point, of ``shape``, finite; else an error naming
-    ``name`` and the time (marked, so that an outer wrapper passes it on unchanged)."""
+    ``name`` and the time, marked so that an outer wrapper passes it on unchanged."""
     array = np.asarray(value)
     if array.dtype.kind != "f":
-        raise _checked_output(TypeError, f"`{name}` returned {array.dtype} values at {_when(t)}; it must be float")
-    if array.shape != tuple(shape):
-        raise _checked_output(ValueError, f"`{name}` returned shape {array.shape} at {_when(t)}; "
-                                          f"expected {tuple(shape)}")
-    finite = np.all(np.isfinite(array.reshape(len(array), -1)), axis=1) if array.ndim else np.isfinite(array)
-    if not np.all(finite):
-        rows = "" if np.ndim(t) == 0 else f" (rows {np.flatnonzero(~finite)[:5].tolist()})"
-        where = _when(t if np.ndim(t) == 0 else np.asarray(getval(t))[~finite])
-        raise _checked_output(ValueError, f"`{name}` returned non-finite values at {where}{rows}")
-    return np.array(array, dtype=float)
-
-
-def _checked_output(kind, message):
-    """An error of a checked output, marked so that an outer model-call wrapper passes it on unchanged."""
-    err = kind(message)
+        err = TypeError(f"`{name}` returned {array.dtype} values at {_when(t)}; it must be float")
+    elif array.shape != tuple(shape):
+        err = ValueError(f"`{name}` returned shape {array.shape} at {_when(t)}; expected {tuple(shape)}")
+    elif not np.all(np.isfinite(array)):
+        err = ValueError(f"`{name}` returned non-finite values at {_when(t)}")
+    else:
+        return np.array(array, dtype=float)
     err.checked_output = True
-    return err
+    raise err
 
 
 def _when(t):
@@ -868,17 +855,16 @@ def _when(t):
 
 
 def check_velocity(velocity, process):
-    """``process.sigma`` for None; else ``velocity`` with every value checked (finite, >= 0), named."""
-    if velocity is None:
-        return process.sigma
-    check_callable(velocity, "velocity", "v(t)")
+    """``process.sigma`` for None; else ``velocity`` with every value checked (finite, >= 0)."""
+    return process.sigma if velocity is None else partial(_checked_velocity, check_callable(velocity, "velocity",
+                                                                                           "v(t)"))
 
-    def v(t):
-        value = velocity(t)
-        if np.iscomplexobj(value) or not np.all(np.isfinite(value)) or np.any(np.asarray(value) < 0):
-            raise ValueError(f"`velocity` returned {value} at t = {float(t):.6g}; it must be finite and >= 0")
-        return value
-    return v
+
+def _checked_velocity(velocity, t):
+    value = velocity(t)
+    if np.iscomplexobj(value) or not np.all(np.isfinite(value)) or np.any(np.asarray(value) < 0):
+        raise ValueError(f"`velocity` returned {value} at t = {float(t):.6g}; it must be finite and >= 0")
+    return value
 
 
 def _cost_iv(score, process, t_cur, t_next, x0, rng, velocity):
@@ -890,7 +876,7 @@ def _cost_iv(score, process, t_cur, t_next, x0, rng, velocity):
 
 def check_process(process):
     """``process`` if it is a :class:`Process` on finite ``t_min < t_max`` whose ``nu`` is finite, positive and
-    increasing (``t = 0`` is the data end); else an error naming what is wrong."""
+    increasing (``t = 0`` is the data end)."""
     if not isinstance(process, Process):
         raise TypeError(f"`process` must be a scoreopt.Process, got {type(process).__name__}")
     if not (np.isfinite(process.t_min) and np.isfinite(process.t_max) and process.t_min < process.t_max):
@@ -905,14 +891,13 @@ def check_process(process):
 
 def same_process(a, b):
     """Whether processes ``a`` and ``b`` compute the same: name, range, and ``s`` and ``sigma`` at 17 times
-    across it (to 1e-9), not the name alone (two custom processes keep the default name "process")."""
+    (to 1e-9), not the name alone (two custom processes keep the default name "process")."""
     if a is b or a == b:
         return True
-    if (a.name, float(a.t_min), float(a.t_max)) != (b.name, float(b.t_min), float(b.t_max)):
-        return False
     t = np.linspace(a.t_min, a.t_max, 17)
-    on_grid = lambda f: np.broadcast_to(np.asarray(f(t), dtype=float), t.shape)
-    return all(np.allclose(on_grid(f), on_grid(g), rtol=1e-9, atol=0) for f, g in ((a.s, b.s), (a.sigma, b.sigma)))
+    on_grid = lambda p: np.array([np.broadcast_to(f(t), t.shape) for f in (p.s, p.sigma)], dtype=float)
+    return (a.name, float(a.t_min), float(a.t_max)) == (b.name, float(b.t_min), float(b.t_max)) and \
+        np.allclose(on_grid(a), on_grid(b), rtol=1e-9, atol=0)
 
 
 def nsr_range(process):
@@ -927,38 +912,29 @@ def check_schedule(ts, process=None, endpoints=True, name="ts", min_len=2):
     ts = as_real_array(ts, name)
     if ts.ndim != 1 or len(ts) < min_len:
         raise ValueError(f"`{name}` must be a 1-D array of at least {min_len} times")
-    if not np.all(np.isfinite(ts)):
-        raise ValueError(f"`{name}` must be finite")
-    bad = np.flatnonzero(np.diff(ts) <= 0)
+    bad = np.flatnonzero(np.diff(check_times(ts, None, name)) <= 0)
     if len(bad):
         raise ValueError(f"`{name}` must be strictly increasing (index {bad[0]} to {bad[0] + 1})")
-    if process is not None:
-        if endpoints and (ts[0] != process.t_min or ts[-1] != process.t_max):
-            raise ValueError(f"`{name}` must start at t_min = {process.t_min} and end at t_max = {process.t_max} "
-                             "exactly")
-        if ts[0] < process.t_min or ts[-1] > process.t_max:
-            raise ValueError(f"`{name}` must lie in [{process.t_min}, {process.t_max}]")
-    return ts
+    if process is not None and endpoints and (ts[0] != process.t_min or ts[-1] != process.t_max):
+        raise ValueError(f"`{name}` must start at t_min = {process.t_min} and end at t_max = {process.t_max} exactly")
+    return ts if process is None else check_times(ts, process, name)
 
 
 def check_times(ts, process, name):
-    """Finite real times (any shape) inside ``[t_min, t_max]``, as a float array."""
+    """Finite real times (any shape), inside ``[t_min, t_max]`` with a ``process``, as a float array."""
     ts = as_real_array(ts, name)
     if not np.all(np.isfinite(ts)):
         raise ValueError(f"`{name}` must be finite")
-    if np.any(ts < process.t_min) or np.any(ts > process.t_max):
+    if process is not None and (np.any(ts < process.t_min) or np.any(ts > process.t_max)):
         raise ValueError(f"`{name}` must lie in [{process.t_min}, {process.t_max}], the process's range")
     return ts
 
 
-def check_step_times(t_cur, t_next, process, towards_data=False):
-    """The two ends of steps, of one shape; a sampler step (``towards_data``) needs ``t_next < t_cur``."""
+def check_step_times(t_cur, t_next, process):
+    """The two ends of steps (either order), of one shape, inside the process's range."""
     t_cur, t_next = check_times(t_cur, process, "t_cur"), check_times(t_next, process, "t_next")
     if t_cur.shape != t_next.shape:
         raise ValueError(f"`t_cur` and `t_next` must have the same shape, got {t_cur.shape} and {t_next.shape}")
-    if towards_data and np.any(t_next >= t_cur):
-        raise ValueError("`t_next` must be below `t_cur` (a step goes from the noisier time towards the data), "
-                         f"got t_cur = {t_cur}, t_next = {t_next}")
     return t_cur, t_next
 
 
@@ -970,17 +946,15 @@ def check_data(x, name="x0", min_rows=1):
     if len(x) < min_rows or x.shape[1] < 1:
         raise ValueError(f"`{name}` needs at least {min_rows} row{'s' if min_rows > 1 else ''} and one column, "
                          f"got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"`{name}` must be finite")
-    return x
+    return check_times(x, None, name)
 
 
 def check_costs(costs, length=None, name="costs", nonempty=False):
     """Finite, non-negative costs, 1-D (of ``length``); a bad entry is named with its interval."""
     costs = as_real_array(costs, name)
     if costs.ndim != 1 or (length is not None and len(costs) != length):
-        want = "a 1-D array" if length is None else f"a 1-D array of length {length}"
-        raise ValueError(f"`{name}` must be {want}, got shape {costs.shape}")
+        raise ValueError(f"`{name}` must be a 1-D array{'' if length is None else f' of length {length}'}, got "
+                         f"shape {costs.shape}")
     if nonempty and len(costs) == 0:
         raise ValueError(f"`{name}` must not be empty: a schedule has at least one step")
     bad = np.flatnonzero(~np.isfinite(costs) | (costs < 0))
@@ -999,27 +973,19 @@ def check_int(value, name, minimum):
     return int(value)
 
 
-def check_real(value, name, positive=False):
-    """A finite real number (not a bool, not complex; ``positive``: above 0), as ``float``."""
+def check_real(value, name, positive=False, at_most=np.inf):
+    """A finite real number (not a bool, not complex), above 0 if ``positive``, at most ``at_most``: a ``float``."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) or (isinstance(value, np.ndarray) and value.ndim == 0)
     if isinstance(value, bool) or np.iscomplexobj(value) or not ok:
         raise TypeError(f"`{name}` must be a real number, got {value!r}")
-    if not np.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"`{name}` must be {'positive' if positive else 'finite'}, got {value}")
+    if not np.isfinite(value) or (positive and value <= 0) or value > at_most:
+        rule = f"lie in (0, {at_most:g}]" if at_most < np.inf else "be positive" if positive else "be finite"
+        raise ValueError(f"`{name}` must {rule}, got {value}")
     return float(value)
 
 
-def check_positive(value, name):
-    """A finite positive real number, as ``float``."""
-    return check_real(value, name, positive=True)
-
-
-def check_gamma(gamma):
-    """A blend rate in ``(0, 1]``."""
-    gamma = check_real(gamma, "gamma")
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"`gamma` must lie in (0, 1], got {gamma}")
-    return gamma
+check_positive = partial(check_real, positive=True)       # a finite positive real number, as float
+check_gamma = partial(check_real, name="gamma", positive=True, at_most=1.0)      # a blend rate in (0, 1]
 
 
 def check_callable(f, name, signature):
@@ -1031,10 +997,8 @@ def check_callable(f, name, signature):
 
 def resolve(choice, aliases, name):
     """A function given as itself or by one of its alias names: names are resolved once, at the boundary."""
-    if callable(choice):
-        return choice
-    if isinstance(choice, str) and choice in aliases:
-        return aliases[choice]
+    if callable(choice) or (isinstance(choice, str) and choice in aliases):
+        return aliases[choice] if isinstance(choice, str) else choice
     raise ValueError(f"`{name}` must be a function or one of {sorted(aliases)}, got {choice!r}")
 
 
@@ -1052,11 +1016,11 @@ def as_rng(rng):
     """A ``numpy.random.Generator`` from a Generator or a non-negative int seed."""
     if isinstance(rng, np.random.Generator):
         return rng
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-        if rng < 0:
-            raise ValueError(f"`rng` as a seed must be a non-negative integer, got {rng}")
-        return np.random.default_rng(int(rng))
-    raise TypeError(f"`rng` must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
+    if not isinstance(rng, (int, np.integer)) or isinstance(rng, bool):
+        raise TypeError(f"`rng` must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
+    if rng < 0:
+        raise ValueError(f"`rng` as a seed must be a non-negative integer, got {rng}")
+    return np.random.default_rng(int(rng))
 
 
 def as_column(a):
@@ -2255,6 +2219,13 @@ def call_model(model, name, x, t, owner, *args):
         raise ScoreEvaluationError(f"`{name}` raised {type(err).__name__} at {_when(t)}: {err}"
                                    + _rowwise_hint(t)) from err
     return own_output(value, x.shape, t, name, owner)
+
+
+def _checked_output(kind, message):
+    """An error of a checked output, marked so that an outer model-call wrapper passes it on unchanged."""
+    err = kind(message)
+    err.checked_output = True
+    return err
 
 
 def own_output(value, shape, t, name, owner=None):

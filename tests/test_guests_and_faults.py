@@ -430,7 +430,7 @@ def test_each_message_names_what_the_user_passed(map_file):
     times = np.array([0.1, 0.2, 0.7, 0.8])
     bad_rows = lambda x, t: np.where(so.as_column(np.asarray(t)) > 0.5, np.nan, -x)
     with pytest.raises(ValueError, match=r"non-finite values at t in \[0.7, 0.8\] \(one time per row\) \(rows \[2, 3\]\)"):
-        so.checked_score(bad_rows)(np.ones((4, 2)), times)
+        so.guest_score(bad_rows)(np.ones((4, 2)), times)
     smap = so.load_schedule_map(map_file)
     ddpm = so.process_from_alphas_cumprod(np.cumprod(1 - np.linspace(1e-4, 0.02, 50)))
     with pytest.raises(ValueError) as info:
