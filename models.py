@@ -363,7 +363,13 @@ def _network(params, h):
 
 
 class ScoreModel:
-    """The MLP as a plain, picklable score callable ``score(x, t)``; it records its ``process``."""
+    """The MLP as a plain, picklable score callable ``score(x, t)``; it records its ``process``.
+
+    >>> import scoreopt as so
+    >>> score = ScoreModel(init_mlp(np.random.default_rng(0)), so.ve())
+    >>> score(np.zeros((3, 1)), 0.5).shape, score.process.name
+    ((3, 1), 've(0.002, 80)')
+    """
 
     def __init__(self, params, process, data_mean=0.0, data_var=1.0, preconditioning="edm"):
         self.params, self.process = params, check_process(process)
@@ -516,7 +522,12 @@ class OnlineSchedule(_OnlineSettings):
     ``n_samples`` fresh data samples and blends the schedule towards it by ``gamma``. ``route``: ``"grid"``
     (the default, ``scoreopt.grid_route``: Theorem 3.1 on ``n_grid`` levels), ``"intervals"``
     (``scoreopt.interval_route``, the paper's: the interval costs, ``cost`` of ``order``, through Algorithm 1;
-    it degenerates on smooth data with few steps) or a route function, called with no options."""
+    it degenerates on smooth data with few steps) or a route function, called with no options.
+
+    >>> settings = OnlineSchedule(every=100, burn_in=500, gamma=0.1)
+    >>> settings.route, settings.due(400), settings.due(600), settings.due(650)
+    ('grid', False, True, False)
+    """
     __slots__ = ()
 
     def __new__(cls, *args, **kwargs):

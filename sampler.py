@@ -1010,6 +1010,12 @@ def teacher_schedule(score, process, T, x0, rng, *, step="euler", n_draws=32, n_
     sampler step from the teacher at node ``i`` to node ``j`` against the teacher at ``j`` (the weight of
     :func:`flow_error_cost`); exact dynamic programming finds the cheapest ``T``-step path. Deterministic
     one-step samplers. Evaluations: ``n_draws (2 K G + G)``, plus ``n_draws G (G + 1) / 2`` for Heun.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> r = teacher_schedule(lambda x, t: target.score(x, t, p), p, 4, target.sample(200, 0), 0, n_draws=8, n_cells=30)
+    >>> len(r.ts), float(r.ts[0]) == p.t_min, float(r.ts[-1]) == p.t_max
+    (5, True, True)
     """
     process, T = check_process(process), check_int(T, "T", 1)
     score = guest_score(score, batch_size=batch_size, process=process)
@@ -1615,7 +1621,16 @@ def score_error_by_level(score, exact_score, process, ts, x0, rng):
     """A model's error at every level of ``ts`` against the exact score, on data ``x0`` (held out): the scaled
     score error ``sigma^2 ||S_theta - S||^2`` and the denoised estimate's error ``(sigma^2 / s)^2 ||S_theta -
     S||^2``, which carries the score error times ``nu^2`` (large at the noisy end for a model that predicts
-    the noise). Means over the rows with standard errors."""
+    the noise). Means over the rows with standard errors.
+
+    >>> import models, scoreopt as so
+    >>> target, p = models.Gaussian([0.0], [0.25]), so.ve()
+    >>> exact = lambda x, t: target.score(x, t, p)
+    >>> off = lambda x, t: exact(x, t) + 0.1                     # a model whose score is off by 0.1
+    >>> r = score_error_by_level(off, exact, p, [0.5], target.sample(100, 0), 0)
+    >>> round(float(r.score_error[0] / p.sigma(0.5) ** 2), 6)    # sigma^2 * 0.1^2, divided by sigma^2
+    0.01
+    """
     process = check_process(process)
     ts = check_schedule(ts, process, endpoints=False, min_len=1)
     x0, rng = check_data(x0, min_rows=2), as_rng(rng)

@@ -2374,7 +2374,12 @@ class _RowwiseScore:
 
 def rowwise_score(score):
     """A score that takes one float ``t`` at a time, made to take one time per row: ``t`` an array (n,) calls
-    ``score`` once per distinct time on its rows. Picklable when ``score`` is."""
+    ``score`` once per distinct time on its rows. Picklable when ``score`` is.
+
+    >>> one_time = lambda x, t: -x / (1.0 + float(t) ** 2)             # float(t) fails on an array
+    >>> rowwise_score(one_time)(np.ones((3, 1)), np.array([0.0, 1.0, 0.0])).ravel().tolist()
+    [-1.0, -0.5, -1.0]
+    """
     return _RowwiseScore(score)
 
 
