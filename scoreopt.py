@@ -810,8 +810,8 @@ class _CheckedScore:
 
 def checked_score(score, name="score", *, batch_size=None, process=None):
     """``score`` wrapped so that every output is checked (:func:`checked_output`) and every call counted
-    (``calls``, ``evaluations`` in rows); ``batch_size`` splits calls into chunks (same results). A score that records the ``process`` it was built for is refused
-    for another ``process``."""
+    (``calls``, ``evaluations`` in rows); ``batch_size`` splits calls into chunks (same results). A score
+    that records the ``process`` it was built for is refused for another ``process``."""
     if isinstance(score, _CheckedScore) and batch_size is None:
         return score
     raw = score.score if isinstance(score, _CheckedScore) else check_callable(score, name, f"{name}(x, t)")
@@ -849,8 +849,9 @@ def _when(t):
 
 def check_velocity(velocity, process):
     """``process.sigma`` for None; else ``velocity`` with every value checked (finite, >= 0)."""
-    return process.sigma if velocity is None else partial(_checked_velocity, check_callable(velocity, "velocity",
-                                                                                           "v(t)"))
+    if velocity is None:
+        return process.sigma
+    return partial(_checked_velocity, check_callable(velocity, "velocity", "v(t)"))
 
 
 def _checked_velocity(velocity, t):
