@@ -4,13 +4,15 @@ What a user with their own network does, timed. A PyTorch MLP denoiser in k-diff
 convention, `D(x, sigma)` in float32 with EDM's preconditioning, is trained on two moons
 (2-D) under VE. Then, through `scoreopt.score_from_denoiser`:
 
-1. the equal local-error rule, `sampler.equal_error_schedule(..., step="euler")`, for 10 steps;
+1. the recommended call for 10 model calls of Euler, `sampler.recommended_schedule(...,
+   step="euler")`: the equal local-error rule, checked against k-diffusion's own schedules
+   (Karras, exponential) and the library's baselines with the model's own solution;
 2. the paper's map on a budget, `estimate_schedule_map(..., budget=100_000, batch_size=1024)`;
-3. k-diffusion's `sample_euler` with `smap.sigmas(n, dtype=np.float32)` and the equal-error
-   schedule's `to_sigmas`, against `get_sigmas_karras(n)` (rho = 7, k-diffusion's default)
-   with the same number of model calls (n = 11), from the same float32 prior draw:
-   coupled error against the model's own 200-step Heun solution (what a schedule controls)
-   and sliced W1 to held-out data.
+3. k-diffusion's `sample_euler` on each, `to_sigmas(process, ts, dtype=np.float32)` and
+   `smap.sigmas(n, dtype=np.float32)`, against `get_sigmas_karras(n)` (rho = 7, k-diffusion's
+   default), all with the same n = 10 model calls, from the same float32 prior draw: coupled
+   error against the model's own 200-step Heun solution (what a schedule controls) and sliced
+   W1 to held-out data.
 
 Needs PyTorch and k-diffusion (`pip install torch k-diffusion`; k-diffusion 0.1.1 also needs
 `setuptools<81`); neither is a dependency of this package.
@@ -33,7 +35,7 @@ try:
 except ImportError as err:
     sys.exit(f"this example needs PyTorch and k-diffusion ({err}): pip install torch k-diffusion 'setuptools<81'")
 
-SIGMA_DATA, N_TRAIN, N_STEPS, N_SAMPLES, N_LEVELS = 0.5, 20_000, 3000, 4000, 11
+SIGMA_DATA, N_TRAIN, N_STEPS, N_SAMPLES, N_CALLS = 0.5, 20_000, 3000, 4000, 10
 BUDGET = 100_000                             # per-sample score evaluations for the paper's map
 QUICK = dict(n_steps=500, n_samples=1000, budget=30_000)
 PROCESS = so.ve()                            # k-diffusion's own convention: x = y, sigma = nu
@@ -60,13 +62,13 @@ def main(argv=None, log=print):
         nu = torch.as_tensor(np.array(np.broadcast_to(nu, len(y))), dtype=torch.float32)
         return model(y, nu).double().numpy()
 
-    # 2. Its schedules: the equal local-error rule, and the paper's map on a budget.
+    # 2. Its schedules: the recommended call for N_CALLS Euler calls, and the paper's map on a budget.
     score = so.score_from_denoiser(denoiser, PROCESS)
     x0 = data[:5000].astype(np.float64)
     start = time.perf_counter()
-    flow = sm.equal_error_schedule(score, PROCESS, N_LEVELS - 1, x0, 0, step="euler", batch_size=1024)
-    log(f"equal_error_schedule, T = {N_LEVELS - 1}: {time.perf_counter() - start:.1f} s, "
-        f"{flow.n_evaluations:,} per-sample evaluations, {flow.n_iter} updates")
+    best = sm.recommended_schedule(score, PROCESS, N_CALLS, x0, 0, step="euler", batch_size=1024)
+    log(f"recommended_schedule, {N_CALLS} Euler calls: {time.perf_counter() - start:.1f} s, chose {best.name!r}; "
+        f"{best.rule.n_evaluations:,} per-sample evaluations for the rule and {best.n_evaluations:,} for the check")
     start = time.perf_counter()
     smap = so.estimate_schedule_map(score, PROCESS, x0, 0, budget=budget, batch_size=1024)
     log(f"estimate_schedule_map, budget {budget:,}: {time.perf_counter() - start:.1f} s, "
@@ -75,19 +77,23 @@ def main(argv=None, log=print):
 
     # 3. Sampling with k-diffusion on each schedule, against its default (Karras, rho = 7).
     sigma_min, sigma_max = float(PROCESS.nsr(PROCESS.t_min)), float(PROCESS.nsr(PROCESS.t_max))
+    float32 = lambda ts: torch.as_tensor(so.to_sigmas(PROCESS, ts, dtype=np.float32))
     schedules = {
-        "k-diffusion get_sigmas_karras(11) (rho = 7)": sampling.get_sigmas_karras(N_LEVELS, sigma_min, sigma_max),
-        "equal local error, to_sigmas(process, ts)": torch.as_tensor(so.to_sigmas(PROCESS, flow.ts).astype(np.float32)),
-        "corrector map, smap.sigmas(11, float32)": torch.as_tensor(smap.sigmas(N_LEVELS, dtype=np.float32)),
+        f"k-diffusion get_sigmas_karras({N_CALLS}) (rho = 7)": sampling.get_sigmas_karras(N_CALLS, sigma_min,
+                                                                                          sigma_max),
+        f"recommended ({best.name}), to_sigmas(process, best.ts)": float32(best.ts),
+        "the rule alone, to_sigmas(process, best.rule.ts)": float32(best.rule.ts),
+        f"corrector map, smap.sigmas({N_CALLS}, float32)": torch.as_tensor(smap.sigmas(N_CALLS, dtype=np.float32)),
     }
     x_T = torch.randn(n_samples, 2, generator=torch.Generator().manual_seed(2)) * sigma_max
     fine = sampling.sample_heun(model, x_T, sampling.get_sigmas_karras(200, sigma_min, sigma_max), disable=True)
-    log(f"\nk-diffusion sample_euler, {N_LEVELS} model calls each, {n_samples} samples from one float32 prior draw:")
+    log(f"\nk-diffusion sample_euler, {N_CALLS} model calls each, {n_samples} samples from one float32 prior draw:")
     log("| schedule | dtype out | coupled error to the model's 200-step solution | sliced W1 to held-out data |")
     log("|---|---|---|---|")
     results = {}
     with torch.no_grad():
         for name, sigmas in schedules.items():
+            assert len(sigmas) == N_CALLS + 1, (name, len(sigmas))       # N_CALLS levels, then the 0
             start = time.perf_counter()
             x = sampling.sample_euler(model, x_T, sigmas.to(torch.float32), disable=True)
             coupled = float(((x - fine) ** 2).mean())
