@@ -802,16 +802,23 @@ class _CheckedScore:
 
     def _call(self, x, t):
         self.calls, self.evaluations = self.calls + 1, self.evaluations + len(x)
-        return self.check(self.score(x, t), x, t)
+        try:
+            value = self.score(x, t)
+        except Exception as err:
+            if isinstance(err, ScoreEvaluationError) or getattr(err, "checked_output", False):   # a wrapper's: as it is
+                raise
+            raise ScoreEvaluationError(f"`{self.name}` raised {type(err).__name__} at {_when(t)}: {err}") from err
+        return self.check(value, x, t)
 
     def check(self, value, x, t):
         return checked_output(value, x.shape, t, self.name)
 
 
 def checked_score(score, name="score", *, batch_size=None, process=None):
-    """``score`` wrapped so that every output is checked (:func:`checked_output`) and every call counted
-    (``calls``, ``evaluations`` in rows); ``batch_size`` splits calls into chunks (same results). A score
-    that records the ``process`` it was built for is refused for another ``process``."""
+    """``score`` wrapped so that every call is checked (:func:`checked_output`) and counted (``calls``,
+    ``evaluations`` in rows); a raise becomes a :class:`ScoreEvaluationError` naming the time; ``batch_size``
+    splits calls into chunks (same results). A score that records the ``process`` it was built for is refused
+    for another ``process``."""
     if isinstance(score, _CheckedScore) and batch_size is None:
         return score
     raw = score.score if isinstance(score, _CheckedScore) else check_callable(score, name, f"{name}(x, t)")
