@@ -109,6 +109,25 @@ def test_the_cut_sampler_gives_the_exact_law_of_its_steps_on_a_gaussian(cut_fold
     """)
 
 
+def test_the_cut_sampler_names_the_time_and_the_step_of_a_score_that_raises(cut_folder):
+    run_cut(cut_folder, """
+        import numpy as np
+        import scoreopt as so, sampler as sm
+        p = so.ve()
+        def broken(x, t):
+            if t < 0.5:
+                raise KeyError("weights missing")
+            return -x / (1.0 + p.sigma(t) ** 2)
+        try:
+            sm.sample(broken, p, so.uniform_schedule(p, 4), sm.prior_sample(p, 3, [1.0], 0), 1)
+        except so.ScoreEvaluationError as err:
+            assert "`score` raised KeyError at t = 0.25" in str(err) and "(step 4 of 4" in str(err), str(err)
+            assert isinstance(err.__cause__, KeyError)
+        else:
+            raise AssertionError("no error")
+    """)
+
+
 def test_the_cut_modules_train_with_the_online_update(cut_folder):
     run_cut(cut_folder, """
         import numpy as np
