@@ -552,7 +552,7 @@ class OnlineSchedule(_OnlineSettings):
 
 
 class TrainingState(NamedTuple):
-    """The state of a training run: what :func:`train` returns and a checkpoint holds; ``score(process)`` is
+    """The state of a training run: what :func:`train` returns and takes back to resume; ``score(process)`` is
     the trained model as a score callable. ``history``: ``loss`` per step, and per online update its
     ``update_step``, ``Lambda``, and the ``schedules`` and ``costs`` before it."""
     params: list            # list of (W, b)
@@ -722,8 +722,7 @@ def _check_divergence(step, loss, first_loss, theta):
                if loss > MAX_LOSS_RATIO * first_loss else
                "the parameters are not finite" if not np.all(np.isfinite(theta)) else None)
     if problem:
-        raise TrainingDiverged(f"training diverged at step {step}: {problem} (loss = {loss:.6g}); a checkpoint "
-                               "written before it is kept as it was")
+        raise TrainingDiverged(f"training diverged at step {step}: {problem} (loss = {loss:.6g})")
 
 
 def _record_update(history, step, ts, update):

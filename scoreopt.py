@@ -6,10 +6,10 @@ Diffusion Schedules*, NeurIPS 2024 (arXiv:2412.07877).
 **Part I** is the paper, in its order, and stands alone: cut this file at the line that
 begins ``# PART II`` and what is above still runs every quantity the paper defines
 (processes, the corrector and predictor costs, the local cost, the path length and its
-inverse, Algorithms 1 and 2). **Part II** is what this project derives or adds
-(``docs/derivations.md``): closed forms for Gaussian data, the equal-cost fixed point, the
-budgeted and parallel schedule map with error bars, adapters and exports for a user's model,
-the map file and a command line.
+inverse, Algorithms 1 and 2), with the exact local cost for Gaussian data to check a copy against.
+**Part II** is what this project derives or adds (``docs/derivations.md``): the control variate
+for Gaussian data, the equal-cost fixed point, the budgeted and parallel schedule map with error
+bars, adapters and exports for a user's model, the map file and a command line.
 
 Conventions (stated once): time ``t`` runs over ``[t_min, t_max]``; ``t = 0`` is the data
 end and noise grows with ``t``. A *schedule* ``ts`` is a 1-D float64 array of ``T + 1``
@@ -72,9 +72,9 @@ class Process(NamedTuple):
     ``autograd.numpy``, so that everything can be differentiated in ``t``. The forward SDE
     ``dX = f X dt + g dW`` with ``f = s'/s`` and ``g^2 = 2 sigma sigma' - 2 f sigma^2`` has
     exactly these marginals. ``nu = sigma / s`` must increase from ``t_min`` to ``t_max``
-    (``t = 0`` is the data end). ``name`` identifies the process (an adapter refuses to be
-    used with a process of another name); ``n_timesteps`` is a discrete-time model's table
-    length (0 otherwise).
+    (``t = 0`` is the data end). ``name`` identifies the process (a score that records the
+    process it was built for is refused with another, :func:`checked_score`); ``n_timesteps`` is
+    a discrete-time model's table length (0 otherwise).
 
     >>> p = ve()
     >>> round(float(p.nsr(0.5)), 4), p.t_min, p.t_max
@@ -461,7 +461,7 @@ def local_cost(score, process, ts, x0, rng, *, velocity=None, derivative=None):
 
 def local_cost_samples(score, process, x, t, derivative, v2):
     """The integrand of ``delta_c`` per sample, ``v(t)^2 ||dS/dt (x_j, t)||^2`` at fixed ``x``; ``v2 = v(t)^2``.
-    The one place it is written: :func:`local_cost` and the schedule map both call it."""
+    The one place it is written: :func:`local_cost` calls it, and so may any other estimator of ``delta_c``."""
     return v2 * np.sum(derivative(score, process, x, t) ** 2, axis=1)
 
 
@@ -563,7 +563,7 @@ def cumulative_cost(ts, delta, *, order=2):
 
     The one integrator of ``Lambda`` here: the trapezoid rule in the grid's own coordinate.
     It is exact in whichever coordinate the grid is given, since a local cost transforms as a
-    metric (``delta_u = delta_t (dt/du)^2``); the schedule map passes ``u = log nu``, where its
+    metric (``delta_u = delta_t (dt/du)^2``); :func:`grid_route` passes ``u = log nu``, where its
     grid is uniform and ``sqrt(delta)`` smooth (docs/derivations.md, 5). ``Lambda[0] = 0``;
     ``Lambda[-1]`` is the path length. ``order = n`` is the length of a cost
     ``L = delta h^n`` (derived: docs/derivations.md, 3).

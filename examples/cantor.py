@@ -56,7 +56,7 @@ def main(argv=None, log=print):
         smap = so.estimate_schedule_map(exact, process, target.sample(N_COST, seed), seed + 1, n_grid=N_GRID)
         results = {"T": T, "exact": {"linear": sample(exact, linear), "optimised": sample(exact, smap.schedule(T)),
                                      "Lambda": (smap.length, smap.length_stderr)}, "trained": {}}
-        figures = plot(results, "exact", target, process, args.out, log)      # figure 2, while the models train
+        figures = plot(results, "exact", target, process, args.out, log)      # while the models train
 
         for name, run in runs.items():                   # each model as soon as it is trained (linear first)
             state, seconds = run.result()
@@ -134,7 +134,6 @@ def plot(results, kind, target, process, out, log):
     os.makedirs(out, exist_ok=True)
     grid, paths = np.linspace(-0.1, 1.1, 1201), []
     true = np.exp(target.log_prob(grid[:, None]))
-    number = 1 if kind == "trained" else 2
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.7))
     axes[0].plot(grid, true, color="black", lw=1)
     axes[0].set(title="true density $p_0$", xlabel="x", ylabel="density", ylim=(0, 1.15 * true.max()))
@@ -152,7 +151,7 @@ def plot(results, kind, target, process, out, log):
     fig.suptitle(f"Mollified Cantor, vp_linear, {SAMPLER} sampler, T = {T}, "
                  + ("trained MLP" if kind == "trained" else "exact scores"))
     fig.tight_layout()
-    paths.append(os.path.join(out, f"figure{number}_{kind}.png"))
+    paths.append(os.path.join(out, f"cantor_{kind}.png"))          # docs/cantor.png is cantor_exact.png
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
