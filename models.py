@@ -552,7 +552,7 @@ class OnlineSchedule(_OnlineSettings):
 
 
 class TrainingState(NamedTuple):
-    """The state of a training run: what :func:`train` returns and takes back to resume; ``score(process)`` is
+    """The state of a training run: what :func:`train` returns and takes back to continue; ``score(process)`` is
     the trained model as a score callable. ``history``: ``loss`` per step, and per online update its
     ``update_step``, ``Lambda``, and the ``schedules`` and ``costs`` before it."""
     params: list            # list of (W, b)

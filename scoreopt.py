@@ -611,9 +611,11 @@ def optimal_schedule(ts, delta, T, *, order=2):
     e.g. uniform in ``log nu``, where ``delta`` varies smoothly) on which ``delta`` was
     estimated (:func:`local_cost`); the output's endpoints are ``ts[0]`` and ``ts[-1]``. With
     zero cost everywhere a warning is issued and the uniform schedule returned. This is the
-    schedule for a Langevin corrector (annealed Langevin, predictor-corrector samplers): with
-    the ODE samplers people use most it was measured to lose to simple baselines (README,
-    "Which schedule for which sampler", names the schedules made for those).
+    schedule for a Langevin corrector that reaches each level's law. A sampler's corrector steps
+    of size ``r sigma^2`` vanish at the clean end and do not take its cheap long last step:
+    annealed Langevin alone ended at 2.3 times the data's std for N(0, 0.5^2) under ``ve()``,
+    T = 10, even with 100 corrector steps per level. Use it with a predictor. With the ODE
+    samplers people use most it was measured to lose to simple baselines.
 
     >>> ts = np.linspace(0.0, 1.0, 101)
     >>> optimal_schedule(ts, np.ones(101), 4).round(6).tolist()          # constant cost: uniform

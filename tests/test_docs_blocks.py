@@ -20,7 +20,8 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "guide", "*.md")))
 OPTIONAL = ("torch", "k_diffusion", "diffusers", "dask", "ray")
 FAST = {                      # page: [(text as written, the size a test needs)]
-    "docs/guide/schedules.md": [("target.sample(4000, 0), rng=1)", "target.sample(400, 0), rng=1, n_grid=60)")],
+    "docs/guide/schedules.md": [("target.sample(4000, 0), rng=1)", "target.sample(400, 0), rng=1, n_grid=60)"),
+                                ("p, 20_000, [0.25], 0)", "p, 1_000, [0.25], 0)"), ("in (1, 10, 100):", "in (1, 10):")],
     "docs/guide/training.md": [("n_steps=9000", "n_steps=30"),
                                ("every=500, burn_in=1500", "every=10, burn_in=20, n_samples=100")],
     "docs/guide/sampling.md": [("10_000, target.variance()", "1_000, target.variance()"),
