@@ -826,8 +826,8 @@ def checked_score(score, name="score", *, batch_size=None, process=None):
     raw = score.score if isinstance(score, _CheckedScore) else check_callable(score, name, f"{name}(x, t)")
     own = getattr(raw, "process", None)
     if process is not None and isinstance(own, Process) and not same_process(own, process):
-        other = f"another process named {process.name!r} (s or sigma differ)" if own.name == process.name else \
-            repr(process.name)
+        other = (f"another process named {process.name!r} (s or sigma differ)" if own.name == process.name else
+                 repr(process.name))
         raise ValueError(f"`{name}` was built for the process {own.name!r} and is used with {other}: its "
                          "outputs mean other noise levels there; build it with the process you pass")
     return _CheckedScore(raw, name, None if batch_size is None else check_int(batch_size, "batch_size", 1))
@@ -949,7 +949,9 @@ def check_data(x, name="x0", min_rows=1):
     if len(x) < min_rows or x.shape[1] < 1:
         raise ValueError(f"`{name}` needs at least {min_rows} row{'s' if min_rows > 1 else ''} and one column, "
                          f"got shape {x.shape}")
-    return check_times(x, None, name)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"`{name}` must be finite")
+    return x
 
 
 def check_costs(costs, length=None, name="costs", nonempty=False):
@@ -1000,8 +1002,10 @@ def check_callable(f, name, signature):
 
 def resolve(choice, aliases, name):
     """A function given as itself or by one of its alias names: names are resolved once, at the boundary."""
-    if callable(choice) or (isinstance(choice, str) and choice in aliases):
-        return aliases[choice] if isinstance(choice, str) else choice
+    if callable(choice):
+        return choice
+    if isinstance(choice, str) and choice in aliases:
+        return aliases[choice]
     raise ValueError(f"`{name}` must be a function or one of {sorted(aliases)}, got {choice!r}")
 
 
