@@ -338,8 +338,8 @@ from scipy.stats import gaussian_kde                                        # no
 
 from scoreopt import (Estimate, EqualCostResult, baseline_schedules, check_bool, check_data_range,  # noqa: E402
                       check_data_scale, check_real, check_step_times, consumer_schedules, equal_cost_schedule,
-                      guest_score, loglinear_schedule, mean_stderr, nsr, nsr_range, stop_at_budget, time_from_nsr,
-                      _iterate)
+                      guest_score, loglinear_schedule, mean_stderr, noised, nsr, nsr_range, stop_at_budget,
+                      time_from_nsr, _iterate)
 
 __all__ += ["heun_step", "dpmpp_2m_step", "ALL_PREDICTORS", "resolve_step", "GaussianLaw", "gaussian_output_law",
             "gaussian_kl", "gaussian_schedule_kl", "FlowDensity", "flow_log_density", "gaussian_optimal_schedule",
@@ -1208,8 +1208,7 @@ def _final_error(score, process, t, x0, rng, step, weight, K):
     """The local error of the last step, from ``t`` to ``sigma = 0``: the step gives the denoised output
     ``D(x, t)``; the model's flow is ``K`` Heun substeps to ``t_min`` and then ``D`` there. For the ancestral
     step, its error in law with ``t' = t_min``. In the data's scale (``s(t_min) x``)."""
-    eps = rng.standard_normal(x0.shape)
-    x = process.s(t) * x0 + process.sigma(t) * eps
+    x = noised(process, x0, t, rng)
     rows_t, rows_end = np.full(len(x0), t), np.full(len(x0), process.t_min)
     if step is ancestral_step:
         value, stderr = _ancestral_weak_error(score, process, x, rows_t, rows_end, len(x0), weight, rng)
@@ -1235,7 +1234,7 @@ def _measured_gain(score, process, x0, rng, weight, n_levels=8, n_steps=6):
     ts, (n, d) = time_from_nsr(process, nus), x0.shape
     rows = []                                                 # every level's rows, then its moved rows
     for t in ts:
-        x = process.s(t) * x0 + process.sigma(t) * rng.standard_normal(x0.shape)
+        x = noised(process, x0, t, rng)
         h = 1e-3 * float(np.sqrt(process.s(t) ** 2 * weight.scale ** 2 + process.sigma(t) ** 2))
         rows += [x, x + h * rng.choice([-1.0, 1.0], size=x0.shape)]
     y0, t_rows = np.vstack(rows), np.repeat(ts, 2 * n)
@@ -1637,7 +1636,7 @@ def score_error_by_level(score, exact_score, process, ts, x0, rng):
     score, exact = guest_score(score, process=process), guest_score(exact_score, "exact_score")
     levels = []
     for t in ts:
-        x = float(process.s(t)) * x0 + float(process.sigma(t)) * rng.standard_normal(x0.shape)
+        x = noised(process, x0, t, rng)
         diff2 = np.sum((score(x, t) - exact(x, t)) ** 2, axis=1)
         sigma2, s = float(process.sigma(t)) ** 2, float(process.s(t))
         levels.append((*mean_stderr(sigma2 * diff2), *mean_stderr((sigma2 / s) ** 2 * diff2)))
