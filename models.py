@@ -23,8 +23,8 @@ from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
 from scoreopt import (COSTS, ROUTES, as_column, as_rng, check_callable, check_data, check_gamma, check_int,
-                      check_positive, check_process, check_real, check_schedule, grid_route, interval_route, nsr_range,
-                      online_update, resolve)
+                      check_positive, check_process, check_real, check_schedule, check_times, grid_route, interval_route,
+                      nsr_range, online_update, resolve)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "noise_features", "silu", "preconditioning_coefficients", "mlp_score", "ScoreModel",
@@ -40,9 +40,7 @@ MAX_CANTOR_LEVEL = 16      # 65,536 atoms: about 1.5 MB of temporaries per sampl
 # PART I. THE PAPER'S TARGETS, SCORE MODEL AND TRAINING
 # ================================================================================
 
-# --------------------------------------------------------------------------------
-# Targets with exact scores
-# --------------------------------------------------------------------------------
+# -- Targets with exact scores ---------------------------------------------------
 
 class GaussianMixture:
     """Mixture of Gaussians with diagonal covariances in any dimension ``d``: ``weights`` (K,), positive
@@ -225,13 +223,9 @@ def _mixture_score(x, log_w, means, var):
 
 def _check_level(t, process, n):
     """A time ``t`` (a scalar, or one per row of ``n``), finite and in the process's range."""
-    value = np.asarray(getval(t))
-    if np.iscomplexobj(value) or not np.all(np.isfinite(value)):
-        raise ValueError(f"`t` must be a finite real time, got {value}")
+    value = check_times(getval(t), process, "t")
     if value.ndim > 1 or (value.ndim == 1 and len(value) != n):
         raise ValueError(f"`t` must be a float or one time per row, shape ({n},); got shape {value.shape}")
-    if np.any(value < process.t_min) or np.any(value > process.t_max):
-        raise ValueError(f"`t` = {value} must lie in [{process.t_min}, {process.t_max}], the process's range")
 
 
 def _scale_noise(process, t):
@@ -239,9 +233,7 @@ def _scale_noise(process, t):
     return float(process.s(t)), float(process.sigma(t))
 
 
-# --------------------------------------------------------------------------------
-# The MLP score model, with EDM's preconditioning in the process's own coordinates
-# --------------------------------------------------------------------------------
+# -- The MLP score model, with EDM's preconditioning in the process's own coordinates --
 
 def init_mlp(rng, dim=1, width=64, depth=3, n_fourier=4, input_scale=None):
     """Parameters of an MLP score model: a plain list of ``(W, b)`` pairs.
@@ -390,9 +382,7 @@ def score_model(params, process, data_mean=0.0, data_var=1.0, preconditioning="e
     return ScoreModel(params, process, data_mean, data_var, preconditioning)
 
 
-# --------------------------------------------------------------------------------
-# Denoising score matching on the schedule's levels, and Adam
-# --------------------------------------------------------------------------------
+# -- Denoising score matching on the schedule's levels, and Adam -----------------
 
 def schedule_levels(ts, n, rng, process):
     """``n`` training times drawn uniformly from the ``T + 1`` levels of ``ts``: the paper's.
@@ -501,9 +491,7 @@ def adam_step(theta, grad, state, lr, b1=0.9, b2=0.999, eps=1e-8):
     return theta - lr * (m / (1 - b1 ** step)) / (np.sqrt(v / (1 - b2 ** step)) + eps), AdamState(m, v, step)
 
 
-# --------------------------------------------------------------------------------
-# Training with the online schedule: the paper's Algorithm 2
-# --------------------------------------------------------------------------------
+# -- Training with the online schedule: the paper's Algorithm 2 ------------------
 
 class _OnlineSettings(NamedTuple):
     every: int = 50
@@ -769,9 +757,7 @@ def lognormal_levels(ts, n, rng, process, p_mean=-1.2, p_std=1.2):
 ALL_LEVELS = {**LEVELS, "between": between_levels, "lognormal": lognormal_levels}
 
 
-# --------------------------------------------------------------------------------
-# Training that records what defines the run, for checkpoints and resume
-# --------------------------------------------------------------------------------
+# -- Training that records what defines the run, for checkpoints and resume ------
 
 def _checked_levels(draw_t):
     """A user's ``levels`` function whose every draw is checked: ``n`` finite real times inside the process's
@@ -875,9 +861,7 @@ def retain_freed_memory():
         return False
 
 
-# --------------------------------------------------------------------------------
-# Checkpoints: .npz without pickle, written atomically, never one their loader refuses
-# --------------------------------------------------------------------------------
+# -- Checkpoints: .npz without pickle, written atomically, never one their loader refuses --
 
 CHECKPOINT_VERSION = 4
 _CHECKPOINT_KEYS = ("version", "layer_shapes", "theta", "ts", "adam_m", "adam_v", "adam_step", "step", "rng_state",

@@ -39,9 +39,7 @@ __all__ = ["sample", "Sampled", "prior_sample", "prior_variance", "identity_step
 # PART I. THE PAPER'S SAMPLER
 # ================================================================================
 
-# --------------------------------------------------------------------------------
-# Single steps. ``t_cur`` is the noisier time, ``t_next < t_cur`` the next one.
-# --------------------------------------------------------------------------------
+# -- Single steps. ``t_cur`` is the noisier time, ``t_next < t_cur`` the next one. --
 
 def identity_step(score, process, x, t_cur, t_next, rng):
     """Predictor ``none``: ``x`` unchanged. With a Langevin corrector this is annealed Langevin dynamics,
@@ -156,9 +154,7 @@ def _name(step):
     return f"`{getattr(step, '__name__', getattr(getattr(step, 'func', None), '__name__', type(step).__name__))}`"
 
 
-# --------------------------------------------------------------------------------
-# The sampler
-# --------------------------------------------------------------------------------
+# -- The sampler -----------------------------------------------------------------
 
 # Samples beyond this factor times the starting batch's largest |x| (or 1) have exploded:
 # no sound sampler step multiplies the scale of the data by a million.
@@ -350,9 +346,7 @@ __all__ += ["heun_step", "dpmpp_2m_step", "ALL_PREDICTORS", "resolve_step", "Gau
             "ScoreErrorByLevel", "score_error_by_level", "sliced_wasserstein", "mmd2"]
 
 
-# --------------------------------------------------------------------------------
-# EDM's Heun step and DPM-Solver++(2M)
-# --------------------------------------------------------------------------------
+# -- EDM's Heun step and DPM-Solver++(2M) ----------------------------------------
 
 def heun_step(score, process, x, t_cur, t_next, rng):
     """Heun's second-order step of the probability-flow ODE in ``(nu, x/s)``: EDM's sampler (Karras et al.
@@ -450,9 +444,7 @@ sample.__doc__ = _paper_sample.__doc__ + """
     """
 
 
-# --------------------------------------------------------------------------------
-# The exact output law for Gaussian data (docs/derivations.md, 6)
-# --------------------------------------------------------------------------------
+# -- The exact output law for Gaussian data (docs/derivations.md, 6) -------------
 
 class _Noise:
     """Stands in for ``rng`` in the exact evaluations: ``"count"`` returns zeros and counts the draws,
@@ -614,9 +606,7 @@ def flow_log_density(score, process, ts, x_T, log_prob_T, *, predictor="euler"):
     return FlowDensity(x, log_density)
 
 
-# --------------------------------------------------------------------------------
-# The KL-optimal schedule for Gaussian data: the limit (docs/derivations.md, 7)
-# --------------------------------------------------------------------------------
+# -- The KL-optimal schedule for Gaussian data: the limit (docs/derivations.md, 7) --
 
 def _softmax_schedule(z, t_min, t_max):
     """A valid schedule from any real vector ``z``: increments ``softmax(z)`` of the range, floored at 1e-9 of
@@ -686,9 +676,7 @@ def gaussian_optimal_schedule(target, process, T, *, predictor="heun", corrector
     return _minimise_schedule(objective, candidates, process, n_refine, check_int(max_iter, "max_iter", 1))[0]
 
 
-# --------------------------------------------------------------------------------
-# The local error against the model's own flow: the schedule for a trained model (docs/derivations.md, 9)
-# --------------------------------------------------------------------------------
+# -- The local error against the model's own flow: the schedule for a trained model (docs/derivations.md, 9) --
 
 class FlowWeight(NamedTuple):
     """The propagation weight of :func:`flow_error_cost`, prepared once from the data (:func:`flow_weight`):
@@ -987,9 +975,7 @@ def equal_error_schedule(score, process, T, x0, rng, *, step="euler", weight="da
                                tol=1e-2, batch_size=batch_size, callback=callback)
 
 
-# --------------------------------------------------------------------------------
-# Teacher-trajectory dynamic programming (GITS) and the coupled-error oracle (docs/derivations.md, 9.5-9.6)
-# --------------------------------------------------------------------------------
+# -- Teacher-trajectory dynamic programming (GITS) and the coupled-error oracle (docs/derivations.md, 9.5-9.6) --
 
 class TeacherSchedule(NamedTuple):
     """What :func:`teacher_schedule` returns."""
@@ -1162,9 +1148,7 @@ class _CountingScore:
         return self.score(x, t)
 
 
-# --------------------------------------------------------------------------------
-# Schedules for n model calls, checked against the model's own solution (docs/derivations.md, 12)
-# --------------------------------------------------------------------------------
+# -- Schedules for n model calls, checked against the model's own solution (docs/derivations.md, 12) --
 
 def levels_for_calls(n_calls, step="euler"):
     """How many noise levels a sampler visits with ``n_calls`` model calls, its last step going to
@@ -1486,9 +1470,7 @@ def _choose(measured):
     return table, min(near, key=lambda k: (KINDS.index(k[1]), measured[k].mean()))
 
 
-# --------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------
+# -- Metrics ---------------------------------------------------------------------
 
 # wasserstein1 integrates over at most this many times the samples' spread (or 1).
 MAX_W1_RANGE = 1e6
