@@ -32,6 +32,7 @@ Symbols (code name: meaning):
     gamma               blend rate of the online update
 """
 
+import hashlib
 import math
 import warnings
 from functools import partial
@@ -61,20 +62,15 @@ __all__ = [
 # PART I. THE PAPER
 # ================================================================================
 
-# --------------------------------------------------------------------------------
-# Processes and their noise-to-signal ratio
-# --------------------------------------------------------------------------------
+# -- Processes and their noise-to-signal ratio -----------------------------------
 
 class Process(NamedTuple):
     """A forward noising process with marginals ``x_t = s(t) x_0 + sigma(t) eps`` (paper, Sec. 2).
 
-    ``s`` and ``sigma`` are functions of ``t`` (scalar or array) written with
-    ``autograd.numpy``, so that everything can be differentiated in ``t``. The forward SDE
-    ``dX = f X dt + g dW`` with ``f = s'/s`` and ``g^2 = 2 sigma sigma' - 2 f sigma^2`` has
-    exactly these marginals. ``nu = sigma / s`` must increase from ``t_min`` to ``t_max``
-    (``t = 0`` is the data end). ``name`` identifies the process (a score that records the
-    process it was built for is refused with another, :func:`checked_score`); ``n_timesteps`` is
-    a discrete-time model's table length (0 otherwise).
+    ``s`` and ``sigma`` are functions of ``t`` written with ``autograd.numpy``, differentiable in ``t``; the
+    SDE ``dX = f X dt + g dW`` (:meth:`drift`, :meth:`diffusion_sq`) has these marginals. ``nu = sigma / s``
+    increases from ``t_min`` to ``t_max``. ``name`` identifies it (a score built for another process is
+    refused, :func:`checked_score`); ``n_timesteps`` is a discrete-time model's table length (0 otherwise).
 
     >>> p = ve()
     >>> round(float(p.nsr(0.5)), 4), p.t_min, p.t_max
@@ -110,10 +106,9 @@ def _geometric(sigma_min, log_ratio, t):
 
 
 def ve(sigma_min=0.002, sigma_max=80.0):
-    """Variance exploding: ``s = 1``, ``sigma = sigma_min (sigma_max/sigma_min)^t`` on ``[0, 1]``.
+    """Variance exploding: ``s = 1``, ``sigma = sigma_min (sigma_max/sigma_min)^t`` on ``[0, 1]``, EDM's range.
 
-    Geometric in ``t`` so that uniform ``t`` is uniform in ``log sigma``: a choice of
-    coordinates only, nothing optimal depends on it. The default range is EDM's.
+    Uniform ``t`` is uniform in ``log sigma``: a choice of coordinates, on which nothing optimal depends.
 
     >>> ve().name, [round(float(ve().sigma(t)), 3) for t in (0.0, 1.0)]
     ('ve(0.002, 80)', [0.002, 80.0])
@@ -138,10 +133,9 @@ def _vp_sigma_from_log_s(log_s, t):
 
 
 def vp_linear(beta_min=0.1, beta_max=20.0, t_min=1e-3):
-    """Variance preserving, ``beta(t) = beta_min + t (beta_max - beta_min)`` (Song et al. 2021).
-
-    ``s(t) = exp(-1/2 int_0^t beta)``, ``sigma = sqrt(1 - s^2)``, on ``[t_min, 1]``: the
-    process of the paper's 1-D experiments, whose uniform schedule is its "linear" one.
+    """Variance preserving, ``beta(t) = beta_min + t (beta_max - beta_min)`` (Song et al. 2021): ``s(t) =
+    exp(-1/2 int_0^t beta)``, ``sigma = sqrt(1 - s^2)`` on ``[t_min, 1]``, the process of the paper's 1-D
+    experiments, whose uniform schedule is its "linear" one.
 
     >>> p = vp_linear()
     >>> round(float(p.s(1.0)), 5), round(float(p.nsr(1.0)), 1)
@@ -156,20 +150,14 @@ def vp_linear(beta_min=0.1, beta_max=20.0, t_min=1e-3):
                    f"vp_linear({beta_min:g}, {beta_max:g})")
 
 
-def _cosine_s(offset, cos0, t):
-    return anp.cos((t + offset) / (1.0 + offset) * np.pi / 2.0) / cos0
-
-
-def _vp_sigma(s, t):
-    return anp.sqrt(1.0 - s(t) ** 2)
+def _cosine_log_s(offset, log_cos0, t):
+    return anp.log(anp.cos((t + offset) / (1.0 + offset) * np.pi / 2.0)) - log_cos0
 
 
 def vp_cosine(offset=0.008, t_min=1e-3, t_max=0.99):
-    """Variance preserving with iDDPM's cosine ``alpha_bar`` (Nichol & Dhariwal 2021).
-
-    ``s = sqrt(alpha_bar)``, ``alpha_bar(t) = cos^2(((t + offset)/(1 + offset)) pi/2) /
-    cos^2((offset/(1 + offset)) pi/2)``, ``sigma = sqrt(1 - s^2)``; ``t_max`` stays below 1,
-    where ``s = 0`` (0.99 gives ``nu_max`` of about 64).
+    """Variance preserving with iDDPM's cosine ``alpha_bar`` (Nichol & Dhariwal 2021): ``s = sqrt(alpha_bar)``,
+    ``alpha_bar(t) = cos^2(((t + offset)/(1 + offset)) pi/2) / cos^2((offset/(1 + offset)) pi/2)``, ``sigma =
+    sqrt(1 - s^2)``; ``t_max`` stays below 1, where ``s = 0`` (0.99 gives ``nu_max`` 64).
 
     >>> round(float(vp_cosine().nsr(0.99)), 1)
     64.2
@@ -178,8 +166,9 @@ def vp_cosine(offset=0.008, t_min=1e-3, t_max=0.99):
     t_min, t_max = check_real(t_min, "t_min"), check_real(t_max, "t_max")
     if not 0.0 < t_min < t_max < 1.0:
         raise ValueError("need 0 < `t_min` < `t_max` < 1 for vp_cosine")
-    s = partial(_cosine_s, offset, math.cos(offset / (1.0 + offset) * math.pi / 2.0))
-    return Process(s, partial(_vp_sigma, s), t_min, t_max, f"vp_cosine({offset:g})")
+    log_s = partial(_cosine_log_s, offset, math.log(math.cos(offset / (1.0 + offset) * math.pi / 2.0)))
+    return Process(partial(_exp_of, log_s), partial(_vp_sigma_from_log_s, log_s), t_min, t_max,
+                   f"vp_cosine({offset:g})")
 
 
 def nsr(process, ts):
@@ -193,10 +182,9 @@ def nsr(process, ts):
 
 
 def time_from_nsr(process, nu):
-    """The times at which the process has noise-to-signal ratio ``nu`` (the inverse of :func:`nsr`).
-
-    Vectorised bisection on ``log nu`` to float64 resolution; monotone, and exact at the
-    ends: ``nu`` within 1e-9 (relative) of ``nu(t_min)`` or ``nu(t_max)`` maps to the endpoint.
+    """The times at which the process has noise-to-signal ratio ``nu``, the inverse of :func:`nsr`: bisection
+    on ``log nu`` to float64 resolution, monotone, and exact at the ends (``nu`` within 1e-9 of ``nu(t_min)``
+    or ``nu(t_max)``, relative, maps to the endpoint).
 
     >>> p = vp_linear()
     >>> t = time_from_nsr(p, [1.0, 10.0])
@@ -206,10 +194,8 @@ def time_from_nsr(process, nu):
     process = check_process(process)
     nu = as_real_array(nu, "nu")
     nu_lo, nu_hi = nsr_range(process)
-    if not np.all(np.isfinite(nu)) or np.any(nu <= 0):
-        raise ValueError("`nu` must be finite and positive")
-    if np.any(nu < nu_lo * (1 - 1e-9)) or np.any(nu > nu_hi * (1 + 1e-9)):
-        raise ValueError(f"`nu` must lie in the process range [{nu_lo:.6g}, {nu_hi:.6g}]")
+    if not (np.all(np.isfinite(nu)) and np.all(nu >= nu_lo * (1 - 1e-9)) and np.all(nu <= nu_hi * (1 + 1e-9))):
+        raise ValueError(f"`nu` must be finite and lie in the process range [{nu_lo:.6g}, {nu_hi:.6g}]")
     return _time_from_nsr(process, nu)
 
 
@@ -237,14 +223,10 @@ def _schedule_from_nsr(process, nu):
 
 def _pin(ts, lo, hi):
     """``ts`` as a new float array with its endpoints set to ``lo`` and ``hi`` exactly."""
-    ts = np.array(ts, dtype=float)
-    ts[0], ts[-1] = lo, hi
-    return ts
+    return np.concatenate([[lo], np.asarray(ts, dtype=float)[1:-1], [hi]])
 
 
-# --------------------------------------------------------------------------------
-# Schedules the paper compares with
-# --------------------------------------------------------------------------------
+# -- Schedules the paper compares with -------------------------------------------
 
 def uniform_schedule(process, T):
     """Uniform in ``t``: the paper's "linear" schedule for a VP process.
@@ -257,9 +239,8 @@ def uniform_schedule(process, T):
 
 
 def edm_schedule(process, T, rho=7.0):
-    """EDM's schedule (Karras et al. 2022), the paper's Eq. (22); the paper compares rho = 3, 7, 100.
-
-    ``nu_i = (nu_max^(1/rho) + (i/T)(nu_min^(1/rho) - nu_max^(1/rho)))^rho``, mapped to ``t``.
+    """EDM's schedule (Karras et al. 2022), the paper's Eq. (22), which compares rho = 3, 7, 100: ``nu_i =
+    (nu_max^(1/rho) + (i/T)(nu_min^(1/rho) - nu_max^(1/rho)))^rho``, mapped to ``t``.
 
     >>> [round(v, 3) for v in nsr(ve(), edm_schedule(ve(), 2)).tolist()]
     [0.002, 2.515, 80.0]
@@ -271,12 +252,9 @@ def edm_schedule(process, T, rho=7.0):
 
 
 def cosine_schedule(process, T, offset=0.008):
-    """iDDPM's cosine noise levels at uniform index (Nichol & Dhariwal 2021), mapped to ``t``:
-    the paper's initial schedule for online training.
-
-    ``alpha_bar(u) = cos^2(((u + offset)/(1 + offset)) pi/2) / alpha_bar(0)`` gives
-    ``nu(u) = sqrt(1/alpha_bar - 1)``, with ``u`` uniform between the values at which it meets
-    the process's ``nu_min`` and ``nu_max``. For ``vp_cosine`` it is uniform in ``t``.
+    """iDDPM's cosine noise levels (Nichol & Dhariwal 2021), mapped to ``t``: the paper's initial schedule for
+    online training. ``alpha_bar(u) = cos^2(((u + offset)/(1 + offset)) pi/2) / alpha_bar(0)`` gives ``nu(u) =
+    sqrt(1/alpha_bar - 1)``, ``u`` uniform between where it meets ``nu_min`` and ``nu_max``.
 
     >>> np.allclose(cosine_schedule(vp_cosine(), 4), uniform_schedule(vp_cosine(), 4), atol=1e-9)
     True
@@ -291,9 +269,7 @@ def cosine_schedule(process, T, offset=0.008):
     return _schedule_from_nsr(process, nu)
 
 
-# --------------------------------------------------------------------------------
-# The cost of one step: corrector- and predictor-optimised
-# --------------------------------------------------------------------------------
+# -- The cost of one step: corrector- and predictor-optimised --------------------
 
 class Estimate(NamedTuple):
     """A Monte-Carlo estimate and its standard error (floats, or arrays of one shape)."""
@@ -315,12 +291,11 @@ def mean_stderr(values):
 def corrector_cost(score, process, t_cur, t_next, x0, rng, *, velocity=None):
     """Corrector-optimised cost ``L_c(t, t') = v(t')^2 E_{x ~ p_t} ||S(x, t') - S(x, t)||^2`` (paper, Sec. 3).
 
-    The predictor is the identity (annealed Langevin, the paper's Example 2.1) and a Langevin
-    corrector at speed ``v(t')`` carries ``p_t`` to ``p_t'``: both scores are evaluated at the
-    same ``x = s(t) x0 + sigma(t) eps``, ``t = t_cur``, ``t' = t_next`` (either order), fresh
-    ``eps`` per interval. ``t_cur``, ``t_next``: floats or arrays of one shape (one interval
-    each). ``x0``: data ``(n, d)``, ``n >= 2``. ``velocity``: ``v(t)``, default ``sigma``.
-    Returns an :class:`Estimate` of the shape of ``t_cur``.
+    The predictor is the identity (annealed Langevin, the paper's Example 2.1) and a Langevin corrector at speed
+    ``v(t')`` carries ``p_t`` to ``p_t'``: both scores at one ``x = s(t) x0 + sigma(t) eps`` (fresh ``eps`` per
+    interval), ``t = t_cur``, ``t' = t_next``. ``t_cur``, ``t_next``: floats or arrays of one shape (one interval
+    each). ``x0``: data ``(n, d)``, ``n >= 2``. ``velocity``: ``v(t)``, default ``sigma``. Returns an
+    :class:`Estimate` of the shape of ``t_cur``.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)          # exact score of N(0, 1) data
     >>> x0 = np.random.default_rng(1).standard_normal((4000, 1))
@@ -330,8 +305,7 @@ def corrector_cost(score, process, t_cur, t_next, x0, rng, *, velocity=None):
     >>> bool(abs(L.value - exact) < 3 * L.stderr)
     True
     """
-    score, process, t_cur, t_next, x0, rng, v = _cost_iv(score, process, t_cur, t_next, x0, rng, velocity)
-    return _per_interval(_corrector_cost, score, process, t_cur, t_next, x0, rng, v)
+    return _per_interval(_corrector_cost, score, process, t_cur, t_next, x0, rng, velocity)
 
 
 def _corrector_cost(score, process, t, t2, x0, rng, v):
@@ -339,8 +313,12 @@ def _corrector_cost(score, process, t, t2, x0, rng, v):
     return mean_stderr(v(t2) ** 2 * np.sum((score(x, t2) - score(x, t)) ** 2, axis=1))
 
 
-def _per_interval(cost, score, process, t, t2, x0, rng, v):
-    """A one-interval cost on scalar times, or on each pair of an array of times, in order."""
+def _per_interval(cost, score, process, t_cur, t_next, x0, rng, velocity):
+    """A cost's arguments checked, then its one-interval ``cost`` on scalar times or on each pair of times, in order."""
+    process = check_process(process)
+    t, t2 = check_step_times(t_cur, t_next, process)
+    score, x0, rng, v = (checked_score(score, process=process), check_data(x0, min_rows=2), as_rng(rng),
+                         check_velocity(velocity, process))
     if t.ndim == 0:
         return cost(score, process, float(t), float(t2), x0, rng, v)
     out = [cost(score, process, float(a), float(b), x0, rng, v) for a, b in zip(t.ravel(), t2.ravel())]
@@ -350,10 +328,8 @@ def _per_interval(cost, score, process, t, t2, x0, rng, v):
 def ddim_coefficients(process, t_cur, t_next):
     """``(a, b)`` of the Euler (DDIM) predictor ``F(x) = a x + b S(x, t_cur)``.
 
-    Euler's method for the probability-flow ODE in ``(nu, x / s)``, where it reads
-    ``d(x/s)/d nu = -nu s S(x, t)``: DDIM for VP processes (Song et al. 2021) and the Euler
-    stage of EDM's sampler, ``a = s(t')/s(t)``, ``b = s(t') s(t) nu(t) (nu(t) - nu(t'))``. It
-    depends on the noise levels only, not on how ``t`` parametrises them.
+    Euler's method for the probability-flow ODE ``d(x/s)/d nu = -nu s S(x, t)``: DDIM for VP processes (Song et
+    al. 2021) and EDM's Euler stage, ``a = s(t')/s(t)``, ``b = s(t') s(t) nu(t) (nu(t) - nu(t'))``.
 
     >>> a, b = ddim_coefficients(ve(), 1.0, 0.0)
     >>> float(a), round(float(b), 3)
@@ -367,24 +343,21 @@ def ddim_coefficients(process, t_cur, t_next):
 def predictor_cost(score, process, t_cur, t_next, x0, rng, *, velocity=None):
     """Predictor-optimised cost ``L_p(t, t')`` of the Euler (DDIM) predictor (paper, Sec. 3).
 
-    The paper's ``v(t')^2 D(p_t' || F#p_t)`` for ``F(x) = a x + b S(x, t)``
-    (:func:`ddim_coefficients`). Its explicit form is derived here (docs/derivations.md, 2): with
-    ``J = dF/dx = a I + b dS/dx``, the change of variables gives
-    ``grad log(F#p_t)(F(x)) = J^{-T} [S(x, t) - grad_x log|det J|]`` and
+    The paper's ``v(t')^2 D(p_t' || F#p_t)`` for ``F(x) = a x + b S(x, t)`` (:func:`ddim_coefficients`), in an
+    explicit form derived here (docs/derivations.md, 2): with ``J = dF/dx = a I + b dS/dx``, the change of
+    variables gives ``grad log(F#p_t)(F(x)) = J^{-T} [S(x, t) - grad_x log|det J|]`` and
 
         L_p = v(t')^2 E_{x ~ p_t} || S(F(x), t') - J^{-T}[S(x, t) - grad log|det J|] ||^2,
 
-    ``O(h^4)`` with exact scores. The Jacobians come from autograd (``O(d)`` reverse passes),
-    so the score must be autograd-differentiable in ``x`` and act on rows independently: for
-    small ``d``. Arguments and result as :func:`corrector_cost`.
+    ``O(h^4)`` with exact scores. The Jacobians take ``O(d)`` autograd passes, so the score must be autograd-
+    differentiable in ``x`` and act on rows independently: for small ``d``. Arguments as :func:`corrector_cost`.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
     >>> x0 = np.random.default_rng(1).standard_normal((2000, 1))
     >>> bool(predictor_cost(gauss, ve(), 0.6, 0.5, x0, 0).value < corrector_cost(gauss, ve(), 0.6, 0.5, x0, 0).value)
     True
     """
-    score, process, t_cur, t_next, x0, rng, v = _cost_iv(score, process, t_cur, t_next, x0, rng, velocity)
-    return _per_interval(_predictor_cost, score, process, t_cur, t_next, x0, rng, v)
+    return _per_interval(_predictor_cost, score, process, t_cur, t_next, x0, rng, velocity)
 
 
 def _predictor_cost(score, process, t, t2, x0, rng, v):
@@ -407,11 +380,9 @@ def _predictor_cost(score, process, t, t2, x0, rng, v):
 def interval_costs(score, process, ts, x0, rng, *, cost=corrector_cost, **cost_options):
     """The costs ``L_i = L(t_{i+1}, t_i)`` of every step of a schedule: Algorithm 1's input.
 
-    ``cost``: :func:`corrector_cost` (alias ``"corrector"``), :func:`predictor_cost`
-    (``"predictor"``) or any function with their signature, called once with the arrays of
-    the schedule's noisier and cleaner ends; ``cost_options`` are passed on. Monte-Carlo
-    values of an unbiased cost below zero are clipped at zero. Returns an :class:`Estimate`
-    of arrays ``(T,)``.
+    ``cost``: :func:`corrector_cost` (alias ``"corrector"``), :func:`predictor_cost` (``"predictor"``) or a function
+    with their signature, called once with the arrays of the steps' noisier and cleaner ends and ``cost_options``.
+    Monte-Carlo values below zero are clipped at zero. Returns an :class:`Estimate` of arrays ``(T,)``.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
     >>> x0 = np.random.default_rng(1).standard_normal((500, 1))
@@ -428,19 +399,15 @@ def interval_costs(score, process, ts, x0, rng, *, cost=corrector_cost, **cost_o
 COSTS = {"corrector": corrector_cost, "predictor": predictor_cost}
 
 
-# --------------------------------------------------------------------------------
-# The local cost delta_c
-# --------------------------------------------------------------------------------
+# -- The local cost delta_c ------------------------------------------------------
 
 def local_cost(score, process, ts, x0, rng, *, velocity=None, derivative=None):
     """Local corrector cost ``delta_c(t) = v(t)^2 E_{x ~ p_t} ||d/dt S(x, t)||^2`` at each time of ``ts``.
 
-    ``L_c(t, t + h) = delta_c(t) h^2 + O(h^3)`` (paper, Sec. 3). At each time a fresh
-    ``x = s(t) x0 + sigma(t) eps`` is drawn and the time derivative of the score is taken at
-    fixed ``x`` by ``derivative``: :func:`central_difference` (the default, alias
-    ``"central"``), :func:`forward_mode` (``"autograd"``, for scores that autograd can
-    differentiate in ``t``) or a function with their signature. Returns an :class:`Estimate`
-    of arrays of the shape of ``ts``.
+    ``L_c(t, t + h) = delta_c(t) h^2 + O(h^3)`` (paper, Sec. 3). At each time a fresh ``x = s(t) x0 + sigma(t) eps``
+    is drawn and ``dS/dt`` taken at fixed ``x`` by ``derivative``: :func:`central_difference` (the default, alias
+    ``"central"``), :func:`forward_mode` (``"autograd"``) or a function with their signature. Returns an
+    :class:`Estimate` of arrays of the shape of ``ts``.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)          # N(0, 1) data under ve()
     >>> x0 = np.random.default_rng(1).standard_normal((20000, 1))
@@ -460,19 +427,16 @@ def local_cost(score, process, ts, x0, rng, *, velocity=None, derivative=None):
 
 
 def local_cost_samples(score, process, x, t, derivative, v2):
-    """The integrand of ``delta_c`` per sample, ``v(t)^2 ||dS/dt (x_j, t)||^2`` at fixed ``x``; ``v2 = v(t)^2``.
-    The one place it is written: :func:`local_cost` calls it, and so may any other estimator of ``delta_c``."""
+    """The integrand of ``delta_c`` per sample, ``v2 ||dS/dt (x_j, t)||^2`` with ``v2 = v(t)^2``: the one copy."""
     return v2 * np.sum(derivative(score, process, x, t) ** 2, axis=1)
 
 
 def central_difference(score, process, x, t, rel_step=1e-3):
     """``dS/dt`` at fixed ``x``: a central difference whose step is ``rel_step`` in ``log nu``.
 
-    ``h = rel_step / |d log nu / dt|``, at most a quarter of the process range; where ``t +- h``
-    would leave ``[t_min, t_max]`` the second-order one-sided stencil is used, so the score is
-    never evaluated outside the range. A row whose two evaluations differ by less than 1e-12 of
-    the score's size (float64 rounding: the score does not depend on ``t``) gets a derivative of 0.
-    2 score calls (3 at the ends).
+    ``h = rel_step / |d log nu / dt|``, at most a quarter of the range; where ``t +- h`` would leave it the one-sided
+    second-order stencil is used. A row whose evaluations differ by less than 1e-12 of the score's size (float64
+    rounding: the score does not depend on ``t``) gets 0. 2 score calls (3 at the ends).
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
     >>> dS = central_difference(gauss, ve(), np.ones((1, 1)), 0.5)
@@ -504,12 +468,11 @@ def forward_mode(score, process, x, t):
     """
     raw = getattr(score, "score", score)
     value = make_jvp(lambda tt: raw(x, tt))(float(t))(1.0)[1]
-    return score.check(value, x, t) if hasattr(score, "check") else value
+    return checked_output(value, x.shape, t, score.name) if isinstance(score, _CheckedScore) else value
 
 
 def _fd_steps(process, ts, rel_step):
-    """Steps of a relative size ``rel_step`` in log nu, ``h = rel_step / (d log nu / dt)``, at most a
-    quarter of the range (so one stencil always fits inside it)."""
+    """Steps ``h = rel_step / |d log nu / dt|``, at most a quarter of the range (a stencil always fits)."""
     return np.minimum(rel_step / _log_nsr_rate(process, ts), 0.25 * (process.t_max - process.t_min))
 
 
@@ -522,17 +485,14 @@ DERIVATIVES = {"central": central_difference, "fd": central_difference, "autogra
                "forward": forward_mode}
 
 
-# --------------------------------------------------------------------------------
-# The exact local cost for Gaussian data (derived: docs/derivations.md, 1)
-# --------------------------------------------------------------------------------
+# -- The exact local cost for Gaussian data (derived: docs/derivations.md, 1) ----
 
 def gaussian_local_cost(process, ts, variances, mean=None):
     """Exact ``delta_c(t)`` for data ``N(mean, diag(variances))`` with ``v = sigma`` (derived).
 
-    ``p_t = N(s mean, diag(a))``, ``a_k = s^2 lambda_k + sigma^2``, and
-    ``delta_c = sigma^2 [sum_k a_k'^2 / a_k^3 + sum_k s'^2 mean_k^2 / a_k^2]`` with
-    ``a_k' = 2 s s' lambda_k + 2 sigma sigma'``. ``ts`` may have any shape; a variance may be 0. The exact
-    answer that a copy of this part checks itself against: for ``ve()`` and ``N(0, c^2 I_d)`` it integrates to
+    ``p_t = N(s mean, diag(a))``, ``a_k = s^2 lambda_k + sigma^2``, ``delta_c = sigma^2 [sum_k a_k'^2 / a_k^3 +
+    sum_k s'^2 mean_k^2 / a_k^2]``, ``a_k' = 2 s s' lambda_k + 2 sigma sigma'``; ``ts`` of any shape. The exact
+    answer a copy of this part checks itself against: for ``ve()`` and ``N(0, c^2 I_d)`` it integrates to
     ``Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) - sigma / sqrt(c^2 + sigma^2)]`` (docs/derivations.md, 1).
 
     >>> ts = time_from_nsr(ve(), np.geomspace(0.002, 80.0, 2001))
@@ -547,26 +507,20 @@ def gaussian_local_cost(process, ts, variances, mean=None):
     mu = np.zeros_like(lam) if mean is None else as_real_array(mean, "mean").reshape(-1)
     if np.any(lam < 0) or not np.all(np.isfinite(lam)) or mu.shape != lam.shape or not np.all(np.isfinite(mu)):
         raise ValueError("`variances` must be finite and non-negative, and `mean` finite of the same length")
-    s, sigma = process.s(ts), process.sigma(ts)
-    ds, dsigma = elementwise_grad(process.s)(ts), elementwise_grad(process.sigma)(ts)
-    s, sigma, ds, dsigma = (np.asarray(a, dtype=float)[..., None] for a in (s, sigma, ds, dsigma))
+    s, sigma, ds, dsigma = (np.asarray(f(ts), dtype=float)[..., None] for f in
+                            (process.s, process.sigma, elementwise_grad(process.s), elementwise_grad(process.sigma)))
     a, da = s ** 2 * lam + sigma ** 2, 2 * s * ds * lam + 2 * sigma * dsigma
     return sigma[..., 0] ** 2 * (np.sum(da ** 2 / a ** 3, axis=-1) + np.sum(ds ** 2 * mu ** 2 / a ** 2, axis=-1))
 
 
-# --------------------------------------------------------------------------------
-# The path length Lambda, its inverse, the optimal schedule and Algorithm 1
-# --------------------------------------------------------------------------------
+# -- The path length Lambda, its inverse, the optimal schedule and Algorithm 1 --
 
 def cumulative_cost(ts, delta, *, order=2):
     """Cumulative length ``Lambda(t) = int_{t_0}^t delta(r)^(1/order) dr`` on the grid ``ts`` (paper, Sec. 3).
 
-    The one integrator of ``Lambda`` here: the trapezoid rule in the grid's own coordinate.
-    It is exact in whichever coordinate the grid is given, since a local cost transforms as a
-    metric (``delta_u = delta_t (dt/du)^2``); :func:`grid_route` passes ``u = log nu``, where its
-    grid is uniform and ``sqrt(delta)`` smooth (docs/derivations.md, 5). ``Lambda[0] = 0``;
-    ``Lambda[-1]`` is the path length. ``order = n`` is the length of a cost
-    ``L = delta h^n`` (derived: docs/derivations.md, 3).
+    The one integrator of ``Lambda`` here: the trapezoid rule in the grid's own coordinate, valid in any, since a
+    local cost transforms as a metric (``delta_u = delta_t (dt/du)^2``; docs/derivations.md, 5). ``Lambda[0] = 0``;
+    ``Lambda[-1]`` is the path length. ``order = n`` is for a cost ``L = delta h^n`` (derived: derivations, 3).
 
     >>> cumulative_cost([0.0, 1.0, 2.0], [1.0, 4.0, 9.0]).tolist()
     [0.0, 1.5, 4.0]
@@ -581,15 +535,13 @@ def _trapezoid_increments(ts, delta, order):
     return 0.5 * (root[1:] + root[:-1]) * np.diff(ts)
 
 
-# Relative floor on the length increments of a step: a zero-cost interval would make the
-# cumulative length flat and its inverse undefined, so each increment is raised to at least
-# this fraction of the largest one.
+# A zero-cost interval would make Lambda flat and its inverse undefined: each length increment is raised to at
+# least this fraction of the largest.
 INCREMENT_FLOOR = 1e-8
 
 
 def _invert_cumulative(ts, increments, T):
-    """``Lambda^{-1}(i Lambda / T)``, i = 0..T, for the cumulative sum of ``increments`` over ``ts``:
-    a monotone cubic (PCHIP) through ``(Lambda_j, t_j)``, endpoints exact."""
+    """``Lambda^{-1}(i Lambda / T)``, i = 0..T, ``Lambda`` the cumulative ``increments`` over ``ts``: PCHIP."""
     top = np.max(increments)
     if top == 0.0:
         warnings.warn("the cost is zero on the whole range: every schedule is free; returning the uniform "
@@ -603,19 +555,14 @@ def _invert_cumulative(ts, increments, T):
 
 
 def optimal_schedule(ts, delta, T, *, order=2):
-    """The optimal ``T``-step schedule ``t*_i = Lambda^{-1}(i Lambda / T)`` from a local cost on a dense
-    grid (the paper's Theorem 3.1).
+    """The optimal ``T``-step schedule ``t*_i = Lambda^{-1}(i Lambda / T)`` from a local cost on a dense grid
+    (the paper's Theorem 3.1).
 
-    Constant speed in the metric ``delta``: every step costs ``(Lambda / T)^2`` to leading
-    order, the least total cost (Cauchy-Schwarz). ``ts`` is a dense grid (hundreds of times,
-    e.g. uniform in ``log nu``, where ``delta`` varies smoothly) on which ``delta`` was
-    estimated (:func:`local_cost`); the output's endpoints are ``ts[0]`` and ``ts[-1]``. With
-    zero cost everywhere a warning is issued and the uniform schedule returned. This is the
-    schedule for a Langevin corrector that reaches each level's law. A sampler's corrector steps
-    of size ``r sigma^2`` vanish at the clean end and do not take its cheap long last step:
-    annealed Langevin alone ended at 2.3 times the data's std for N(0, 0.5^2) under ``ve()``,
-    T = 10, even with 100 corrector steps per level. Use it with a predictor. With the ODE
-    samplers people use most it was measured to lose to simple baselines.
+    Constant speed in the metric ``delta``: every step costs ``(Lambda / T)^2`` to leading order, the least total
+    (Cauchy-Schwarz). ``ts``: the dense grid (hundreds of times, e.g. uniform in ``log nu``) on which ``delta``
+    was estimated (:func:`local_cost`); it gives the output's endpoints. Zero cost everywhere: a warning and the
+    uniform schedule. Use it with a predictor: annealed Langevin alone cannot take its long last step, and with
+    the ODE samplers people use most it was measured to lose to simple baselines (docs/guide/schedules.md).
 
     >>> ts = np.linspace(0.0, 1.0, 101)
     >>> optimal_schedule(ts, np.ones(101), 4).round(6).tolist()          # constant cost: uniform
@@ -631,11 +578,10 @@ def optimal_schedule(ts, delta, T, *, order=2):
 def update_schedule(ts, costs, *, order=2):
     """Algorithm 1 (UpdateSchedule) of the paper: the schedule that equalises the cost of every step.
 
-    ``Lambda_0 = 0``, ``Lambda_{i+1} = Lambda_i + L_i^(1/order)`` with ``L_i = L(t_{i+1}, t_i)``;
-    then ``t*_i = Lambda^{-1}(i Lambda_T / T)`` through a monotone cubic (PCHIP). ``order = n``
-    is for a cost of order ``h^n`` (derived: docs/derivations.md, 3). Increments below
-    ``INCREMENT_FLOOR`` times the largest are raised to it. Same endpoints (exactly) and
-    number of steps; equal costs are a fixed point; scaling the costs changes nothing.
+    ``Lambda_0 = 0``, ``Lambda_{i+1} = Lambda_i + L_i^(1/order)`` with ``L_i = L(t_{i+1}, t_i)``; then ``t*_i =
+    Lambda^{-1}(i Lambda_T / T)`` through a monotone cubic (PCHIP). ``order = n`` is for a cost of order ``h^n``
+    (derived: docs/derivations.md, 3). Increments below ``INCREMENT_FLOOR`` times the largest are raised to it.
+    Same endpoints (exactly) and steps; equal costs are a fixed point; scaling the costs changes nothing.
 
     >>> update_schedule([0.0, 0.5, 1.0], [1.0, 1.0]).tolist()
     [0.0, 0.5, 1.0]
@@ -650,8 +596,7 @@ def update_schedule(ts, costs, *, order=2):
 def path_length(costs, *, order=2):
     """Discrete path length ``sum_i L_i^(1/order)`` of a schedule's step costs (paper, Sec. 3).
 
-    For a fine schedule it approximates ``Lambda`` whatever the schedule, which is why
-    ``(path_length / T)^2`` is the per-step cost an optimal ``T``-step schedule reaches.
+    For a fine schedule it approximates ``Lambda``: ``(path_length / T)^2`` is an optimal schedule's step cost.
 
     >>> path_length([1.0, 4.0])
     3.0
@@ -663,8 +608,7 @@ def path_length(costs, *, order=2):
 def path_energy(costs):
     """Discrete path energy ``T sum_i L_i`` of a schedule (paper, Sec. 3).
 
-    ``sum_i L_i ~ E(phi) / T``, so this approximates ``E(phi)``; Cauchy-Schwarz gives
-    ``path_length^2 <= path_energy``, with equality iff all costs are equal.
+    It approximates ``E(phi)``; ``path_length^2 <= path_energy``, equal iff all costs are (Cauchy-Schwarz).
 
     >>> path_energy([1.0, 4.0]), path_length([1.0, 4.0]) ** 2
     (10.0, 9.0)
@@ -673,14 +617,10 @@ def path_energy(costs):
     return float(len(costs) * np.sum(costs))
 
 
-# --------------------------------------------------------------------------------
-# The blend and Algorithm 2
-# --------------------------------------------------------------------------------
+# -- The blend and Algorithm 2 ---------------------------------------------------
 
 def blend(ts, ts_star, gamma):
-    """Algorithm 2's blend ``gamma ts_star + (1 - gamma) ts``, ``gamma`` in ``(0, 1]``.
-
-    A convex combination of two increasing schedules with the same endpoints is one too.
+    """Algorithm 2's blend ``gamma ts_star + (1 - gamma) ts``, ``gamma`` in ``(0, 1]``: a schedule again.
 
     >>> blend([0.0, 0.5, 1.0], [0.0, 0.3, 1.0], 0.5).tolist()
     [0.0, 0.4, 1.0]
@@ -705,10 +645,9 @@ class OnlineUpdate(NamedTuple):
 
 def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
     """Algorithm 2's steps 2-3 on a dense grid, the default route: ``delta_c`` at ``n_grid`` times uniform in
-    ``u = log nu`` (:func:`local_cost`), then ``ts* = Lambda^{-1}(i Lambda / T)`` (:func:`optimal_schedule`,
-    Theorem 3.1). Both are done in ``u``, where the grid is uniform and ``sqrt(delta)`` smooth: a local cost
-    transforms as a metric, ``delta_u = delta_t (dt/du)^2``. ``costs`` are the squared shares of ``Lambda``
-    over the steps of ``ts``. Returns ``(ts_star, costs, length)``.
+    ``u = log nu`` (:func:`local_cost`), then ``ts* = Lambda^{-1}(i Lambda / T)`` (Theorem 3.1), both in ``u``,
+    where ``sqrt(delta)`` is smooth (``delta_u = delta_t (dt/du)^2``). ``costs``: the squared shares of
+    ``Lambda`` over the steps of ``ts``. Returns ``(ts_star, costs, length)``.
 
     >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)        # exact score of N(0, 0.5^2) under ve()
     >>> x0 = 0.5 * np.random.default_rng(1).standard_normal((1000, 1))
@@ -730,12 +669,10 @@ def interval_route(score, process, ts, x0, rng, *, cost=corrector_cost, order=2)
     the corrector cost by default), then ``ts* = UpdateSchedule(ts, L)`` (Algorithm 1). Returns
     ``(ts_star, costs, length)``, ``length`` the :func:`path_length` of the costs.
 
-    When it degenerates (derived, docs/derivations.md, 4): on smooth data with few steps the corrector cost of
-    the cleanest step, ``v(t_0)^2 E||S(x, t_1) - S(x, t_0)||^2`` with ``v(t_0) = sigma_min``, stays small however
-    wide the step, so iterating moves level after level to the noisy end and the first step grows. With the
-    exact score of N(0, 0.5^2) under ``ve()``, 30 updates with ``gamma = 0.5`` from the uniform schedule give
-    ``sigma_1`` = 41.1, 21.0, 6.58 for T = 5, 10, 20, where the optimal schedule (:func:`grid_route`) has
-    1.65, 0.90, 0.59. Use it with many steps, or with a cost whose velocity does not vanish at the clean end.
+    It degenerates on smooth data with few steps (docs/derivations.md, 4): the cleanest step's corrector cost,
+    with ``v(t_0) = sigma_min``, stays small however wide the step, so the first step grows. For the exact score
+    of N(0, 0.5^2) under ``ve()``, 30 updates (``gamma = 0.5``) give ``sigma_1`` = 41.1, 21.0, 6.58 at T = 5, 10,
+    20, against the optimal 1.65, 0.90, 0.59. Use it with many steps, or a velocity that stays away from 0.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
     >>> x0 = np.random.default_rng(1).standard_normal((500, 1))
@@ -753,14 +690,11 @@ ROUTES = {"grid": grid_route, "intervals": interval_route}
 def online_update(score, process, ts, x0, rng, *, gamma, route=grid_route, **route_options):
     """Algorithm 2 of the paper, steps 2-4: one schedule update with the score model fixed.
 
-    2-3. ``route(score, process, ts, x0, rng, **route_options) -> (ts_star, costs, length)``
-    finds the target schedule: :func:`grid_route` (the default, alias ``"grid"``: Theorem 3.1 on a
-    dense grid), :func:`interval_route` (``"intervals"``: Algorithm 1 on the interval costs, as the
-    paper writes it; it degenerates on smooth data with few steps, see there), or any function with
-    their signature.
-    4. ``ts <- gamma ts_star + (1 - gamma) ts`` (:func:`blend`). Step 1, optimiser steps on
-    the model with ``ts`` fixed, is the caller's: ``models.train`` calls this every few steps
-    after a burn-in. The route's output is checked and a bad one is named. Returns an
+    2-3. ``route(score, process, ts, x0, rng, **route_options) -> (ts_star, costs, length)`` finds the target:
+    :func:`grid_route` (the default, alias ``"grid"``: Theorem 3.1), :func:`interval_route` (``"intervals"``:
+    Algorithm 1, as the paper writes it; it degenerates on smooth data with few steps) or a function with their
+    signature; its output is checked. 4. ``ts <- gamma ts_star + (1 - gamma) ts`` (:func:`blend`). Step 1,
+    optimiser steps on the model with ``ts`` fixed, is the caller's (``models.train``). Returns an
     :class:`OnlineUpdate`.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
@@ -783,9 +717,7 @@ def online_update(score, process, ts, x0, rng, *, gamma, route=grid_route, **rou
     return OnlineUpdate(_blend(ts, ts_star, gamma), ts_star, costs, check_real(out[2], f"length returned by {name}"))
 
 
-# --------------------------------------------------------------------------------
-# Checks, at each public boundary (shared with sampler.py and models.py)
-# --------------------------------------------------------------------------------
+# -- Checks, at each public boundary (shared with sampler.py and models.py) ------
 
 class ScoreEvaluationError(RuntimeError):
     """A score (or another callable of the user's) raised; the original error is its ``__cause__``."""
@@ -810,9 +742,6 @@ class _CheckedScore:
             if isinstance(err, ScoreEvaluationError) or getattr(err, "checked_output", False):   # a wrapper's: as it is
                 raise
             raise ScoreEvaluationError(f"`{self.name}` raised {type(err).__name__} at {_when(t)}: {err}") from err
-        return self.check(value, x, t)
-
-    def check(self, value, x, t):
         return checked_output(value, x.shape, t, self.name)
 
 
@@ -870,13 +799,6 @@ def _checked_velocity(velocity, t):
     return value
 
 
-def _cost_iv(score, process, t_cur, t_next, x0, rng, velocity):
-    process = check_process(process)
-    t_cur, t_next = check_step_times(t_cur, t_next, process)
-    return (checked_score(score, process=process), process, t_cur, t_next, check_data(x0, min_rows=2), as_rng(rng),
-            check_velocity(velocity, process))
-
-
 def check_process(process):
     """``process`` if it is a :class:`Process` on finite ``t_min < t_max`` whose ``nu`` is finite, positive and
     increasing (``t = 0`` is the data end)."""
@@ -893,14 +815,18 @@ def check_process(process):
 
 
 def same_process(a, b):
-    """Whether processes ``a`` and ``b`` compute the same: name, range, and ``s`` and ``sigma`` at 17 times
-    (to 1e-9), not the name alone (two custom processes keep the default name "process")."""
-    if a is b or a == b:
-        return True
-    t = np.linspace(a.t_min, a.t_max, 17)
-    on_grid = lambda p: np.array([np.broadcast_to(f(t), t.shape) for f in (p.s, p.sigma)], dtype=float)
-    return (a.name, float(a.t_min), float(a.t_max)) == (b.name, float(b.t_min), float(b.t_max)) and \
-        np.allclose(on_grid(a), on_grid(b), rtol=1e-9, atol=0)
+    """Whether processes ``a`` and ``b`` have one name and compute the same (:func:`process_digest`): two custom
+    processes keep the default name "process"."""
+    return a is b or (a.name == b.name and process_digest(a) == process_digest(b))
+
+
+def process_digest(process):
+    """What a process computes, as a hash: ``sha256`` of its range and of ``s`` and ``sigma`` at 17 times across
+    it (10 significant digits), the first 12 hex digits. A map records it (``metadata.process_digest``)."""
+    t = np.linspace(process.t_min, process.t_max, 17)
+    values = [process.t_min, process.t_max] + [float(v) for f in (process.s, process.sigma)
+                                               for v in np.broadcast_to(np.asarray(f(t), dtype=float), t.shape)]
+    return hashlib.sha256(" ".join(f"{v:.10g}" for v in values).encode()).hexdigest()[:12]
 
 
 def nsr_range(process):
@@ -1020,14 +946,8 @@ def as_real_array(x, name):
 
 
 def as_rng(rng):
-    """A ``numpy.random.Generator`` from a Generator or a non-negative int seed."""
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if not isinstance(rng, (int, np.integer)) or isinstance(rng, bool):
-        raise TypeError(f"`rng` must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
-    if rng < 0:
-        raise ValueError(f"`rng` as a seed must be a non-negative integer, got {rng}")
-    return np.random.default_rng(int(rng))
+    """``rng`` if it is a ``numpy.random.Generator``, else a Generator seeded with ``rng``, an int >= 0."""
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(check_int(rng, "rng", 0))
 
 
 def as_column(a):
@@ -1041,7 +961,7 @@ def as_column(a):
 
 # Part II needs more of the standard library than the paper does; it is imported here, so that a
 # copy of Part I alone imports only numpy, scipy and autograd.
-import argparse, errno, hashlib, json, multiprocessing, os, pickle, re, stat, sys, threading, time  # noqa: E401, E402
+import argparse, errno, json, multiprocessing, os, pickle, re, stat, sys, threading, time  # noqa: E401, E402
 from concurrent.futures import ProcessPoolExecutor, wait                              # noqa: E402
 from concurrent.futures.process import BrokenProcessPool                              # noqa: E402
 from contextlib import contextmanager                                                 # noqa: E402
@@ -1061,9 +981,7 @@ __all__ += [
 ]
 
 
-# --------------------------------------------------------------------------------
-# Checks that only this part needs
-# --------------------------------------------------------------------------------
+# -- Checks that only this part needs --------------------------------------------
 
 def check_data_scale(second_moment, process):
     """Warn when the data's scale (the root of the largest per-coordinate ``E[x^2]``) lies outside the noise
@@ -1087,9 +1005,7 @@ def check_bool(value, name):
     raise TypeError(f"`{name}` must be True or False, got {value!r}")
 
 
-# --------------------------------------------------------------------------------
-# More baselines
-# --------------------------------------------------------------------------------
+# -- More baselines --------------------------------------------------------------
 
 def loglinear_schedule(process, T):
     """Uniform in ``log nu`` ("LogLinear", Lu et al. 2022; k-diffusion's ``get_sigmas_exponential``)."""
@@ -1114,9 +1030,7 @@ def baseline_schedules(process, T, c=0.5):
     return out
 
 
-# --------------------------------------------------------------------------------
-# The equal-cost fixed point (docs/derivations.md, 3)
-# --------------------------------------------------------------------------------
+# -- The equal-cost fixed point (docs/derivations.md, 3) -------------------------
 
 class EqualCostResult(NamedTuple):
     """Outcome of :func:`equal_cost_schedule` and :func:`iterate_schedule`."""
@@ -1265,10 +1179,8 @@ def stop_at_budget(budget, callback=None):
     return stop
 
 
-# --------------------------------------------------------------------------------
-# The schedule map: the paper's dense-grid route, on a budget, in parallel, with error bars
+# -- The schedule map: the paper's dense-grid route, on a budget, in parallel, with error bars --
 # (docs/derivations.md, 5)
-# --------------------------------------------------------------------------------
 
 class ScheduleMap(NamedTuple):
     """A continuous schedule: the cumulative length on a dense grid.
@@ -1531,15 +1443,6 @@ def _map_plan(score, process, x0, rng, n_grid, velocity, derivative, budget, wor
                     check_velocity(velocity, process), control_variate, workers,
                     None if callback is None else check_callable(callback, "callback", "callback(done, total, info)"),
                     metadata)
-
-
-def process_digest(process):
-    """What a process computes, as a hash: ``sha256`` of its range and of ``s`` and ``sigma`` at 17 times across
-    it (10 significant digits), the first 12 hex digits. A map records it (``metadata.process_digest``)."""
-    t = np.linspace(process.t_min, process.t_max, 17)
-    values = [process.t_min, process.t_max] + [float(v) for f in (process.s, process.sigma)
-                                               for v in np.broadcast_to(np.asarray(f(t), dtype=float), t.shape)]
-    return hashlib.sha256(" ".join(f"{v:.10g}" for v in values).encode()).hexdigest()[:12]
 
 
 def check_data_range(x, name="x0"):
@@ -1812,9 +1715,7 @@ def _version():
         return "unknown"
 
 
-# --------------------------------------------------------------------------------
-# Your model: processes of other conventions, adapters, exports
-# --------------------------------------------------------------------------------
+# -- Your model: processes of other conventions, adapters, exports ---------------
 
 def _flow_s(t):
     return 1.0 - t
@@ -1928,9 +1829,7 @@ def to_sigmas(process, ts, *, dtype=np.float64):
     return np.append(process.nsr(_check_levels(ts, process))[::-1], 0.0).astype(_check_dtype(dtype))
 
 
-# --------------------------------------------------------------------------------
-# Schedules for n model calls: the consumers' own defaults, and exports they use verbatim
-# --------------------------------------------------------------------------------
+# -- Schedules for n model calls: the consumers' own defaults, and exports they use verbatim --
 # A schedule for n model calls is ``ts``: n increasing times in [t_min, t_max], the levels at which
 # the model is called (the highest first when sampling), then the sampler's own final step to
 # nu = 0, the denoised output. Euler/DDIM, DPM-Solver++(2M) and the ancestral step make n calls on
@@ -2400,9 +2299,7 @@ def _check_dtype(dtype):
     return dtype
 
 
-# --------------------------------------------------------------------------------
-# Files: written atomically; the schedule-map file (JSON)
-# --------------------------------------------------------------------------------
+# -- Files: written atomically; the schedule-map file (JSON) ---------------------
 
 def write_atomically(path, data):
     """Write ``path`` through a temporary file in the same folder: ``data`` (``str``, ``bytes``, or a function
@@ -2717,9 +2614,7 @@ def _jsonable(value, name):
     raise TypeError(f"cannot save field `{name}`: {type(value).__name__} is not a number, string, list or dict")
 
 
-# --------------------------------------------------------------------------------
-# Progress and the command line: python -m scoreopt MAP.json -n N
-# --------------------------------------------------------------------------------
+# -- Progress and the command line: python -m scoreopt MAP.json -n N -------------
 
 def progress_printer(label="", lines=10, file=None):
     """A callback ``callback(done, total, info)`` that prints ``label done/total`` about ``lines`` times a run,

@@ -150,7 +150,7 @@ def test_a_cantor_level_that_would_not_fit_says_its_size():
 
 @given(st.integers(-2 ** 40, -1))
 def test_a_seed_is_a_non_negative_integer(seed):
-    with pytest.raises(ValueError, match="`rng` as a seed must be a non-negative integer"):
+    with pytest.raises(ValueError, match="`rng` must be >= 0"):
         so.as_rng(seed)
 
 

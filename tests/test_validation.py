@@ -80,9 +80,9 @@ def test_schedule_endpoints_and_range():
         so.local_cost(SCORE, VP, np.array([0.0005, 0.5]), X0, 0)
     with pytest.raises(ValueError, match="`t_cur`"):
         so.corrector_cost(SCORE, VP, 1.5, 0.5, X0, 0)
-    with pytest.raises(ValueError, match="`nu` must lie in the process range"):
+    with pytest.raises(ValueError, match="`nu` must be finite and lie in the process range"):
         so.time_from_nsr(VP, [1e6])
-    with pytest.raises(ValueError, match="`nu` must be finite and positive"):
+    with pytest.raises(ValueError, match="`nu` must be finite and lie in the process range"):
         so.time_from_nsr(VP, [-1.0])
 
 
