@@ -22,9 +22,9 @@ from autograd.misc import flatten
 from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
-from scoreopt import (COSTS, ROUTES, as_column, as_rng, check_callable, check_data, check_gamma, check_int,
-                      check_positive, check_process, check_real, check_schedule, check_times, grid_route, interval_route,
-                      nsr_range, online_update, resolve)
+from scoreopt import (COSTS, ROUTES, as_column, as_real_array, as_rng, check_callable, check_data, check_gamma,
+                      check_int, check_positive, check_process, check_real, check_schedule, check_times, grid_route,
+                      interval_route, nsr_range, online_update, resolve)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "noise_features", "silu", "preconditioning_coefficients", "mlp_score", "ScoreModel",
@@ -100,10 +100,8 @@ class GaussianMixture:
         """Exact score ``grad_x log p_t(x)`` of the marginal, (n, d); ``t`` a float or one per row.
         Written in ``autograd.numpy``: differentiable in ``x`` and ``t``."""
         check_process(process)
-        shape = np.shape(getval(x))
-        if len(shape) != 2 or shape[1] != self.dim:
-            raise ValueError(f"`x` must have shape (n, {self.dim}) for this {self.dim}-D target, got {shape}")
-        _check_level(t, process, shape[0])
+        x = self._check_x(x)
+        _check_level(t, process, np.shape(getval(x))[0])
         s, sigma = process.s(t), process.sigma(t)
         if anp.ndim(t):                    # one time per row: coefficients of shape (n, 1, 1)
             s, sigma = anp.reshape(s, (-1, 1, 1)), anp.reshape(sigma, (-1, 1, 1))
@@ -119,10 +117,10 @@ class GaussianMixture:
     def _check_x(self, x):
         if isinstance(x, Box):  # traced by autograd: the caller differentiates log_prob
             return x
-        x = check_data(x, "x")
-        if x.shape[1] != self.dim:
-            raise ValueError(f"`x` must have {self.dim} columns, got {x.shape[1]}")
-        return x
+        x = as_real_array(x, "x")
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"`x` must have shape (n, {self.dim}) for this {self.dim}-D target, got {x.shape}")
+        return check_data(x, "x")
 
     def __repr__(self):
         return f"{type(self).__name__}(K={len(self.weights)}, d={self.dim})"

@@ -102,8 +102,10 @@ def test_target_bad_input():
         models.mollified_cantor(interval=(1.0, 0.0))
     with pytest.raises(ValueError, match="cdf"):
         TARGETS["gaussian2d"].cdf(0.0)
-    with pytest.raises(ValueError, match="columns"):
+    with pytest.raises(ValueError, match=r"`x` must have shape \(n, 2\) for this 2-D target, got \(3, 1\)"):
         TARGETS["gaussian2d"].log_prob(np.zeros((3, 1)))
+    with pytest.raises(ValueError, match=r"`x` must have shape \(n, 2\) for this 2-D target, got \(3,\)"):
+        TARGETS["gaussian2d"].score(np.zeros(3), 0.5, so.ve())
     with pytest.raises(TypeError, match="rng"):
         TARGETS["bimodal"].sample(3, rng=None)
     with pytest.raises(TypeError, match="process"):
