@@ -117,7 +117,7 @@ class GaussianMixture:
     def _check_x(self, x):
         if isinstance(x, Box):  # traced by autograd: the caller differentiates log_prob
             return x
-        x = as_real_array(x, "x")
+        x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"`x` must have shape (n, {self.dim}) for this {self.dim}-D target, got {x.shape}")
         return check_data(x, "x")

@@ -349,8 +349,9 @@ def predictor_cost(score, process, t_cur, t_next, x0, rng, *, velocity=None):
 
         L_p = v(t')^2 E_{x ~ p_t} || S(F(x), t') - J^{-T}[S(x, t) - grad log|det J|] ||^2,
 
-    ``O(h^4)`` with exact scores. The Jacobians take ``O(d)`` autograd passes, so the score must be autograd-
-    differentiable in ``x`` and act on rows independently: for small ``d``. Arguments as :func:`corrector_cost`.
+    ``O(h^4)`` with exact scores. The Jacobians take ``O(d)`` autograd passes, so the score must be
+    differentiable by autograd in ``x`` and act on rows independently: for small ``d``. Arguments as
+    :func:`corrector_cost`.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
     >>> x0 = np.random.default_rng(1).standard_normal((2000, 1))
@@ -436,7 +437,7 @@ def central_difference(score, process, x, t, rel_step=1e-3):
 
     ``h = rel_step / |d log nu / dt|``, at most a quarter of the range; where ``t +- h`` would leave it the one-sided
     second-order stencil is used. A row whose evaluations differ by less than 1e-12 of the score's size (float64
-    rounding: the score does not depend on ``t``) gets 0. 2 score calls (3 at the ends).
+    rounding: the score does not depend on ``t``) gets a derivative of 0. 2 score calls (3 at the ends).
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
     >>> dS = central_difference(gauss, ve(), np.ones((1, 1)), 0.5)
@@ -491,9 +492,10 @@ def gaussian_local_cost(process, ts, variances, mean=None):
     """Exact ``delta_c(t)`` for data ``N(mean, diag(variances))`` with ``v = sigma`` (derived).
 
     ``p_t = N(s mean, diag(a))``, ``a_k = s^2 lambda_k + sigma^2``, ``delta_c = sigma^2 [sum_k a_k'^2 / a_k^3 +
-    sum_k s'^2 mean_k^2 / a_k^2]``, ``a_k' = 2 s s' lambda_k + 2 sigma sigma'``; ``ts`` of any shape. The exact
-    answer a copy of this part checks itself against: for ``ve()`` and ``N(0, c^2 I_d)`` it integrates to
-    ``Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) - sigma / sqrt(c^2 + sigma^2)]`` (docs/derivations.md, 1).
+    sum_k s'^2 mean_k^2 / a_k^2]``, ``a_k' = 2 s s' lambda_k + 2 sigma sigma'``; ``ts`` of any shape, a variance
+    may be 0. The exact answer a copy of this part checks itself against: for ``ve()`` and ``N(0, c^2 I_d)`` it
+    integrates to ``Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) - sigma / sqrt(c^2 + sigma^2)]``
+    (docs/derivations.md, 1).
 
     >>> ts = time_from_nsr(ve(), np.geomspace(0.002, 80.0, 2001))
     >>> delta = gaussian_local_cost(ve(), ts, [0.25])                       # N(0, 0.5^2) data
@@ -520,7 +522,8 @@ def cumulative_cost(ts, delta, *, order=2):
 
     The one integrator of ``Lambda`` here: the trapezoid rule in the grid's own coordinate, valid in any, since a
     local cost transforms as a metric (``delta_u = delta_t (dt/du)^2``; docs/derivations.md, 5). ``Lambda[0] = 0``;
-    ``Lambda[-1]`` is the path length. ``order = n`` is for a cost ``L = delta h^n`` (derived: derivations, 3).
+    ``Lambda[-1]`` is the path length. ``order = n`` is for a cost ``L = delta h^n`` (derived:
+    docs/derivations.md, 3).
 
     >>> cumulative_cost([0.0, 1.0, 2.0], [1.0, 4.0, 9.0]).tolist()
     [0.0, 1.5, 4.0]
