@@ -22,9 +22,9 @@ from autograd.misc import flatten
 from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
-from scoreopt import (COSTS, ROUTES, as_column, as_real_array, as_rng, check_callable, check_data, check_gamma,
-                      check_int, check_positive, check_process, check_real, check_schedule, check_times, grid_route,
-                      interval_route, nsr_range, online_update, resolve)
+from scoreopt import (COSTS, ROUTES, as_column, as_rng, check_callable, check_data, check_gamma, check_int,
+                      check_positive, check_process, check_real, check_schedule, check_times, grid_route, interval_route,
+                      nsr_range, online_update, resolve)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "noise_features", "silu", "preconditioning_coefficients", "mlp_score", "ScoreModel",
