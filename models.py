@@ -100,8 +100,10 @@ class GaussianMixture:
         """Exact score ``grad_x log p_t(x)`` of the marginal, (n, d); ``t`` a float or one per row.
         Written in ``autograd.numpy``: differentiable in ``x`` and ``t``."""
         check_process(process)
-        x = self._check_x(x)
-        _check_level(t, process, np.shape(getval(x))[0])
+        shape = np.shape(getval(x))
+        if len(shape) != 2 or shape[1] != self.dim:
+            raise ValueError(f"`x` must have shape (n, {self.dim}) for this {self.dim}-D target, got {shape}")
+        _check_level(t, process, shape[0])
         s, sigma = process.s(t), process.sigma(t)
         if anp.ndim(t):                    # one time per row: coefficients of shape (n, 1, 1)
             s, sigma = anp.reshape(s, (-1, 1, 1)), anp.reshape(sigma, (-1, 1, 1))
