@@ -356,6 +356,17 @@ def test_data_whose_squares_overflow_or_underflow_is_refused_naming_the_scale(sc
 
 # --- 6. A process is identified by what it computes ---------------------------------------------------
 
+def test_a_process_is_its_name_and_what_it_computes():
+    ve = so.ve()
+    renamed = so.Process(ve.s, ve.sigma, ve.t_min, ve.t_max, "my_ve")    # the same values, another name
+    assert so.same_process(ve, so.ve()) and so.same_process(ve, ve)
+    assert so.process_digest(renamed) == so.process_digest(ve) and not so.same_process(ve, renamed)
+    assert not so.same_process(ve, so.ve(sigma_max=81.0))
+    score = so.score_from_eps(lambda x, t: np.zeros_like(x), ve)
+    with pytest.raises(ValueError, match="built for the process 've\\(0.002, 80\\)' and is used with 'my_ve'"):
+        so.local_cost(score, renamed, [0.5], X0[:8], 0)
+
+
 def test_two_custom_processes_of_the_default_name_are_told_apart():
     import autograd.numpy as anp
     narrow = so.Process(lambda t: anp.ones_like(t), lambda t: 10.0 * t + 0.01, 0.0, 1.0)   # both named "process"
