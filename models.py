@@ -23,8 +23,8 @@ from autograd.tracer import Box, getval
 from scipy.special import ndtr
 
 from scoreopt import (COSTS, ROUTES, as_column, as_rng, check_callable, check_data, check_gamma, check_int,
-                      check_positive, check_process, check_real, check_schedule, check_times, grid_route, interval_route,
-                      nsr_range, online_update, resolve)
+                      check_positive, check_process, check_real, check_schedule, check_times, grid_route,
+                      interval_route, nsr_range, online_update, resolve)
 
 __all__ = ["GaussianMixture", "Gaussian", "MollifiedCantor", "mollified_cantor", "bimodal",
            "init_mlp", "noise_features", "silu", "preconditioning_coefficients", "mlp_score", "ScoreModel",
@@ -241,8 +241,8 @@ def init_mlp(rng, dim=1, width=64, depth=3, n_fourier=4, input_scale=None):
     Input: ``dim`` data coordinates and ``1 + 2 n_fourier`` noise-level features; ``depth`` hidden layers
     of ``width``; output ``dim`` (the network ``F`` of :func:`mlp_score`). Weights ``N(0, 1/fan_in)``,
     except the first layer's data weights, ``N(0, input_scale^2 / fan_in)``, with first-layer biases
-    uniform on ``(-input_scale/2, input_scale/2)``: the units then bend across the standardised data,
-    which narrow, separated modes need (default ``10 / sqrt(dim)``, measured in
+    uniform on ``(-input_scale/2, input_scale/2)``, so that the units' bends fall across the standardised
+    data, which narrow, separated modes need (default ``10 / sqrt(dim)``, measured in
     ``examples/benchmarks/input_scale_benchmark.py``). The output layer starts at zero, so the initial
     model is the data's Gaussian fit.
 
@@ -410,7 +410,7 @@ class DSMBatch(NamedTuple):
     """A batch of the DSM loss with everything that does not depend on the parameters done."""
     net_input: np.ndarray   # (n, d + F): standardised noisy data and noise features
     target: np.ndarray      # (n, d): what F should output
-    weight: np.ndarray      # (n, d): c_skip (the DSM weight), 0 for a coordinate whose c_out is 0
+    weight: np.ndarray      # (n, d): (c_out / nu)^2 (c_skip for "edm", 1 for "eps"), 0 where c_out is 0
 
 
 def prepare_dsm(params, x0, t, eps, process, data_mean=0.0, data_var=1.0, preconditioning="edm"):

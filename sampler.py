@@ -93,7 +93,7 @@ def euler_maruyama_step(score, process, x, t_cur, t_next, rng):
 
     ``x - h [f x - g^2 S(x, t_cur)] + g sqrt(h) xi``, ``h = t_cur - t_next``, coefficients frozen at
     ``t_cur``: it depends on the time parametrisation, and a large step where ``sigma`` changes fast in
-    ``t`` (``ve``, once sigma falls by more than about e) overshoots.
+    ``t`` overshoots (with ``ve``, a step over which sigma falls by more than a factor of about e).
 
     >>> import scoreopt as so
     >>> score = lambda x, t: -x / (1.0 + so.vp_linear().sigma(t) ** 2)
@@ -185,7 +185,7 @@ def sample(score, process, ts, x_T, rng, *, predictor="euler", corrector_steps=0
     >>> process, score = so.ve(), lambda x, t: -x / (0.25 + so.ve().sigma(t) ** 2)   # N(0, 0.5^2) data
     >>> x_T = prior_sample(process, 20000, [0.25], rng=0)
     >>> x, nfe = sample(score, process, so.edm_schedule(process, 100), x_T, rng=1, predictor="euler")
-    >>> round(float(x.std()), 2), nfe                   # Euler is first order: 0.5 as T grows
+    >>> round(float(x.std()), 2), nfe                   # Euler is first order: the std tends to 0.5 as T grows
     (0.48, 100)
     """
     process = check_process(process)
@@ -232,9 +232,9 @@ def _sample_loop(score, process, ts, x, rng, predict, corrector_steps=0, correct
 
 def checked_steps(predict, ts, x_T, max_growth=EXPLOSION_FACTOR, callback=None):
     """The sampler's checks, wrapped around its step: ``(predict, callback)`` for the loop. The step's output
-    is checked against the contract and an error in it names the step; after every step (predictor and
-    corrector) non-finite samples, or ``|x|`` beyond ``max_growth`` times the start's largest ``|x|`` (or 1),
-    are a ``FloatingPointError`` naming the step; then ``callback`` is called as it is."""
+    is checked against the contract and an error in it names the step; after every step of the schedule (its
+    predictor and corrector steps) non-finite samples, or ``|x|`` beyond ``max_growth`` times the start's
+    largest ``|x|`` (or 1), are a ``FloatingPointError`` naming the step; then ``callback`` is called as it is."""
     if max_growth is not None:
         check_positive(max_growth, "max_growth")
     limit = np.inf if max_growth is None else max_growth * max(1.0, float(np.max(np.abs(getval(x_T)))))

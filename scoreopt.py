@@ -183,8 +183,8 @@ def nsr(process, ts):
 
 def time_from_nsr(process, nu):
     """The times at which the process has noise-to-signal ratio ``nu``, the inverse of :func:`nsr`: bisection
-    on ``log nu`` to float64 resolution, monotone, and exact at the ends (``nu`` within 1e-9 of ``nu(t_min)``
-    or ``nu(t_max)``, relative, maps to the endpoint).
+    in ``t`` on ``log nu(t)`` to float64 resolution, monotone, and exact at the ends (``nu`` within 1e-9 of
+    ``nu(t_min)`` or ``nu(t_max)``, relative, maps to the endpoint).
 
     >>> p = vp_linear()
     >>> t = time_from_nsr(p, [1.0, 10.0])
@@ -194,8 +194,10 @@ def time_from_nsr(process, nu):
     process = check_process(process)
     nu = as_real_array(nu, "nu")
     nu_lo, nu_hi = nsr_range(process)
-    if not (np.all(np.isfinite(nu)) and np.all(nu >= nu_lo * (1 - 1e-9)) and np.all(nu <= nu_hi * (1 + 1e-9))):
-        raise ValueError(f"`nu` must be finite and lie in the process range [{nu_lo:.6g}, {nu_hi:.6g}]")
+    bad = ~(np.isfinite(nu) & (nu >= nu_lo * (1 - 1e-9)) & (nu <= nu_hi * (1 + 1e-9)))
+    if np.any(bad):
+        raise ValueError(f"`nu` must be finite and lie in the process range [{nu_lo:.6g}, {nu_hi:.6g}], got "
+                         f"{nu[bad].flat[0]}")
     return _time_from_nsr(process, nu)
 
 
@@ -239,8 +241,8 @@ def uniform_schedule(process, T):
 
 
 def edm_schedule(process, T, rho=7.0):
-    """EDM's schedule (Karras et al. 2022), the paper's Eq. (22), which compares rho = 3, 7, 100: ``nu_i =
-    (nu_max^(1/rho) + (i/T)(nu_min^(1/rho) - nu_max^(1/rho)))^rho``, mapped to ``t``.
+    """EDM's schedule (Karras et al. 2022), the paper's Eq. (22) (its experiments compare rho = 3, 7, 100):
+    ``nu_i = (nu_max^(1/rho) + (i/T)(nu_min^(1/rho) - nu_max^(1/rho)))^rho``, mapped to ``t``.
 
     >>> [round(v, 3) for v in nsr(ve(), edm_schedule(ve(), 2)).tolist()]
     [0.002, 2.515, 80.0]
@@ -253,8 +255,8 @@ def edm_schedule(process, T, rho=7.0):
 
 def cosine_schedule(process, T, offset=0.008):
     """iDDPM's cosine noise levels (Nichol & Dhariwal 2021), mapped to ``t``: the paper's initial schedule for
-    online training. ``alpha_bar(u) = cos^2(((u + offset)/(1 + offset)) pi/2) / alpha_bar(0)`` gives ``nu(u) =
-    sqrt(1/alpha_bar - 1)``, ``u`` uniform between where it meets ``nu_min`` and ``nu_max``.
+    online training. ``alpha_bar(u) = cos^2(((u + offset)/(1 + offset)) pi/2) / cos^2((offset/(1 + offset)) pi/2)``
+    gives ``nu(u) = sqrt(1/alpha_bar - 1)``, ``u`` uniform between where it meets ``nu_min`` and ``nu_max``.
 
     >>> np.allclose(cosine_schedule(vp_cosine(), 4), uniform_schedule(vp_cosine(), 4), atol=1e-9)
     True
@@ -349,8 +351,9 @@ def predictor_cost(score, process, t_cur, t_next, x0, rng, *, velocity=None):
 
         L_p = v(t')^2 E_{x ~ p_t} || S(F(x), t') - J^{-T}[S(x, t) - grad log|det J|] ||^2,
 
-    ``O(h^4)`` with exact scores. The Jacobians take ``O(d)`` autograd passes, so the score must be
-    differentiable by autograd in ``x`` and act on rows independently: for small ``d``. Arguments as
+    ``L_p`` is ``O(h^4)`` with exact scores. The Jacobians take ``O(d)`` autograd passes: the score must be
+    written with ``autograd.numpy`` (a plain-NumPy score gives a wrong cost, with autograd's warning that the
+    output seems independent of the input) and act on rows independently; meant for small ``d``. Arguments as
     :func:`corrector_cost`.
 
     >>> gauss = lambda x, t: -x / (1.0 + ve().sigma(t) ** 2)
@@ -428,7 +431,8 @@ def local_cost(score, process, ts, x0, rng, *, velocity=None, derivative=None):
 
 
 def local_cost_samples(score, process, x, t, derivative, v2):
-    """The integrand of ``delta_c`` per sample, ``v2 ||dS/dt (x_j, t)||^2`` with ``v2 = v(t)^2``: the one copy."""
+    """The integrand of ``delta_c`` per sample, ``v2 ||dS/dt (x_j, t)||^2`` with ``v2 = v(t)^2`` (every
+    estimator of ``delta_c`` calls this one)."""
     return v2 * np.sum(derivative(score, process, x, t) ** 2, axis=1)
 
 
@@ -493,9 +497,8 @@ def gaussian_local_cost(process, ts, variances, mean=None):
 
     ``p_t = N(s mean, diag(a))``, ``a_k = s^2 lambda_k + sigma^2``, ``delta_c = sigma^2 [sum_k a_k'^2 / a_k^3 +
     sum_k s'^2 mean_k^2 / a_k^2]``, ``a_k' = 2 s s' lambda_k + 2 sigma sigma'``; ``ts`` of any shape, a variance
-    may be 0. The exact answer a copy of this part checks itself against: for ``ve()`` and ``N(0, c^2 I_d)`` it
-    integrates to ``Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) - sigma / sqrt(c^2 + sigma^2)]``
-    (docs/derivations.md, 1).
+    may be 0. Use it to check a vendored copy of this part: for ``ve()`` and ``N(0, c^2 I_d)`` it integrates to
+    ``Lambda(sigma) = 2 sqrt(d) [asinh(sigma/c) - sigma / sqrt(c^2 + sigma^2)]`` (docs/derivations.md, 1).
 
     >>> ts = time_from_nsr(ve(), np.geomspace(0.002, 80.0, 2001))
     >>> delta = gaussian_local_cost(ve(), ts, [0.25])                       # N(0, 0.5^2) data
@@ -520,7 +523,7 @@ def gaussian_local_cost(process, ts, variances, mean=None):
 def cumulative_cost(ts, delta, *, order=2):
     """Cumulative length ``Lambda(t) = int_{t_0}^t delta(r)^(1/order) dr`` on the grid ``ts`` (paper, Sec. 3).
 
-    The one integrator of ``Lambda`` here: the trapezoid rule in the grid's own coordinate, valid in any, since a
+    Every ``Lambda`` here comes from it: the trapezoid rule in the grid's own coordinate, valid in any, since a
     local cost transforms as a metric (``delta_u = delta_t (dt/du)^2``; docs/derivations.md, 5). ``Lambda[0] = 0``;
     ``Lambda[-1]`` is the path length. ``order = n`` is for a cost ``L = delta h^n`` (derived:
     docs/derivations.md, 3).
@@ -564,8 +567,9 @@ def optimal_schedule(ts, delta, T, *, order=2):
     Constant speed in the metric ``delta``: every step costs ``(Lambda / T)^2`` to leading order, the least total
     (Cauchy-Schwarz). ``ts``: the dense grid (hundreds of times, e.g. uniform in ``log nu``) on which ``delta``
     was estimated (:func:`local_cost`); it gives the output's endpoints. Zero cost everywhere: a warning and the
-    uniform schedule. Use it with a predictor: annealed Langevin alone cannot take its long last step, and with
-    the ODE samplers people use most it was measured to lose to simple baselines (docs/guide/schedules.md).
+    uniform schedule. It is the schedule for a predictor followed by Langevin corrector steps (the paper's
+    Figure 1). Annealed Langevin alone cannot take its long last step, and with ODE samplers alone (Euler, Heun,
+    DPM-Solver++) it was measured to lose to simple baselines (docs/guide/schedules.md).
 
     >>> ts = np.linspace(0.0, 1.0, 101)
     >>> optimal_schedule(ts, np.ones(101), 4).round(6).tolist()          # constant cost: uniform
@@ -584,7 +588,8 @@ def update_schedule(ts, costs, *, order=2):
     ``Lambda_0 = 0``, ``Lambda_{i+1} = Lambda_i + L_i^(1/order)`` with ``L_i = L(t_{i+1}, t_i)``; then ``t*_i =
     Lambda^{-1}(i Lambda_T / T)`` through a monotone cubic (PCHIP). ``order = n`` is for a cost of order ``h^n``
     (derived: docs/derivations.md, 3). Increments below ``INCREMENT_FLOOR`` times the largest are raised to it.
-    Same endpoints (exactly) and steps; equal costs are a fixed point; scaling the costs changes nothing.
+    The same endpoints (exactly) and number of steps as ``ts``; equal costs are a fixed point; scaling the
+    costs changes nothing.
 
     >>> update_schedule([0.0, 0.5, 1.0], [1.0, 1.0]).tolist()
     [0.0, 0.5, 1.0]
@@ -611,7 +616,8 @@ def path_length(costs, *, order=2):
 def path_energy(costs):
     """Discrete path energy ``T sum_i L_i`` of a schedule (paper, Sec. 3).
 
-    It approximates ``E(phi)``; ``path_length^2 <= path_energy``, equal iff all costs are (Cauchy-Schwarz).
+    It approximates ``E(phi)``; ``path_length^2 <= path_energy``, with equality iff all costs are equal
+    (Cauchy-Schwarz).
 
     >>> path_energy([1.0, 4.0]), path_length([1.0, 4.0]) ** 2
     (10.0, 9.0)
@@ -649,8 +655,8 @@ class OnlineUpdate(NamedTuple):
 def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
     """Algorithm 2's steps 2-3 on a dense grid, the default route: ``delta_c`` at ``n_grid`` times uniform in
     ``u = log nu`` (:func:`local_cost`), then ``ts* = Lambda^{-1}(i Lambda / T)`` (Theorem 3.1), both in ``u``,
-    where ``sqrt(delta)`` is smooth (``delta_u = delta_t (dt/du)^2``). ``costs``: the squared shares of
-    ``Lambda`` over the steps of ``ts``. Returns ``(ts_star, costs, length)``.
+    where ``sqrt(delta)`` is smooth (``delta_u = delta_t (dt/du)^2``). ``costs[i] = (Lambda(t_{i+1}) -
+    Lambda(t_i))^2`` over the steps of ``ts``. Returns ``(ts_star, costs, length)``.
 
     >>> gauss = lambda x, t: -x / (0.25 + ve().sigma(t) ** 2)        # exact score of N(0, 0.5^2) under ve()
     >>> x0 = 0.5 * np.random.default_rng(1).standard_normal((1000, 1))
@@ -658,6 +664,8 @@ def grid_route(score, process, ts, x0, rng, *, n_grid=200, velocity=None):
     >>> round(float(ve().sigma(ts_star[1])), 2), round(length, 2)      # closed form: 0.90 and 9.54
     (0.9, 9.54)
     """
+    process = check_process(process)
+    ts = check_schedule(ts, process)
     grid = _schedule_from_nsr(process, np.geomspace(*nsr_range(process), check_int(n_grid, "n_grid", 2)))
     u = np.log(process.nsr(grid))
     dt_du = 1.0 / _log_nsr_rate(process, grid)
@@ -825,7 +833,7 @@ def same_process(a, b):
 
 def process_digest(process):
     """What a process computes, as a hash: ``sha256`` of its range and of ``s`` and ``sigma`` at 17 times across
-    it (10 significant digits), the first 12 hex digits. A map records it (``metadata.process_digest``)."""
+    it (10 significant digits), the first 12 hex digits."""
     t = np.linspace(process.t_min, process.t_max, 17)
     values = [process.t_min, process.t_max] + [float(v) for f in (process.s, process.sigma)
                                                for v in np.broadcast_to(np.asarray(f(t), dtype=float), t.shape)]
@@ -950,7 +958,11 @@ def as_real_array(x, name):
 
 def as_rng(rng):
     """``rng`` if it is a ``numpy.random.Generator``, else a Generator seeded with ``rng``, an int >= 0."""
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(check_int(rng, "rng", 0))
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, bool) or not isinstance(rng, (int, np.integer)):
+        raise TypeError(f"`rng` must be a numpy.random.Generator or an int seed, got {type(rng).__name__}")
+    return np.random.default_rng(check_int(rng, "rng", 0))
 
 
 def as_column(a):

@@ -80,9 +80,9 @@ def test_schedule_endpoints_and_range():
         so.local_cost(SCORE, VP, np.array([0.0005, 0.5]), X0, 0)
     with pytest.raises(ValueError, match="`t_cur`"):
         so.corrector_cost(SCORE, VP, 1.5, 0.5, X0, 0)
-    with pytest.raises(ValueError, match="`nu` must be finite and lie in the process range"):
-        so.time_from_nsr(VP, [1e6])
-    with pytest.raises(ValueError, match="`nu` must be finite and lie in the process range"):
+    with pytest.raises(ValueError, match=r"`nu` must be finite and lie in the process range \[.*\], got 1000000.0"):
+        so.time_from_nsr(VP, [1.0, 1e6])
+    with pytest.raises(ValueError, match=r"`nu` must be finite and lie in the process range \[.*\], got -1.0"):
         so.time_from_nsr(VP, [-1.0])
 
 
@@ -95,8 +95,24 @@ def test_data_shape_and_types():
         so.corrector_cost("score", VP, 0.5, 0.4, X0, 0)
     with pytest.raises(TypeError, match="`process`"):
         so.uniform_schedule("vp", 5)
-    with pytest.raises(TypeError, match="`rng`"):
+    with pytest.raises(TypeError, match="`rng` must be a numpy.random.Generator or an int seed, got float"):
         so.corrector_cost(SCORE, VP, 0.5, 0.4, X0, rng=0.5)
+    with pytest.raises(TypeError, match="`rng` must be a numpy.random.Generator or an int seed, got RandomState"):
+        so.as_rng(np.random.RandomState(0))
+
+
+def test_the_routes_check_what_they_are_given():
+    ts = so.uniform_schedule(VP, 4)
+    with pytest.raises(TypeError, match="`process` must be a scoreopt.Process, got NoneType"):
+        so.grid_route(SCORE, None, ts, X0, 0)
+    with pytest.raises(ValueError, match=r"`ts` must be strictly increasing \(index 0 to 1\)"):
+        so.grid_route(SCORE, VP, ts[::-1], X0, 0)
+    with pytest.raises(ValueError, match="`ts` must be a 1-D array of at least 2 times"):
+        so.grid_route(SCORE, VP, ts[:1], X0, 0)
+    with pytest.raises(ValueError, match="`ts` must start at t_min"):
+        so.grid_route(SCORE, VP, ts[1:], X0, 0)            # its target spans the whole range
+    with pytest.raises(ValueError, match=r"`ts` must be strictly increasing \(index 0 to 1\)"):
+        so.interval_route(SCORE, VP, ts[::-1], X0, 0)
     with pytest.raises(ValueError, match="`delta` must be a 1-D array of length 5"):
         so.optimal_schedule(np.linspace(0, 1, 5), np.ones(4), 3)
     with pytest.raises(ValueError, match="`cost` must be a function or one of"):
