@@ -100,10 +100,7 @@ class GaussianMixture:
         """Exact score ``grad_x log p_t(x)`` of the marginal, (n, d); ``t`` a float or one per row.
         Written in ``autograd.numpy``: differentiable in ``x`` and ``t``."""
         check_process(process)
-        shape = np.shape(getval(x))
-        if len(shape) != 2 or shape[1] != self.dim:
-            raise ValueError(f"`x` must have shape (n, {self.dim}) for this {self.dim}-D target, got {shape}")
-        _check_level(t, process, shape[0])
+        _check_level(t, process, self._check_shape(np.shape(getval(x)))[0])
         s, sigma = process.s(t), process.sigma(t)
         if anp.ndim(t):                    # one time per row: coefficients of shape (n, 1, 1)
             s, sigma = anp.reshape(s, (-1, 1, 1)), anp.reshape(sigma, (-1, 1, 1))
@@ -119,10 +116,13 @@ class GaussianMixture:
     def _check_x(self, x):
         if isinstance(x, Box):  # traced by autograd: the caller differentiates log_prob
             return x
-        x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"`x` must have shape (n, {self.dim}) for this {self.dim}-D target, got {x.shape}")
+        self._check_shape(np.shape(x))
         return check_data(x, "x")
+
+    def _check_shape(self, shape):
+        if len(shape) != 2 or shape[1] != self.dim:
+            raise ValueError(f"`x` must have shape (n, {self.dim}) for this {self.dim}-D target, got {shape}")
+        return shape
 
     def __repr__(self):
         return f"{type(self).__name__}(K={len(self.weights)}, d={self.dim})"
